@@ -1,0 +1,17 @@
+"""mmloss: memory-efficient fused contrastive losses for PyTorch.
+
+Losses are ``torch.nn`` modules (``mmloss.ClipLoss``, ...) and functions
+(``mmloss.clip_loss``, ...) built on fused primitives (``mmloss.ops``) that never store the
+N×M similarity matrix; ``mmloss.reference`` holds dense oracles with the same names.
+"""
+from ._version import __version__
+from . import functional, losses, ops, reference
+from .functional import *  # noqa: F401,F403
+from .losses import *  # noqa: F401,F403
+from .ops import available_backends, pairwise_sigmoid, similarity_lse
+
+__all__ = (
+    ["__version__", "available_backends", "pairwise_sigmoid", "similarity_lse"]
+    + functional.__all__
+    + losses.__all__
+)

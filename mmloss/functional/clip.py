@@ -1,0 +1,90 @@
+"""§1 CLIP / symmetric InfoNCE (LOSSES.md)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _validation as V
+from ..ops import similarity_lse
+from ..ops._primitives import prepare_features
+from ._common import LabelClasses, attach_unused, compute_dtype, reduce, rowwise_dot, scale_as, softplus
+
+Tensor = torch.Tensor
+
+
+def clip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale,
+    logit_bias=None,
+    *,
+    labels: Optional[Tensor] = None,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Symmetric CLIP loss ½·[mean_i CE(row i) + mean_j CE(column j)] (LOSSES.md §1).
+
+    Args:
+        image_features, text_features: (N, D) each, fp16/bf16/fp32/fp64 embeddings, used as
+            given (normalise them in the model). N ≠ M is a ValueError (use ``infonce_loss``).
+        logit_scale: the multiplier s (already exponentiated, as open_clip passes it): a
+            positive float or 0-d tensor.
+        logit_bias: accepted for DDP (it is a no-op for softmax); its gradient is exactly 0.
+        labels: optional (N,) integer ids; a row's target is uniform over same-id columns.
+        label_smoothing: ε in [0, 1); targets (1−ε)·q + ε/N.
+        reduction: "mean" | "sum" (N × mean) | "none" ((N,) terms ½(image_i + text_i)).
+
+    Returns an fp32 loss (fp64 for fp64 inputs). Memory O(N·D) plus the backend's workspace;
+    single-positive rows use the softplus form ``softplus(LSE_{j≠i} L_ij − L_ii)``.
+    """
+    x, y = prepare_features("image_features", image_features, "text_features", text_features)
+    n = x.shape[0]
+    if y.shape[0] != n:
+        raise ValueError(
+            f"clip_loss needs as many texts as images: image_features has {n} rows, "
+            f"text_features {y.shape[0]} (use infonce_loss for rectangular problems)"
+        )
+    V.check_scalar("logit_scale", logit_scale, device=x.device, positive=True)
+    if logit_bias is not None:
+        V.check_scalar("logit_bias", logit_bias, device=x.device)
+    eps = V.check_fraction("label_smoothing", label_smoothing)
+    V.check_reduction(reduction)
+    if labels is not None:
+        V.check_labels("labels", labels, n, x.device)
+
+    dt = compute_dtype(x)
+    s = scale_as(logit_scale, dt, x.device)
+    if labels is None:
+        # The positive logits are formed before the primitive on purpose: autograd runs the
+        # newest node first, so the primitive's backward (and its workspace) finishes before
+        # the O(N·D) positive-pair gradients are materialised, one at a time.
+        diag = s * rowwise_dot(x, y)
+        row_lse, col_lse = similarity_lse(x, y, logit_scale, exclude="diagonal", backend=backend)
+        rows = softplus(row_lse - diag)
+        cols = softplus(col_lse - diag)
+        if eps > 0.0:
+            # CE against the uniform target: LSE over all pairs minus the mean logit.
+            rows = (1.0 - eps) * rows + eps * (torch.logaddexp(row_lse, diag) - s * _mean_logit(x, y, dt))
+            cols = (1.0 - eps) * cols + eps * (torch.logaddexp(col_lse, diag) - s * _mean_logit(y, x, dt))
+    else:
+        row_lse, col_lse = similarity_lse(x, y, logit_scale, backend=backend)
+        rows = row_lse - s * _target_logit(x, y, labels, eps, dt)
+        cols = col_lse - s * _target_logit(y, x, labels, eps, dt)
+    loss = reduce(0.5 * (rows + cols), reduction)
+    return attach_unused(loss, logit_bias)
+
+
+def _mean_logit(x: Tensor, y: Tensor, dt: torch.dtype) -> Tensor:
+    """(N,) mean_j ⟨x_i, y_j⟩ = ⟨x_i, ȳ⟩."""
+    return x.to(dt) @ y.to(dt).mean(dim=0)
+
+
+def _target_logit(x: Tensor, y: Tensor, labels: Tensor, eps: float, dt: torch.dtype) -> Tensor:
+    """(N,) Σ_j q_ij ⟨x_i, y_j⟩ for q = (1−ε)·uniform(same label) + ε/N, via class sums."""
+    classes = LabelClasses(y, labels, dt)
+    target = classes.mean_dot(x, labels)
+    if eps > 0.0:
+        target = (1.0 - eps) * target + eps * _mean_logit(x, y, dt)
+    return target

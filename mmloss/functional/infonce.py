@@ -1,0 +1,87 @@
+"""§2 One-directional InfoNCE (LOSSES.md)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _validation as V
+from ..ops import similarity_lse
+from ..ops._primitives import prepare_features
+from ._common import LabelClasses, as_compute, compute_dtype, reduce, rowwise_dot, scale_as, softplus
+
+Tensor = torch.Tensor
+
+
+def infonce_loss(
+    query: Tensor,
+    keys: Tensor,
+    logit_scale,
+    *,
+    targets: Optional[Tensor] = None,
+    query_labels: Optional[Tensor] = None,
+    key_labels: Optional[Tensor] = None,
+    soft_targets: Optional[Tensor] = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """InfoNCE of queries (N, D) against keys (M, D): mean_i (LSE_j L_ij − L_{i,t_i}) (LOSSES.md §2).
+
+    Exactly one way of naming positives may be given (default: ``targets = arange(N)``, which
+    needs M ≥ N, e.g. keys followed by a queue of extra negatives):
+        targets: (N,) integer key index of each query's positive.
+        query_labels (N,) + key_labels (M,): every same-label key is a positive; the target is
+            uniform over them. Computed with class sums: no N×M tensor.
+        soft_targets: (N, M) dense target distribution q (rows should sum to 1):
+            mean_i (LSE_j L_ij − Σ_j q_ij L_ij).
+    ``logit_scale`` is a positive float or 0-d tensor. ``reduction``: "mean" | "sum" | "none"
+    ((N,) per-query terms). Returns fp32 (fp64 for fp64 inputs); memory O((N+M)·D) plus the
+    backend's workspace (and the N×M soft targets when given).
+    """
+    x, y = prepare_features("query", query, "keys", keys)
+    n, m = x.shape[0], y.shape[0]
+    V.check_scalar("logit_scale", logit_scale, device=x.device, positive=True)
+    V.check_reduction(reduction)
+    if (query_labels is None) != (key_labels is None):
+        raise ValueError("query_labels and key_labels must be given together")
+    given = [name for name, v in (("targets", targets), ("query_labels", query_labels),
+                                  ("soft_targets", soft_targets)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give at most one of targets, query/key labels, soft_targets; got {given}")
+
+    dt = compute_dtype(x)
+    s = scale_as(logit_scale, dt, x.device)
+    if soft_targets is not None:
+        V.check_tensor("soft_targets", soft_targets)
+        if not soft_targets.is_floating_point():
+            raise TypeError(f"soft_targets must be a floating tensor, got dtype {soft_targets.dtype}")
+        if tuple(soft_targets.shape) != (n, m):
+            raise ValueError(f"soft_targets must have shape ({n}, {m}), got {tuple(soft_targets.shape)}")
+        V.check_same_device(("query", x), ("soft_targets", soft_targets))
+        row_lse, _ = similarity_lse(x, y, logit_scale, cols=False, backend=backend)
+        target_keys = as_compute(soft_targets, dt) @ as_compute(y, dt)  # (N, D) = q·k
+        terms = row_lse - s * torch.linalg.vecdot(as_compute(x, dt), target_keys)
+    elif query_labels is not None:
+        V.check_labels("query_labels", query_labels, n, x.device)
+        V.check_labels("key_labels", key_labels, m, x.device)
+        classes = LabelClasses(y, key_labels, dt)
+        classes.has(query_labels, "query_labels")
+        row_lse, _ = similarity_lse(x, y, logit_scale, cols=False, backend=backend)
+        terms = row_lse - s * classes.mean_dot(x, query_labels)
+    elif targets is not None:
+        V.check_labels("targets", targets, n, x.device)
+        V.check_index_range("targets", targets, m)
+        keys_index = torch.arange(m, device=x.device)
+        # Excluding pairs with targets[i] == j leaves the negatives: softplus form.
+        row_lse, _ = similarity_lse(x, y, logit_scale, exclude="same_label", x_labels=targets,
+                                    y_labels=keys_index, cols=False, backend=backend)
+        terms = softplus(row_lse - s * rowwise_dot(x, y.index_select(0, targets)))
+    else:
+        if m < n:
+            raise ValueError(
+                f"infonce_loss with default targets pairs query i with key i, so keys needs at "
+                f"least as many rows as query: got query {n} rows, keys {m} rows"
+            )
+        row_lse, _ = similarity_lse(x, y, logit_scale, exclude="diagonal", cols=False, backend=backend)
+        terms = softplus(row_lse - s * rowwise_dot(x, y[:n]))
+    return reduce(terms, reduction)

@@ -1,0 +1,62 @@
+"""§3 SigLIP (LOSSES.md)."""
+from __future__ import annotations
+
+import torch
+
+from .. import _validation as V
+from ..ops import pairwise_sigmoid
+from ..ops._primitives import prepare_features
+from ._common import reduce
+
+Tensor = torch.Tensor
+
+
+def siglip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale,
+    logit_bias=None,
+    *,
+    labels=None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Sigmoid loss −(1/N) Σ_i Σ_j log sigmoid(z_ij·L_ij), L = s·x·yᵀ + b (LOSSES.md §3).
+
+    Args:
+        image_features: (N, D); text_features: (M, D); M must equal N unless ``labels`` is a pair.
+        logit_scale: positive float or 0-d tensor (init exp(log 10)); logit_bias: optional float
+            or 0-d tensor (init −10).
+        labels: None (positives on the diagonal), (N,) integer ids shared by both sides, or a
+            pair ``(image_labels (N,), text_labels (M,))``; same ids are positives (z = +1).
+        reduction: "mean" (sum over columns, mean over rows) | "sum" | "none" ((N,) row sums).
+
+    Returns fp32 (fp64 for fp64 inputs). Memory O((N+M)·D) plus the backend's workspace.
+    """
+    x, y = prepare_features("image_features", image_features, "text_features", text_features)
+    n, m = x.shape[0], y.shape[0]
+    V.check_scalar("logit_scale", logit_scale, device=x.device, positive=True)
+    if logit_bias is not None:
+        V.check_scalar("logit_bias", logit_bias, device=x.device)
+    V.check_reduction(reduction)
+    if labels is None or isinstance(labels, torch.Tensor):
+        if n != m:
+            raise ValueError(
+                f"siglip_loss needs as many texts as images ({n} vs {m}) unless labels is a "
+                "pair (image_labels, text_labels)"
+            )
+    if labels is None:
+        rows = pairwise_sigmoid(x, y, logit_scale, logit_bias, positives="diagonal", backend=backend)
+    else:
+        if isinstance(labels, (tuple, list)):
+            if len(labels) != 2:
+                raise ValueError(f"labels as a pair must hold 2 tensors, got {len(labels)}")
+            x_labels = V.check_labels("labels[0] (image labels)", labels[0], n, x.device)
+            y_labels = V.check_labels("labels[1] (text labels)", labels[1], m, x.device)
+        elif isinstance(labels, torch.Tensor):
+            x_labels = y_labels = V.check_labels("labels", labels, n, x.device)
+        else:
+            raise TypeError(f"labels must be a tensor or a pair of tensors, got {type(labels).__name__}")
+        rows = pairwise_sigmoid(x, y, logit_scale, logit_bias, positives="same_label",
+                                x_labels=x_labels, y_labels=y_labels, backend=backend)
+    return reduce(rows, reduction)

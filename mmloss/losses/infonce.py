@@ -1,0 +1,30 @@
+"""§2 InfoNCE module."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _validation as V
+from ..functional import infonce_loss
+from ._base import LossModule
+
+
+class InfoNCELoss(LossModule):
+    """One-directional InfoNCE of queries against keys (LOSSES.md §2).
+
+    ``forward(query (N, D), keys (M, D), logit_scale, targets=None, query_labels=None,
+    key_labels=None, soft_targets=None)``; see ``mmloss.functional.infonce_loss``.
+    """
+
+    def __init__(self, *, reduction: str = "mean", distributed="auto", group=None, backend: str = "auto"):
+        super().__init__(backend=backend, distributed=distributed, group=group)
+        self.reduction = V.check_reduction(reduction)
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, logit_scale,
+                targets: Optional[torch.Tensor] = None, query_labels: Optional[torch.Tensor] = None,
+                key_labels: Optional[torch.Tensor] = None, soft_targets: Optional[torch.Tensor] = None):
+        self._require_local()
+        return infonce_loss(query, keys, logit_scale, targets=targets, query_labels=query_labels,
+                            key_labels=key_labels, soft_targets=soft_targets,
+                            reduction=self.reduction, backend=self.backend)

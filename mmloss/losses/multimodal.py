@@ -1,0 +1,2 @@
+"""§9 Symile, §10 TCL and §11 iSogCLR (LOSSES.md)."""
+__all__: list = []

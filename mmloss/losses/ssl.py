@@ -1,0 +1,2 @@
+"""Self-supervised family: LOSSES.md §4–§8 and §12."""
+__all__: list = []

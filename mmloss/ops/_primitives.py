@@ -1,0 +1,355 @@
+"""Public fused primitives: validation, dtype handling, dispatch, torch.library registration.
+
+Each primitive is a ``torch.library`` custom op (``mmloss::similarity_lse``,
+``mmloss::pairwise_sigmoid``) with a fake kernel for symbolic shapes and an autograd formula that
+calls a second custom op for the backward, so ``torch.compile(fullgraph=True)`` traces both
+directions. The ``reference`` backend bypasses the ops: it is dense torch and autograd.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+from .. import _validation as V
+from ._backends import resolve_backend
+from ._spec import MARKS, PairSpec
+
+Tensor = torch.Tensor
+
+_BACKEND_MODULES = {"torch": "mmloss.ops.torch_chunked", "triton": "mmloss.ops.triton"}
+
+
+def backend_module(name: str):
+    try:
+        return importlib.import_module(_BACKEND_MODULES[name])
+    except KeyError:  # pragma: no cover - resolve_backend refuses these first
+        raise RuntimeError(f"mmloss backend {name!r} has no implementation of the primitives")
+
+
+def _out_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _spec(x, y, scale, scale_value, bias, bias_value, marks, offset, x_labels, y_labels, chunk):
+    return PairSpec(x, y, scale, scale_value, bias, bias_value, marks, offset, x_labels, y_labels, chunk)
+
+
+def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+def _none_if_empty(t: Tensor, wanted: bool) -> Optional[Tensor]:
+    return t if wanted else None
+
+
+class _NoAutocast:
+    """Backends pick their own precision: autocast must not re-cast their inner matmuls."""
+
+    def __init__(self, device: torch.device):
+        self.ctx = torch.autocast(device_type=device.type, enabled=False) if device.type in ("cpu", "cuda") else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def _double_backward_error(ctx, *grads):
+    raise RuntimeError(
+        "mmloss primitives do not support double backward (create_graph=True through "
+        "similarity_lse / pairwise_sigmoid); compute higher-order terms with the reference backend"
+    )
+
+
+def _no_setup(ctx, inputs, output):
+    return None
+
+
+# ----------------------------------------------------------------------------- similarity_lse
+
+
+@torch.library.custom_op("mmloss::similarity_lse", mutates_args=())
+def _similarity_lse_op(
+    x: Tensor, y: Tensor, scale: Optional[Tensor], scale_value: float, bias: Optional[Tensor],
+    bias_value: float, exclude: str, offset: int, x_labels: Optional[Tensor],
+    y_labels: Optional[Tensor], rows: bool, cols: bool, backend: str, chunk_size: int,
+) -> tuple[Tensor, Tensor]:
+    spec = _spec(x, y, scale, scale_value, bias, bias_value, exclude, offset, x_labels, y_labels, chunk_size)
+    with _NoAutocast(x.device):
+        return backend_module(backend).similarity_lse_forward(spec, rows, cols)
+
+
+@_similarity_lse_op.register_fake
+def _(x, y, scale, scale_value, bias, bias_value, exclude, offset, x_labels, y_labels, rows, cols, backend, chunk_size):
+    dt = _out_dtype(x)
+    return (x.new_empty(x.shape[0] if rows else 0, dtype=dt), x.new_empty(y.shape[0] if cols else 0, dtype=dt))
+
+
+@torch.library.custom_op("mmloss::similarity_lse_backward", mutates_args=())
+def _similarity_lse_backward_op(
+    grad_row: Optional[Tensor], grad_col: Optional[Tensor], x: Tensor, y: Tensor,
+    scale: Optional[Tensor], scale_value: float, bias: Optional[Tensor], bias_value: float,
+    row_lse: Tensor, col_lse: Tensor, exclude: str, offset: int, x_labels: Optional[Tensor],
+    y_labels: Optional[Tensor], backend: str, chunk_size: int,
+    need_x: bool, need_y: bool, need_scale: bool, need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    spec = _spec(x, y, scale, scale_value, bias, bias_value, exclude, offset, x_labels, y_labels, chunk_size)
+    with _NoAutocast(x.device):
+        grads = backend_module(backend).similarity_lse_backward(
+            spec, grad_row, grad_col, row_lse, col_lse, (need_x, need_y, need_scale, need_bias)
+        )
+    return tuple(_empty_if_none(g, x) for g in grads)
+
+
+def _fake_feature_grads(x, y, scale, bias, need_x, need_y, need_scale, need_bias):
+    empty = x.new_empty(0)
+    return (
+        x.new_empty(x.shape) if need_x else empty,
+        y.new_empty(y.shape) if need_y else x.new_empty(0),
+        scale.new_empty(scale.shape) if need_scale else x.new_empty(0),
+        bias.new_empty(bias.shape) if need_bias else x.new_empty(0),
+    )
+
+
+@_similarity_lse_backward_op.register_fake
+def _(grad_row, grad_col, x, y, scale, scale_value, bias, bias_value, row_lse, col_lse, exclude,
+      offset, x_labels, y_labels, backend, chunk_size, need_x, need_y, need_scale, need_bias):
+    return _fake_feature_grads(x, y, scale, bias, need_x, need_y, need_scale, need_bias)
+
+
+def _lse_setup(ctx, inputs, output):
+    (x, y, scale, scale_value, bias, bias_value, exclude, offset, x_labels, y_labels, rows, cols,
+     backend, chunk_size) = inputs
+    row, col = output
+    ctx.save_for_backward(x, y, scale, bias, x_labels, y_labels, row, col)
+    ctx.args = (scale_value, bias_value, exclude, offset, backend, chunk_size, rows, cols)
+    ctx.set_materialize_grads(False)
+
+
+def _lse_backward(ctx, grad_row, grad_col):
+    x, y, scale, bias, x_labels, y_labels, row, col = ctx.saved_tensors
+    scale_value, bias_value, exclude, offset, backend, chunk_size, rows, cols = ctx.args
+    grad_row = grad_row if rows else None
+    grad_col = grad_col if cols else None
+    need = ctx.needs_input_grad
+    need_x, need_y, need_scale, need_bias = need[0], need[1], need[2], need[4]
+    dx = dy = ds = db = None
+    if (grad_row is not None or grad_col is not None) and any((need_x, need_y, need_scale, need_bias)):
+        dx, dy, ds, db = _similarity_lse_backward_op(
+            grad_row, grad_col, x, y, scale, scale_value, bias, bias_value, row, col, exclude,
+            offset, x_labels, y_labels, backend, chunk_size, need_x, need_y, need_scale, need_bias,
+        )
+        dx, dy, ds, db = (g if n else None for g, n in zip((dx, dy, ds, db), (need_x, need_y, need_scale, need_bias)))
+    return dx, dy, ds, None, db, None, None, None, None, None, None, None, None, None
+
+
+_similarity_lse_op.register_autograd(_lse_backward, setup_context=_lse_setup)
+_similarity_lse_backward_op.register_autograd(_double_backward_error, setup_context=_no_setup)
+
+
+# ----------------------------------------------------------------------------- pairwise_sigmoid
+
+
+@torch.library.custom_op("mmloss::pairwise_sigmoid", mutates_args=())
+def _pairwise_sigmoid_op(
+    x: Tensor, y: Tensor, scale: Optional[Tensor], scale_value: float, bias: Optional[Tensor],
+    bias_value: float, positives: str, offset: int, x_labels: Optional[Tensor],
+    y_labels: Optional[Tensor], backend: str, chunk_size: int,
+) -> Tensor:
+    spec = _spec(x, y, scale, scale_value, bias, bias_value, positives, offset, x_labels, y_labels, chunk_size)
+    with _NoAutocast(x.device):
+        return backend_module(backend).pairwise_sigmoid_forward(spec)
+
+
+@_pairwise_sigmoid_op.register_fake
+def _(x, y, scale, scale_value, bias, bias_value, positives, offset, x_labels, y_labels, backend, chunk_size):
+    return x.new_empty(x.shape[0], dtype=_out_dtype(x))
+
+
+@torch.library.custom_op("mmloss::pairwise_sigmoid_backward", mutates_args=())
+def _pairwise_sigmoid_backward_op(
+    grad: Tensor, x: Tensor, y: Tensor, scale: Optional[Tensor], scale_value: float,
+    bias: Optional[Tensor], bias_value: float, positives: str, offset: int,
+    x_labels: Optional[Tensor], y_labels: Optional[Tensor], backend: str, chunk_size: int,
+    need_x: bool, need_y: bool, need_scale: bool, need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    spec = _spec(x, y, scale, scale_value, bias, bias_value, positives, offset, x_labels, y_labels, chunk_size)
+    with _NoAutocast(x.device):
+        grads = backend_module(backend).pairwise_sigmoid_backward(
+            spec, grad, (need_x, need_y, need_scale, need_bias)
+        )
+    return tuple(_empty_if_none(g, x) for g in grads)
+
+
+@_pairwise_sigmoid_backward_op.register_fake
+def _(grad, x, y, scale, scale_value, bias, bias_value, positives, offset, x_labels, y_labels,
+      backend, chunk_size, need_x, need_y, need_scale, need_bias):
+    return _fake_feature_grads(x, y, scale, bias, need_x, need_y, need_scale, need_bias)
+
+
+def _sigmoid_setup(ctx, inputs, output):
+    (x, y, scale, scale_value, bias, bias_value, positives, offset, x_labels, y_labels, backend,
+     chunk_size) = inputs
+    ctx.save_for_backward(x, y, scale, bias, x_labels, y_labels)
+    ctx.args = (scale_value, bias_value, positives, offset, backend, chunk_size)
+    ctx.set_materialize_grads(False)
+
+
+def _sigmoid_backward(ctx, grad):
+    x, y, scale, bias, x_labels, y_labels = ctx.saved_tensors
+    scale_value, bias_value, positives, offset, backend, chunk_size = ctx.args
+    need = ctx.needs_input_grad
+    need_x, need_y, need_scale, need_bias = need[0], need[1], need[2], need[4]
+    dx = dy = ds = db = None
+    if grad is not None and any((need_x, need_y, need_scale, need_bias)):
+        dx, dy, ds, db = _pairwise_sigmoid_backward_op(
+            grad, x, y, scale, scale_value, bias, bias_value, positives, offset, x_labels,
+            y_labels, backend, chunk_size, need_x, need_y, need_scale, need_bias,
+        )
+        dx, dy, ds, db = (g if n else None for g, n in zip((dx, dy, ds, db), (need_x, need_y, need_scale, need_bias)))
+    return dx, dy, ds, None, db, None, None, None, None, None, None, None
+
+
+_pairwise_sigmoid_op.register_autograd(_sigmoid_backward, setup_context=_sigmoid_setup)
+_pairwise_sigmoid_backward_op.register_autograd(_double_backward_error, setup_context=_no_setup)
+
+
+# ----------------------------------------------------------------------------- public wrappers
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    if device.type not in ("cpu", "cuda"):
+        return None
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except TypeError:  # pragma: no cover - torch < 2.4 signature
+        enabled = torch.is_autocast_cpu_enabled() if device.type == "cpu" else torch.is_autocast_enabled()
+    return torch.get_autocast_dtype(device.type) if enabled else None
+
+
+def prepare_features(x_name: str, x: Tensor, y_name: str, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Validate two feature matrices and bring them to one dtype (promotion, then autocast)."""
+    V.check_features(x_name, x)
+    V.check_features(y_name, y)
+    V.check_same_device((x_name, x), (y_name, y))
+    V.check_same_dim(x_name, x, y_name, y)
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    cast = _autocast_dtype(x.device)
+    if cast is not None and dtype != torch.float64:
+        dtype = cast
+    return x.to(dtype), y.to(dtype)
+
+
+def _split_scalar(name: str, value, x: Tensor) -> tuple[Optional[Tensor], float]:
+    if isinstance(value, Tensor):
+        if value.device != x.device:
+            value = value.to(x.device)  # a 0-d CPU scalar (validated) follows the features
+        return value, 0.0
+    return None, float(value)
+
+
+def _check_marks(kind: str, marks: str, offset, x_labels, y_labels, n: int, m: int, device) -> None:
+    V.check_choice(kind, marks, MARKS)
+    V.check_int("offset", offset)
+    if marks == "same_label":
+        if x_labels is None or y_labels is None:
+            raise ValueError(f"{kind}='same_label' needs both x_labels and y_labels")
+        V.check_labels("x_labels", x_labels, n, device)
+        V.check_labels("y_labels", y_labels, m, device)
+    elif x_labels is not None or y_labels is not None:
+        raise ValueError(f"x_labels / y_labels are only used with {kind}='same_label', got {kind}={marks!r}")
+
+
+def _check_chunk(chunk_size) -> int:
+    if chunk_size is None:
+        return 0
+    chunk_size = V.check_int("chunk_size", chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    return chunk_size
+
+
+def _common(x, y, scale, bias, backend, chunk_size):
+    x, y = prepare_features("x", x, "y", y)
+    V.check_scalar("scale", scale, rows=x.shape[0], device=x.device)
+    if bias is not None:
+        V.check_scalar("bias", bias, device=x.device)
+    return x, y, resolve_backend(backend, x.device), _check_chunk(chunk_size)
+
+
+def similarity_lse(
+    x: Tensor, y: Tensor, scale, bias=None, *, exclude: str = "none", offset: int = 0,
+    x_labels: Optional[Tensor] = None, y_labels: Optional[Tensor] = None, rows: bool = True,
+    cols: bool = True, backend: str = "auto", chunk_size: Optional[int] = None,
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Row and column log-sum-exp of ``L = s·x·yᵀ + b`` over allowed pairs (LOSSES.md, primitives).
+
+    Args:
+        x: (N, D) fp16/bf16/fp32/fp64, any strides. y: (M, D), same device; dtypes are promoted
+            (and autocast is honoured) as a matmul would.
+        scale: float, 0-d tensor, or (N,) tensor (per-row scale); any finite value.
+        bias: None, float or 0-d tensor.
+        exclude: "none" | "diagonal" (pairs ``j == i + offset``) | "same_label"
+            (``x_labels[i] == y_labels[j]``; both (N,) / (M,) integer tensors).
+        rows / cols: which statistics to return; the other is None.
+        backend: "auto" | "reference" | "torch" | "triton" | ...; chunk_size: rows per chunk for
+            the torch backend (default from ``MMLOSS_CHUNK_BYTES``).
+
+    Returns:
+        ``(row_lse (N,) | None, col_lse (M,) | None)`` in fp32 (fp64 for fp64 inputs). A row or
+        column whose every pair is excluded gives −inf and a zero gradient. Gradients reach x, y,
+        scale and bias. Memory O((N+M)·D) plus the backend's bounded workspace.
+    """
+    x, y, name, chunk = _common(x, y, scale, bias, backend, chunk_size)
+    _check_marks("exclude", exclude, offset, x_labels, y_labels, x.shape[0], y.shape[0], x.device)
+    V.check_bool("rows", rows)
+    V.check_bool("cols", cols)
+    if not (rows or cols):
+        raise ValueError("similarity_lse needs rows=True or cols=True")
+    if name == "reference":
+        from .. import reference
+
+        return reference.similarity_lse(
+            x, y, scale, bias, exclude=exclude, offset=offset, x_labels=x_labels,
+            y_labels=y_labels, rows=rows, cols=cols,
+        )
+    scale_t, scale_v = _split_scalar("scale", scale, x)
+    bias_t, bias_v = _split_scalar("bias", 0.0 if bias is None else bias, x)
+    row, col = _similarity_lse_op(
+        x, y, scale_t, scale_v, bias_t, bias_v, exclude, offset, x_labels, y_labels, rows, cols,
+        name, chunk,
+    )
+    return _none_if_empty(row, rows), _none_if_empty(col, cols)
+
+
+def pairwise_sigmoid(
+    x: Tensor, y: Tensor, scale, bias=None, *, positives: str = "diagonal", offset: int = 0,
+    x_labels: Optional[Tensor] = None, y_labels: Optional[Tensor] = None,
+    backend: str = "auto", chunk_size: Optional[int] = None,
+) -> Tensor:
+    """Per-row sums ``Σ_j softplus(−z_ij·L_ij)`` with ``z = +1`` on positives, −1 elsewhere.
+
+    ``L = s·x·yᵀ + b`` (see ``similarity_lse`` for x, y, scale, bias). ``positives``:
+    "diagonal" (``j == i + offset``) | "same_label" | "none" (all negatives, e.g. a remote
+    shard). Returns (N,) fp32 (fp64 for fp64 inputs); gradients reach x, y, scale and bias.
+    Memory O((N+M)·D) plus the backend's bounded workspace. LOSSES.md, primitives.
+    """
+    x, y, name, chunk = _common(x, y, scale, bias, backend, chunk_size)
+    _check_marks("positives", positives, offset, x_labels, y_labels, x.shape[0], y.shape[0], x.device)
+    if name == "reference":
+        from .. import reference
+
+        return reference.pairwise_sigmoid(
+            x, y, scale, bias, positives=positives, offset=offset, x_labels=x_labels,
+            y_labels=y_labels,
+        )
+    scale_t, scale_v = _split_scalar("scale", scale, x)
+    bias_t, bias_v = _split_scalar("bias", 0.0 if bias is None else bias, x)
+    return _pairwise_sigmoid_op(
+        x, y, scale_t, scale_v, bias_t, bias_v, positives, offset, x_labels, y_labels, name, chunk
+    )

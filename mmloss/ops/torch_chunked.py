@@ -1,0 +1,302 @@
+"""The ``torch`` backend: row chunks of the logit matrix with plain torch ops, any device.
+
+Forward streams row chunks ``S = (s·x_c)·yᵀ`` (C×M) through a preallocated workspace, reduces
+each chunk to row statistics and merges column statistics online (running max and rescaled sum,
+in chunk order, so results are deterministic). Backward recomputes every chunk from the saved
+fp32 statistics, forms the logit gradient ``G`` in place and applies it with two GEMMs:
+``dx_c = s_c·(G·y)`` and ``dy += Gᵀ·(s·x_c)``; the scale gradient is ``⟨x_i, (G·y)_i⟩`` (no
+division by s, so s = 0 works) and the bias gradient needs no extra pass.
+
+Cost: symmetric statistics take one GEMM-equivalent forward; backward takes three (recompute,
+dx, dy). Memory: O((N+M)·D) plus a workspace of two C×M compute-dtype buffers, C chosen from a
+byte budget (``workspace_budget``: 1/16 of the N×M matrix within [1 MiB, 16 MiB] on CPU, up to
+512 MiB on GPUs; ``MMLOSS_CHUNK_BYTES`` overrides) or given as ``chunk_size``. Accumulation is
+fp32 (fp64 for fp64 inputs); half inputs are upcast per chunk.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from ._spec import PairSpec
+
+# Default workspace: 1/16 of the N×M matrix it replaces, within [1 MiB, cap]; the cap keeps
+# CPU chunks in the last-level cache's neighbourhood and GPU chunks large enough for full GEMMs.
+_BUDGET_CAP = {"cpu": 16 << 20}
+_BUDGET_CAP_ACCEL = 512 << 20
+_BUDGET_FLOOR = 1 << 20
+_MATRIX_FRACTION = 16
+_MIN_ROWS = 16
+
+
+def _parse_bytes(text: str) -> int:
+    text = text.strip().lower()
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    for suffix in ("kib", "mib", "gib", "kb", "mb", "gb", "k", "m", "g"):
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * units[suffix[0]])
+    return int(text)
+
+
+def workspace_budget(device: torch.device, matrix_bytes: int) -> int:
+    """Bytes the chunk workspace may hold (both buffers together).
+
+    ``MMLOSS_CHUNK_BYTES`` (e.g. "64MiB") overrides the default, which is 1/16 of the N×M
+    matrix clamped to [1 MiB, 16 MiB] on CPU and [1 MiB, 512 MiB] on accelerators.
+    """
+    env = os.environ.get("MMLOSS_CHUNK_BYTES")
+    if env:
+        try:
+            value = _parse_bytes(env)
+        except ValueError:
+            raise ValueError(f"MMLOSS_CHUNK_BYTES must be a byte count such as 64MiB, got {env!r}")
+        if value <= 0:
+            raise ValueError(f"MMLOSS_CHUNK_BYTES must be positive, got {env!r}")
+        return value
+    cap = _BUDGET_CAP.get(device.type, _BUDGET_CAP_ACCEL)
+    return max(_BUDGET_FLOOR, min(cap, matrix_bytes // _MATRIX_FRACTION))
+
+
+def chunk_rows(spec: PairSpec) -> int:
+    """Rows per chunk: ``chunk_size`` when given, else from the workspace budget (≥ 16)."""
+    if spec.chunk_size > 0:
+        return min(spec.chunk_size, spec.n)
+    elem = torch.finfo(spec.compute_dtype).bits // 8
+    budget = workspace_budget(spec.x.device, spec.n * spec.m * elem)
+    rows = budget // (2 * spec.m * elem)
+    return max(1, min(spec.n, max(_MIN_ROWS, rows)))
+
+
+class _ChunkedLogits:
+    """Recomputes row chunks of ``S = s·x·yᵀ`` (bias not added) with marks applied."""
+
+    def __init__(self, spec: PairSpec, exclude_marks: bool):
+        self.spec = spec
+        self.cdt = spec.compute_dtype
+        self.exclude_marks = exclude_marks
+        self.y = spec.y.to(self.cdt)
+        self.rows = chunk_rows(spec)
+        device = spec.x.device
+        self.buf = torch.empty(self.rows, spec.m, dtype=self.cdt, device=device)
+        self.tmp = torch.empty(self.rows, spec.m, dtype=self.cdt, device=device)
+        if spec.scale is None:
+            self.scale = spec.scale_value
+        elif spec.per_row_scale:
+            self.scale = spec.scale.to(self.cdt)
+        else:
+            self.scale = spec.scale.to(device=device, dtype=self.cdt)
+        if spec.bias is None:
+            self.bias = spec.bias_value
+        else:
+            self.bias = spec.bias.to(device=device, dtype=self.cdt)
+
+    def ranges(self):
+        for i0 in range(0, self.spec.n, self.rows):
+            yield i0, min(self.spec.n, i0 + self.rows)
+
+    def scale_of(self, i0: int, i1: int):
+        return self.scale[i0:i1, None] if self.spec.per_row_scale else self.scale
+
+    def scaled_x(self, i0: int, i1: int) -> torch.Tensor:
+        return self.spec.x[i0:i1].to(self.cdt) * self.scale_of(i0, i1)
+
+    def label_mask(self, i0: int, i1: int) -> torch.Tensor:
+        return self.spec.x_labels[i0:i1, None] == self.spec.y_labels[None, :]
+
+    def logits(self, i0: int, i1: int) -> torch.Tensor:
+        """S for rows [i0, i1) in the workspace; marked pairs are −inf when excluding."""
+        out = self.buf[: i1 - i0]
+        torch.mm(self.scaled_x(i0, i1), self.y.t(), out=out)
+        if self.exclude_marks:
+            self.fill_marked(out, i0, i1, float("-inf"))
+        return out
+
+    def fill_marked(self, t: torch.Tensor, i0: int, i1: int, value: float) -> None:
+        marks = self.spec.marks
+        if marks == "diagonal":
+            t.diagonal(i0 + self.spec.offset).fill_(value)
+        elif marks == "same_label":
+            t.masked_fill_(self.label_mask(i0, i1), value)
+
+    def negate_marked(self, t: torch.Tensor, i0: int, i1: int) -> None:
+        marks = self.spec.marks
+        if marks == "diagonal":
+            t.diagonal(i0 + self.spec.offset).neg_()
+        elif marks == "same_label":
+            t.addcmul_(t, self.label_mask(i0, i1), value=-2)
+
+
+def _finite_or_zero(t: torch.Tensor) -> torch.Tensor:
+    """Statistics of fully excluded rows are −inf; shifting by 0 there keeps exp() at 0."""
+    return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def _empty(spec: PairSpec, dtype) -> torch.Tensor:
+    return spec.x.new_empty(0, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- similarity_lse
+
+
+def similarity_lse_forward(spec: PairSpec, rows: bool, cols: bool):
+    """Row LSE (N,) and column LSE (M,) over allowed pairs; empty tensors where not asked."""
+    ch = _ChunkedLogits(spec, exclude_marks=True)
+    cdt = ch.cdt
+    row = torch.empty(spec.n, dtype=cdt, device=spec.x.device) if rows else _empty(spec, cdt)
+    if cols:
+        col_max = torch.full((spec.m,), float("-inf"), dtype=cdt, device=spec.x.device)
+        col_sum = torch.zeros(spec.m, dtype=cdt, device=spec.x.device)
+    for i0, i1 in ch.ranges():
+        s = ch.logits(i0, i1)
+        e = ch.tmp[: i1 - i0]
+        if rows:
+            row_max = _finite_or_zero(s.amax(dim=1))
+            torch.sub(s, row_max[:, None], out=e).exp_()
+            row[i0:i1] = e.sum(dim=1).log_().add_(row_max)
+        if cols:
+            new_max = torch.maximum(col_max, s.amax(dim=0))
+            shift = _finite_or_zero(new_max)
+            torch.sub(s, shift[None, :], out=e).exp_()
+            col_sum.mul_(col_max.sub_(shift).exp_()).add_(e.sum(dim=0))
+            col_max = new_max
+    col = col_sum.log_().add_(_finite_or_zero(col_max)) if cols else _empty(spec, cdt)
+    if rows:
+        row.add_(ch.bias)
+    if cols:
+        col.add_(ch.bias)
+    return row, col
+
+
+def _shifted(stat: torch.Tensor, bias) -> torch.Tensor:
+    return _finite_or_zero(stat - bias)
+
+
+def similarity_lse_backward(
+    spec: PairSpec,
+    grad_row: Optional[torch.Tensor],
+    grad_col: Optional[torch.Tensor],
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    needs: tuple[bool, bool, bool, bool],
+):
+    """Gradients (dx, dy, dscale, dbias) of ⟨grad_row, row_lse⟩ + ⟨grad_col, col_lse⟩."""
+    ch = _ChunkedLogits(spec, exclude_marks=True)
+    cdt = ch.cdt
+    g = grad_row.to(cdt) if grad_row is not None else None
+    h = grad_col.to(cdt) if grad_col is not None else None
+    r = _shifted(row_lse.to(cdt), ch.bias) if g is not None else None
+    c = _shifted(col_lse.to(cdt), ch.bias) if h is not None else None
+    grads = _FeatureGrads(ch, needs)
+    for i0, i1 in ch.ranges():
+        s = ch.logits(i0, i1)
+        e = ch.tmp[: i1 - i0]
+        if g is not None and h is not None:
+            torch.sub(s, r[i0:i1, None], out=e).exp_().mul_(g[i0:i1, None])
+            s.sub_(c[None, :]).exp_().mul_(h[None, :]).add_(e)
+            grad = s
+        elif g is not None:
+            grad = s.sub_(r[i0:i1, None]).exp_().mul_(g[i0:i1, None])
+        elif h is not None:
+            grad = s.sub_(c[None, :]).exp_().mul_(h[None, :])
+        else:
+            grad = s.zero_()
+        grads.add_chunk(i0, i1, grad)
+    dbias = None
+    if needs[3]:
+        # Σ_ij G_ij = Σ_i g_i + Σ_j h_j over rows / columns that have an allowed pair.
+        total = torch.zeros((), dtype=cdt, device=spec.x.device)
+        if g is not None:
+            total = total + torch.where(torch.isfinite(row_lse), g, 0).sum()
+        if h is not None:
+            total = total + torch.where(torch.isfinite(col_lse), h, 0).sum()
+        dbias = total
+    return grads.finish(dbias)
+
+
+# --------------------------------------------------------------------------- pairwise_sigmoid
+
+
+def _softplus(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    if t.dtype == torch.float64:
+        # exact for the fp64 gradcheck path (aten's threshold drops log1p(e^-20) ≈ 2e-9)
+        return torch.logaddexp(t, torch.zeros((), dtype=t.dtype, device=t.device), out=out)
+    return torch.ops.aten.softplus.out(t, 1, 20, out=out)
+
+
+def _signed_logits(ch: _ChunkedLogits, i0: int, i1: int) -> torch.Tensor:
+    """T = −z·L: the logit for negatives, minus the logit for positives."""
+    s = ch.logits(i0, i1)
+    s.add_(ch.bias)
+    ch.negate_marked(s, i0, i1)
+    return s
+
+
+def pairwise_sigmoid_forward(spec: PairSpec) -> torch.Tensor:
+    """Per-row sums Σ_j softplus(−z_ij·L_ij), shape (N,)."""
+    ch = _ChunkedLogits(spec, exclude_marks=False)
+    out = torch.empty(spec.n, dtype=ch.cdt, device=spec.x.device)
+    for i0, i1 in ch.ranges():
+        t = _signed_logits(ch, i0, i1)
+        out[i0:i1] = _softplus(t, ch.tmp[: i1 - i0]).sum(dim=1)
+    return out
+
+
+def pairwise_sigmoid_backward(spec: PairSpec, grad: torch.Tensor, needs):
+    """Gradients (dx, dy, dscale, dbias) of ⟨grad, per-row sums⟩."""
+    ch = _ChunkedLogits(spec, exclude_marks=False)
+    g = grad.to(ch.cdt)
+    grads = _FeatureGrads(ch, needs)
+    dbias = torch.zeros((), dtype=ch.cdt, device=spec.x.device) if needs[3] else None
+    for i0, i1 in ch.ranges():
+        t = _signed_logits(ch, i0, i1)
+        # dσ_i/dL_ij = −z_ij·sigmoid(−z_ij·L_ij): sigmoid(T), negated on positives.
+        grad_tile = torch.sigmoid(t, out=ch.tmp[: i1 - i0])
+        ch.negate_marked(grad_tile, i0, i1)
+        grad_tile.mul_(g[i0:i1, None])
+        if dbias is not None:
+            dbias += grad_tile.sum()
+        grads.add_chunk(i0, i1, grad_tile)
+    return grads.finish(dbias)
+
+
+# --------------------------------------------------------------------------- shared backward
+
+
+class _FeatureGrads:
+    """Accumulates dx, dy and dscale from logit-gradient chunks G (w.r.t. L = s·⟨x,y⟩ + b)."""
+
+    def __init__(self, ch: _ChunkedLogits, needs):
+        self.ch = ch
+        spec = ch.spec
+        self.need_x, self.need_y, self.need_scale, self.need_bias = needs
+        dev = spec.x.device
+        self.dx = torch.empty_like(spec.x, memory_format=torch.contiguous_format) if self.need_x else None
+        self.dy = torch.zeros(spec.m, spec.x.shape[1], dtype=ch.cdt, device=dev) if self.need_y else None
+        self.dscale_rows = (
+            torch.empty(spec.n, dtype=ch.cdt, device=dev) if self.need_scale else None
+        )
+
+    def add_chunk(self, i0: int, i1: int, grad: torch.Tensor) -> None:
+        ch = self.ch
+        if self.need_x or self.need_scale:
+            a = grad @ ch.y  # (C, D) = G·y, before the row scale
+            if self.need_scale:
+                self.dscale_rows[i0:i1] = (ch.spec.x[i0:i1].to(ch.cdt) * a).sum(dim=1)
+            if self.need_x:
+                self.dx[i0:i1] = a.mul_(ch.scale_of(i0, i1))
+        if self.need_y:
+            self.dy.addmm_(grad.t(), ch.scaled_x(i0, i1))
+
+    def finish(self, dbias):
+        spec = self.ch.spec
+        dx = self.dx
+        dy = self.dy.to(spec.y.dtype) if self.dy is not None else None
+        dscale = None
+        if self.need_scale:
+            ds = self.dscale_rows if spec.per_row_scale else self.dscale_rows.sum()
+            dscale = ds.to(spec.scale.dtype)
+        if dbias is not None and spec.bias is not None:
+            dbias = dbias.to(spec.bias.dtype)
+        return dx, dy, dscale, dbias
