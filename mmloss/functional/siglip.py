@@ -6,7 +6,6 @@ import torch
 from .. import _validation as V
 from ..ops import pairwise_sigmoid
 from ..ops._primitives import prepare_features
-from ._common import reduce
 
 Tensor = torch.Tensor
 
@@ -45,8 +44,11 @@ def siglip_loss(
                 f"siglip_loss needs as many texts as images ({n} vs {m}) unless labels is a "
                 "pair (image_labels, text_labels)"
             )
+    # A scalar loss lets the primitive form its gradients during the forward pass.
+    kind = "none" if reduction == "none" else "sum"
     if labels is None:
-        rows = pairwise_sigmoid(x, y, logit_scale, logit_bias, positives="diagonal", backend=backend)
+        out = pairwise_sigmoid(x, y, logit_scale, logit_bias, positives="diagonal",
+                               reduction=kind, backend=backend)
     else:
         if isinstance(labels, (tuple, list)):
             if len(labels) != 2:
@@ -57,6 +59,8 @@ def siglip_loss(
             x_labels = y_labels = V.check_labels("labels", labels, n, x.device)
         else:
             raise TypeError(f"labels must be a tensor or a pair of tensors, got {type(labels).__name__}")
-        rows = pairwise_sigmoid(x, y, logit_scale, logit_bias, positives="same_label",
-                                x_labels=x_labels, y_labels=y_labels, backend=backend)
-    return reduce(rows, reduction)
+        out = pairwise_sigmoid(x, y, logit_scale, logit_bias, positives="same_label",
+                               x_labels=x_labels, y_labels=y_labels, reduction=kind, backend=backend)
+    if reduction == "none":
+        return out
+    return out if reduction == "sum" else out / n

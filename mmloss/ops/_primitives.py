@@ -32,8 +32,9 @@ def _out_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _spec(x, y, scale, scale_value, bias, bias_value, marks, offset, x_labels, y_labels, chunk):
-    return PairSpec(x, y, scale, scale_value, bias, bias_value, marks, offset, x_labels, y_labels, chunk)
+def _spec(x, y, scale, scale_value, bias, bias_value, marks, offset, x_labels, y_labels, chunk, deterministic):
+    return PairSpec(x, y, scale, scale_value, bias, bias_value, marks, offset, x_labels, y_labels,
+                    chunk, deterministic)
 
 
 def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
@@ -70,6 +71,10 @@ def _no_setup(ctx, inputs, output):
     return None
 
 
+def _keep_needed(grads, needs):
+    return tuple(g if n else None for g, n in zip(grads, needs))
+
+
 # ----------------------------------------------------------------------------- similarity_lse
 
 
@@ -78,14 +83,16 @@ def _similarity_lse_op(
     x: Tensor, y: Tensor, scale: Optional[Tensor], scale_value: float, bias: Optional[Tensor],
     bias_value: float, exclude: str, offset: int, x_labels: Optional[Tensor],
     y_labels: Optional[Tensor], rows: bool, cols: bool, backend: str, chunk_size: int,
+    deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
-    spec = _spec(x, y, scale, scale_value, bias, bias_value, exclude, offset, x_labels, y_labels, chunk_size)
+    spec = _spec(x, y, scale, scale_value, bias, bias_value, exclude, offset, x_labels, y_labels, chunk_size, deterministic)
     with _NoAutocast(x.device):
         return backend_module(backend).similarity_lse_forward(spec, rows, cols)
 
 
 @_similarity_lse_op.register_fake
-def _(x, y, scale, scale_value, bias, bias_value, exclude, offset, x_labels, y_labels, rows, cols, backend, chunk_size):
+def _(x, y, scale, scale_value, bias, bias_value, exclude, offset, x_labels, y_labels, rows, cols, backend,
+      chunk_size, deterministic):
     dt = _out_dtype(x)
     return (x.new_empty(x.shape[0] if rows else 0, dtype=dt), x.new_empty(y.shape[0] if cols else 0, dtype=dt))
 
@@ -95,10 +102,11 @@ def _similarity_lse_backward_op(
     grad_row: Optional[Tensor], grad_col: Optional[Tensor], x: Tensor, y: Tensor,
     scale: Optional[Tensor], scale_value: float, bias: Optional[Tensor], bias_value: float,
     row_lse: Tensor, col_lse: Tensor, exclude: str, offset: int, x_labels: Optional[Tensor],
-    y_labels: Optional[Tensor], backend: str, chunk_size: int,
+    y_labels: Optional[Tensor], backend: str, chunk_size: int, deterministic: bool,
     need_x: bool, need_y: bool, need_scale: bool, need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    spec = _spec(x, y, scale, scale_value, bias, bias_value, exclude, offset, x_labels, y_labels, chunk_size)
+    spec = _spec(x, y, scale, scale_value, bias, bias_value, exclude, offset, x_labels, y_labels, chunk_size,
+                 deterministic)
     with _NoAutocast(x.device):
         grads = backend_module(backend).similarity_lse_backward(
             spec, grad_row, grad_col, row_lse, col_lse, (need_x, need_y, need_scale, need_bias)
@@ -118,22 +126,23 @@ def _fake_feature_grads(x, y, scale, bias, need_x, need_y, need_scale, need_bias
 
 @_similarity_lse_backward_op.register_fake
 def _(grad_row, grad_col, x, y, scale, scale_value, bias, bias_value, row_lse, col_lse, exclude,
-      offset, x_labels, y_labels, backend, chunk_size, need_x, need_y, need_scale, need_bias):
+      offset, x_labels, y_labels, backend, chunk_size, deterministic, need_x, need_y, need_scale,
+      need_bias):
     return _fake_feature_grads(x, y, scale, bias, need_x, need_y, need_scale, need_bias)
 
 
 def _lse_setup(ctx, inputs, output):
     (x, y, scale, scale_value, bias, bias_value, exclude, offset, x_labels, y_labels, rows, cols,
-     backend, chunk_size) = inputs
+     backend, chunk_size, deterministic) = inputs
     row, col = output
     ctx.save_for_backward(x, y, scale, bias, x_labels, y_labels, row, col)
-    ctx.args = (scale_value, bias_value, exclude, offset, backend, chunk_size, rows, cols)
+    ctx.args = (scale_value, bias_value, exclude, offset, backend, chunk_size, deterministic, rows, cols)
     ctx.set_materialize_grads(False)
 
 
 def _lse_backward(ctx, grad_row, grad_col):
     x, y, scale, bias, x_labels, y_labels, row, col = ctx.saved_tensors
-    scale_value, bias_value, exclude, offset, backend, chunk_size, rows, cols = ctx.args
+    scale_value, bias_value, exclude, offset, backend, chunk_size, deterministic, rows, cols = ctx.args
     grad_row = grad_row if rows else None
     grad_col = grad_col if cols else None
     need = ctx.needs_input_grad
@@ -142,10 +151,11 @@ def _lse_backward(ctx, grad_row, grad_col):
     if (grad_row is not None or grad_col is not None) and any((need_x, need_y, need_scale, need_bias)):
         dx, dy, ds, db = _similarity_lse_backward_op(
             grad_row, grad_col, x, y, scale, scale_value, bias, bias_value, row, col, exclude,
-            offset, x_labels, y_labels, backend, chunk_size, need_x, need_y, need_scale, need_bias,
+            offset, x_labels, y_labels, backend, chunk_size, deterministic, need_x, need_y, need_scale,
+            need_bias,
         )
-        dx, dy, ds, db = (g if n else None for g, n in zip((dx, dy, ds, db), (need_x, need_y, need_scale, need_bias)))
-    return dx, dy, ds, None, db, None, None, None, None, None, None, None, None, None
+        dx, dy, ds, db = _keep_needed((dx, dy, ds, db), (need_x, need_y, need_scale, need_bias))
+    return (dx, dy, ds, None, db) + (None,) * 10
 
 
 _similarity_lse_op.register_autograd(_lse_backward, setup_context=_lse_setup)
@@ -159,15 +169,17 @@ _similarity_lse_backward_op.register_autograd(_double_backward_error, setup_cont
 def _pairwise_sigmoid_op(
     x: Tensor, y: Tensor, scale: Optional[Tensor], scale_value: float, bias: Optional[Tensor],
     bias_value: float, positives: str, offset: int, x_labels: Optional[Tensor],
-    y_labels: Optional[Tensor], backend: str, chunk_size: int,
+    y_labels: Optional[Tensor], backend: str, chunk_size: int, deterministic: bool,
 ) -> Tensor:
-    spec = _spec(x, y, scale, scale_value, bias, bias_value, positives, offset, x_labels, y_labels, chunk_size)
+    spec = _spec(x, y, scale, scale_value, bias, bias_value, positives, offset, x_labels, y_labels, chunk_size,
+                 deterministic)
     with _NoAutocast(x.device):
         return backend_module(backend).pairwise_sigmoid_forward(spec)
 
 
 @_pairwise_sigmoid_op.register_fake
-def _(x, y, scale, scale_value, bias, bias_value, positives, offset, x_labels, y_labels, backend, chunk_size):
+def _(x, y, scale, scale_value, bias, bias_value, positives, offset, x_labels, y_labels, backend, chunk_size,
+      deterministic):
     return x.new_empty(x.shape[0], dtype=_out_dtype(x))
 
 
@@ -176,9 +188,10 @@ def _pairwise_sigmoid_backward_op(
     grad: Tensor, x: Tensor, y: Tensor, scale: Optional[Tensor], scale_value: float,
     bias: Optional[Tensor], bias_value: float, positives: str, offset: int,
     x_labels: Optional[Tensor], y_labels: Optional[Tensor], backend: str, chunk_size: int,
-    need_x: bool, need_y: bool, need_scale: bool, need_bias: bool,
+    deterministic: bool, need_x: bool, need_y: bool, need_scale: bool, need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    spec = _spec(x, y, scale, scale_value, bias, bias_value, positives, offset, x_labels, y_labels, chunk_size)
+    spec = _spec(x, y, scale, scale_value, bias, bias_value, positives, offset, x_labels, y_labels, chunk_size,
+                 deterministic)
     with _NoAutocast(x.device):
         grads = backend_module(backend).pairwise_sigmoid_backward(
             spec, grad, (need_x, need_y, need_scale, need_bias)
@@ -188,35 +201,83 @@ def _pairwise_sigmoid_backward_op(
 
 @_pairwise_sigmoid_backward_op.register_fake
 def _(grad, x, y, scale, scale_value, bias, bias_value, positives, offset, x_labels, y_labels,
-      backend, chunk_size, need_x, need_y, need_scale, need_bias):
+      backend, chunk_size, deterministic, need_x, need_y, need_scale, need_bias):
     return _fake_feature_grads(x, y, scale, bias, need_x, need_y, need_scale, need_bias)
 
 
 def _sigmoid_setup(ctx, inputs, output):
     (x, y, scale, scale_value, bias, bias_value, positives, offset, x_labels, y_labels, backend,
-     chunk_size) = inputs
+     chunk_size, deterministic) = inputs
     ctx.save_for_backward(x, y, scale, bias, x_labels, y_labels)
-    ctx.args = (scale_value, bias_value, positives, offset, backend, chunk_size)
+    ctx.args = (scale_value, bias_value, positives, offset, backend, chunk_size, deterministic)
     ctx.set_materialize_grads(False)
 
 
 def _sigmoid_backward(ctx, grad):
     x, y, scale, bias, x_labels, y_labels = ctx.saved_tensors
-    scale_value, bias_value, positives, offset, backend, chunk_size = ctx.args
+    scale_value, bias_value, positives, offset, backend, chunk_size, deterministic = ctx.args
     need = ctx.needs_input_grad
     need_x, need_y, need_scale, need_bias = need[0], need[1], need[2], need[4]
     dx = dy = ds = db = None
     if grad is not None and any((need_x, need_y, need_scale, need_bias)):
         dx, dy, ds, db = _pairwise_sigmoid_backward_op(
             grad, x, y, scale, scale_value, bias, bias_value, positives, offset, x_labels,
-            y_labels, backend, chunk_size, need_x, need_y, need_scale, need_bias,
+            y_labels, backend, chunk_size, deterministic, need_x, need_y, need_scale, need_bias,
         )
-        dx, dy, ds, db = (g if n else None for g, n in zip((dx, dy, ds, db), (need_x, need_y, need_scale, need_bias)))
-    return dx, dy, ds, None, db, None, None, None, None, None, None, None
+        dx, dy, ds, db = _keep_needed((dx, dy, ds, db), (need_x, need_y, need_scale, need_bias))
+    return (dx, dy, ds, None, db) + (None,) * 8
 
 
 _pairwise_sigmoid_op.register_autograd(_sigmoid_backward, setup_context=_sigmoid_setup)
 _pairwise_sigmoid_backward_op.register_autograd(_double_backward_error, setup_context=_no_setup)
+
+
+# ------------------------------------------------------------- pairwise_sigmoid, summed over rows
+
+
+@torch.library.custom_op("mmloss::pairwise_sigmoid_sum", mutates_args=())
+def _pairwise_sigmoid_sum_op(
+    x: Tensor, y: Tensor, scale: Optional[Tensor], scale_value: float, bias: Optional[Tensor],
+    bias_value: float, positives: str, offset: int, x_labels: Optional[Tensor],
+    y_labels: Optional[Tensor], backend: str, chunk_size: int, deterministic: bool,
+    need_x: bool, need_y: bool, need_scale: bool, need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(Σ_i σ_i, dx, dy, dscale, dbias): the gradients of the total are formed in the forward
+    pass (every row's upstream gradient is the same scalar), so backward only rescales them."""
+    spec = _spec(x, y, scale, scale_value, bias, bias_value, positives, offset, x_labels, y_labels, chunk_size,
+                 deterministic)
+    with _NoAutocast(x.device):
+        total, *grads = backend_module(backend).pairwise_sigmoid_sum(
+            spec, (need_x, need_y, need_scale, need_bias)
+        )
+    return (total,) + tuple(_empty_if_none(g, x) for g in grads)
+
+
+@_pairwise_sigmoid_sum_op.register_fake
+def _(x, y, scale, scale_value, bias, bias_value, positives, offset, x_labels, y_labels, backend, chunk_size,
+      deterministic, need_x, need_y, need_scale, need_bias):
+    total = x.new_empty((), dtype=_out_dtype(x))
+    return (total,) + _fake_feature_grads(x, y, scale, bias, need_x, need_y, need_scale, need_bias)
+
+
+def _sigmoid_sum_setup(ctx, inputs, output):
+    ctx.needs = inputs[-4:]
+    ctx.save_for_backward(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _sigmoid_sum_backward(ctx, grad_total, *unused):
+    dx, dy, ds, db = ctx.saved_tensors
+    need_x, need_y, need_scale, need_bias = ctx.needs
+    out = [None] * 17
+    if grad_total is not None:
+        for slot, g, n in ((0, dx, need_x), (1, dy, need_y), (2, ds, need_scale), (4, db, need_bias)):
+            if n:
+                out[slot] = (g * grad_total).to(g.dtype)
+    return tuple(out)
+
+
+_pairwise_sigmoid_sum_op.register_autograd(_sigmoid_sum_backward, setup_context=_sigmoid_sum_setup)
 
 
 # ----------------------------------------------------------------------------- public wrappers
@@ -245,7 +306,7 @@ def prepare_features(x_name: str, x: Tensor, y_name: str, y: Tensor) -> tuple[Te
     return x.to(dtype), y.to(dtype)
 
 
-def _split_scalar(name: str, value, x: Tensor) -> tuple[Optional[Tensor], float]:
+def _split_scalar(value, x: Tensor) -> tuple[Optional[Tensor], float]:
     if isinstance(value, Tensor):
         if value.device != x.device:
             value = value.to(x.device)  # a 0-d CPU scalar (validated) follows the features
@@ -274,6 +335,13 @@ def _check_chunk(chunk_size) -> int:
     return chunk_size
 
 
+def _resolve_deterministic(deterministic) -> bool:
+    """Deterministic kernels by default and always under torch.use_deterministic_algorithms."""
+    if deterministic is None or torch.are_deterministic_algorithms_enabled():
+        return True
+    return V.check_bool("deterministic", deterministic)
+
+
 def _common(x, y, scale, bias, backend, chunk_size):
     x, y = prepare_features("x", x, "y", y)
     V.check_scalar("scale", scale, rows=x.shape[0], device=x.device)
@@ -282,10 +350,21 @@ def _common(x, y, scale, bias, backend, chunk_size):
     return x, y, resolve_backend(backend, x.device), _check_chunk(chunk_size)
 
 
+def _scalar_args(x: Tensor, scale, bias):
+    scale_t, scale_v = _split_scalar(scale, x)
+    bias_t, bias_v = _split_scalar(0.0 if bias is None else bias, x)
+    return scale_t, scale_v, bias_t, bias_v
+
+
+def _requires(t) -> bool:
+    return isinstance(t, Tensor) and t.requires_grad and torch.is_grad_enabled()
+
+
 def similarity_lse(
     x: Tensor, y: Tensor, scale, bias=None, *, exclude: str = "none", offset: int = 0,
     x_labels: Optional[Tensor] = None, y_labels: Optional[Tensor] = None, rows: bool = True,
     cols: bool = True, backend: str = "auto", chunk_size: Optional[int] = None,
+    deterministic: Optional[bool] = None,
 ) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """Row and column log-sum-exp of ``L = s·x·yᵀ + b`` over allowed pairs (LOSSES.md, primitives).
 
@@ -298,7 +377,9 @@ def similarity_lse(
             (``x_labels[i] == y_labels[j]``; both (N,) / (M,) integer tensors).
         rows / cols: which statistics to return; the other is None.
         backend: "auto" | "reference" | "torch" | "triton" | ...; chunk_size: rows per chunk for
-            the torch backend (default from ``MMLOSS_CHUNK_BYTES``).
+            the torch backend (default from the workspace budget, see ``MMLOSS_CHUNK_BYTES``).
+        deterministic: None/True run bit-reproducible kernels; False lets a backend use atomics
+            where faster (ignored under ``torch.use_deterministic_algorithms(True)``).
 
     Returns:
         ``(row_lse (N,) | None, col_lse (M,) | None)`` in fp32 (fp64 for fp64 inputs). A row or
@@ -318,11 +399,9 @@ def similarity_lse(
             x, y, scale, bias, exclude=exclude, offset=offset, x_labels=x_labels,
             y_labels=y_labels, rows=rows, cols=cols,
         )
-    scale_t, scale_v = _split_scalar("scale", scale, x)
-    bias_t, bias_v = _split_scalar("bias", 0.0 if bias is None else bias, x)
     row, col = _similarity_lse_op(
-        x, y, scale_t, scale_v, bias_t, bias_v, exclude, offset, x_labels, y_labels, rows, cols,
-        name, chunk,
+        x, y, *_scalar_args(x, scale, bias), exclude, offset, x_labels, y_labels, rows, cols,
+        name, chunk, _resolve_deterministic(deterministic),
     )
     return _none_if_empty(row, rows), _none_if_empty(col, cols)
 
@@ -330,26 +409,32 @@ def similarity_lse(
 def pairwise_sigmoid(
     x: Tensor, y: Tensor, scale, bias=None, *, positives: str = "diagonal", offset: int = 0,
     x_labels: Optional[Tensor] = None, y_labels: Optional[Tensor] = None,
-    backend: str = "auto", chunk_size: Optional[int] = None,
+    backend: str = "auto", chunk_size: Optional[int] = None, deterministic: Optional[bool] = None,
+    reduction: str = "none",
 ) -> Tensor:
     """Per-row sums ``Σ_j softplus(−z_ij·L_ij)`` with ``z = +1`` on positives, −1 elsewhere.
 
-    ``L = s·x·yᵀ + b`` (see ``similarity_lse`` for x, y, scale, bias). ``positives``:
-    "diagonal" (``j == i + offset``) | "same_label" | "none" (all negatives, e.g. a remote
-    shard). Returns (N,) fp32 (fp64 for fp64 inputs); gradients reach x, y, scale and bias.
-    Memory O((N+M)·D) plus the backend's bounded workspace. LOSSES.md, primitives.
+    ``L = s·x·yᵀ + b`` (see ``similarity_lse`` for x, y, scale, bias, backend, chunk_size,
+    deterministic). ``positives``: "diagonal" (``j == i + offset``) | "same_label" | "none"
+    (all negatives, e.g. a remote shard). Returns (N,) fp32 (fp64 for fp64 inputs), or with
+    ``reduction="sum"`` the 0-d total Σ_i, whose gradients are formed during the forward pass
+    (one recompute fewer). Gradients reach x, y, scale and bias. Memory O((N+M)·D) plus the
+    backend's bounded workspace. LOSSES.md, primitives.
     """
     x, y, name, chunk = _common(x, y, scale, bias, backend, chunk_size)
     _check_marks("positives", positives, offset, x_labels, y_labels, x.shape[0], y.shape[0], x.device)
+    V.check_choice("reduction", reduction, ("none", "sum"))
     if name == "reference":
         from .. import reference
 
-        return reference.pairwise_sigmoid(
+        rows = reference.pairwise_sigmoid(
             x, y, scale, bias, positives=positives, offset=offset, x_labels=x_labels,
             y_labels=y_labels,
         )
-    scale_t, scale_v = _split_scalar("scale", scale, x)
-    bias_t, bias_v = _split_scalar("bias", 0.0 if bias is None else bias, x)
-    return _pairwise_sigmoid_op(
-        x, y, scale_t, scale_v, bias_t, bias_v, positives, offset, x_labels, y_labels, name, chunk
-    )
+        return rows.sum() if reduction == "sum" else rows
+    args = (x, y, *_scalar_args(x, scale, bias), positives, offset, x_labels, y_labels, name, chunk,
+            _resolve_deterministic(deterministic))
+    if reduction == "none":
+        return _pairwise_sigmoid_op(*args)
+    needs = (_requires(x), _requires(y), _requires(scale), _requires(bias))
+    return _pairwise_sigmoid_sum_op(*args, *needs)[0]

@@ -28,6 +28,7 @@ class PairSpec:
     x_labels: Optional[torch.Tensor]   # (N,) integers when marks == "same_label"
     y_labels: Optional[torch.Tensor]   # (M,) integers when marks == "same_label"
     chunk_size: int = 0                # rows per chunk for chunked backends; 0 = from the budget
+    deterministic: bool = True         # False allows atomics in kernels where that is faster
 
     @property
     def n(self) -> int:

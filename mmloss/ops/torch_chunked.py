@@ -261,6 +261,29 @@ def pairwise_sigmoid_backward(spec: PairSpec, grad: torch.Tensor, needs):
     return grads.finish(dbias)
 
 
+def pairwise_sigmoid_sum(spec: PairSpec, needs):
+    """Σ_i σ_i as a 0-d tensor, with its gradients (dx, dy, dscale, dbias) formed in the same
+    pass when ``needs`` asks for them: three GEMM-equivalents instead of four."""
+    ch = _ChunkedLogits(spec, exclude_marks=False)
+    total = torch.zeros((), dtype=ch.cdt, device=spec.x.device)
+    want_grads = any(needs)
+    grads = _FeatureGrads(ch, needs) if want_grads else None
+    dbias = torch.zeros((), dtype=ch.cdt, device=spec.x.device) if needs[3] else None
+    for i0, i1 in ch.ranges():
+        t = _signed_logits(ch, i0, i1)
+        e = ch.tmp[: i1 - i0]
+        total += _softplus(t, e).sum()
+        if want_grads:
+            grad_tile = torch.sigmoid(t, out=e)
+            ch.negate_marked(grad_tile, i0, i1)
+            if dbias is not None:
+                dbias += grad_tile.sum()
+            grads.add_chunk(i0, i1, grad_tile)
+    if not want_grads:
+        return total, None, None, None, None
+    return (total,) + grads.finish(dbias)
+
+
 # --------------------------------------------------------------------------- shared backward
 
 
