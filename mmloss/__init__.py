@@ -8,10 +8,11 @@ from ._version import __version__
 from . import functional, losses, ops, reference
 from .functional import *  # noqa: F401,F403
 from .losses import *  # noqa: F401,F403
-from .ops import available_backends, pairwise_sigmoid, similarity_lse
+from .ops import available_backends, pairwise_sigmoid, similarity_kl, similarity_lse, similarity_topk
 
 __all__ = (
-    ["__version__", "available_backends", "pairwise_sigmoid", "similarity_lse"]
+    ["__version__", "available_backends", "pairwise_sigmoid", "similarity_kl", "similarity_lse",
+     "similarity_topk"]
     + functional.__all__
     + losses.__all__
 )
