@@ -114,14 +114,12 @@ def _similarity_lse_backward_op(
     return tuple(_empty_if_none(g, x) for g in grads)
 
 
-def _fake_feature_grads(x, y, scale, bias, need_x, need_y, need_scale, need_bias):
-    empty = x.new_empty(0)
-    return (
-        x.new_empty(x.shape) if need_x else empty,
-        y.new_empty(y.shape) if need_y else x.new_empty(0),
-        scale.new_empty(scale.shape) if need_scale else x.new_empty(0),
-        bias.new_empty(bias.shape) if need_bias else x.new_empty(0),
-    )
+def _fake_feature_grads(x, y, scale, bias, need_x, need_y, need_scale, need_bias, dtype=None):
+    """Shapes of (dx, dy, dscale, dbias): each input's dtype, or ``dtype`` when given."""
+    def like(t, needed):
+        return t.new_empty(t.shape, dtype=dtype or t.dtype) if needed else x.new_empty(0)
+
+    return like(x, need_x), like(y, need_y), like(scale, need_scale), like(bias, need_bias)
 
 
 @_similarity_lse_backward_op.register_fake
@@ -243,7 +241,8 @@ def _pairwise_sigmoid_sum_op(
     need_x: bool, need_y: bool, need_scale: bool, need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(Σ_i σ_i, dx, dy, dscale, dbias): the gradients of the total are formed in the forward
-    pass (every row's upstream gradient is the same scalar), so backward only rescales them."""
+    pass (every row's upstream gradient is the same scalar), so backward only rescales them.
+    They are held in fp32 (fp64 for fp64 inputs) and cast to the inputs' dtypes after scaling."""
     spec = _spec(x, y, scale, scale_value, bias, bias_value, positives, offset, x_labels, y_labels, chunk_size,
                  deterministic)
     with _NoAutocast(x.device):
@@ -257,23 +256,28 @@ def _pairwise_sigmoid_sum_op(
 def _(x, y, scale, scale_value, bias, bias_value, positives, offset, x_labels, y_labels, backend, chunk_size,
       deterministic, need_x, need_y, need_scale, need_bias):
     total = x.new_empty((), dtype=_out_dtype(x))
-    return (total,) + _fake_feature_grads(x, y, scale, bias, need_x, need_y, need_scale, need_bias)
+    return (total,) + _fake_feature_grads(x, y, scale, bias, need_x, need_y, need_scale, need_bias,
+                                          dtype=_out_dtype(x))
 
 
 def _sigmoid_sum_setup(ctx, inputs, output):
+    x, y, scale, _, bias = inputs[:5]
     ctx.needs = inputs[-4:]
+    ctx.dtypes = (x.dtype, y.dtype, None if scale is None else scale.dtype, None if bias is None else bias.dtype)
     ctx.save_for_backward(*output[1:])
     ctx.set_materialize_grads(False)
 
 
 def _sigmoid_sum_backward(ctx, grad_total, *unused):
+    if torch.is_grad_enabled():
+        _double_backward_error(ctx)
     dx, dy, ds, db = ctx.saved_tensors
-    need_x, need_y, need_scale, need_bias = ctx.needs
     out = [None] * 17
     if grad_total is not None:
-        for slot, g, n in ((0, dx, need_x), (1, dy, need_y), (2, ds, need_scale), (4, db, need_bias)):
-            if n:
-                out[slot] = (g * grad_total).to(g.dtype)
+        slots = (0, 1, 2, 4)
+        for slot, g, needed, dtype in zip(slots, (dx, dy, ds, db), ctx.needs, ctx.dtypes):
+            if needed:
+                out[slot] = (g * grad_total).to(dtype)
     return tuple(out)
 
 

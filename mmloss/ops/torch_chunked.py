@@ -263,11 +263,15 @@ def pairwise_sigmoid_backward(spec: PairSpec, grad: torch.Tensor, needs):
 
 def pairwise_sigmoid_sum(spec: PairSpec, needs):
     """Σ_i σ_i as a 0-d tensor, with its gradients (dx, dy, dscale, dbias) formed in the same
-    pass when ``needs`` asks for them: three GEMM-equivalents instead of four."""
+    pass when ``needs`` asks for them: three GEMM-equivalents instead of four.
+
+    The gradients stay in the compute dtype (fp32): they are the unscaled gradients of a sum
+    over N·M pairs, which can exceed fp16's range before the upstream gradient scales them.
+    """
     ch = _ChunkedLogits(spec, exclude_marks=False)
     total = torch.zeros((), dtype=ch.cdt, device=spec.x.device)
     want_grads = any(needs)
-    grads = _FeatureGrads(ch, needs) if want_grads else None
+    grads = _FeatureGrads(ch, needs, keep_compute_dtype=True) if want_grads else None
     dbias = torch.zeros((), dtype=ch.cdt, device=spec.x.device) if needs[3] else None
     for i0, i1 in ch.ranges():
         t = _signed_logits(ch, i0, i1)
@@ -290,12 +294,14 @@ def pairwise_sigmoid_sum(spec: PairSpec, needs):
 class _FeatureGrads:
     """Accumulates dx, dy and dscale from logit-gradient chunks G (w.r.t. L = s·⟨x,y⟩ + b)."""
 
-    def __init__(self, ch: _ChunkedLogits, needs):
+    def __init__(self, ch: _ChunkedLogits, needs, keep_compute_dtype: bool = False):
         self.ch = ch
         spec = ch.spec
         self.need_x, self.need_y, self.need_scale, self.need_bias = needs
+        self.keep_compute_dtype = keep_compute_dtype
         dev = spec.x.device
-        self.dx = torch.empty_like(spec.x, memory_format=torch.contiguous_format) if self.need_x else None
+        dx_dtype = ch.cdt if keep_compute_dtype else spec.x.dtype
+        self.dx = torch.empty(spec.x.shape, dtype=dx_dtype, device=dev) if self.need_x else None
         self.dy = torch.zeros(spec.m, spec.x.shape[1], dtype=ch.cdt, device=dev) if self.need_y else None
         self.dscale_rows = (
             torch.empty(spec.n, dtype=ch.cdt, device=dev) if self.need_scale else None
@@ -314,12 +320,15 @@ class _FeatureGrads:
 
     def finish(self, dbias):
         spec = self.ch.spec
-        dx = self.dx
-        dy = self.dy.to(spec.y.dtype) if self.dy is not None else None
-        dscale = None
+        dx, dy, dscale = self.dx, self.dy, None
         if self.need_scale:
-            ds = self.dscale_rows if spec.per_row_scale else self.dscale_rows.sum()
-            dscale = ds.to(spec.scale.dtype)
+            dscale = self.dscale_rows if spec.per_row_scale else self.dscale_rows.sum()
+        if self.keep_compute_dtype:
+            return dx, dy, dscale, dbias
+        if dy is not None:
+            dy = dy.to(spec.y.dtype)
+        if dscale is not None:
+            dscale = dscale.to(spec.scale.dtype)
         if dbias is not None and spec.bias is not None:
             dbias = dbias.to(spec.bias.dtype)
         return dx, dy, dscale, dbias

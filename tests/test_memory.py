@@ -1,0 +1,93 @@
+"""Memory bound of every loss on the torch backend (issue: "no N×M tensor on the fast path").
+
+At N = M = 4096, D = 64, forward + backward may hold at most 10 % of one N×M fp32 matrix above
+its inputs and their gradients. Measured with the allocator's event timeline (tests/memtrack.py),
+not with timing or RSS.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmloss
+from memtrack import grad_bytes, peak_bytes_above_start
+
+N = M = 4096
+D = 64
+LIMIT = 0.10 * N * M * 4
+
+
+def _unit(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_()
+
+
+def _case_clip():
+    x, y = _unit(N, D, 0), _unit(N, D, 1)
+    return (x, y), lambda: mmloss.clip_loss(x, y, torch.tensor(14.0), backend="torch")
+
+
+def _case_clip_labels():
+    x, y = _unit(N, D, 0), _unit(N, D, 1)
+    labels = torch.arange(N) // 2
+    return (x, y), lambda: mmloss.clip_loss(x, y, 14.0, labels=labels, label_smoothing=0.1, backend="torch")
+
+
+def _case_siglip():
+    x, y = _unit(N, D, 0), _unit(N, D, 1)
+    return (x, y), lambda: mmloss.siglip_loss(x, y, 10.0, -10.0, backend="torch")
+
+
+def _case_siglip_per_row():
+    x, y = _unit(N, D, 0), _unit(N, D, 1)
+    return (x, y), lambda: mmloss.siglip_loss(x, y, 10.0, -10.0, reduction="none", backend="torch").sum()
+
+
+def _case_infonce():
+    x, y = _unit(N, D, 0), _unit(M, D, 1)
+    return (x, y), lambda: mmloss.infonce_loss(x, y, 14.0, backend="torch")
+
+
+def _case_infonce_labels():
+    x, y = _unit(N, D, 0), _unit(M, D, 1)
+    lab = torch.arange(N) % 512
+    return (x, y), lambda: mmloss.infonce_loss(x, y, 14.0, query_labels=lab, key_labels=lab, backend="torch")
+
+
+CASES = {
+    "clip": _case_clip,
+    "clip_labels_smoothing": _case_clip_labels,
+    "siglip": _case_siglip,
+    "siglip_per_row": _case_siglip_per_row,
+    "infonce": _case_infonce,
+    "infonce_labels": _case_infonce_labels,
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_forward_backward_peak_is_below_a_tenth_of_the_matrix(name):
+    inputs, loss_fn = CASES[name]()
+
+    def step():
+        loss_fn().backward()
+
+    step()  # warm-up (lazy imports, first-call caches)
+    for t in inputs:
+        t.grad = None
+    peak, _ = peak_bytes_above_start(step)
+    above = peak - grad_bytes(*inputs)
+    assert above <= LIMIT, (
+        f"{name}: {above / 2**20:.2f} MiB above inputs and gradients "
+        f"> {LIMIT / 2**20:.2f} MiB (10 % of one {N}x{M} fp32 matrix)"
+    )
+
+
+def test_tracker_sees_the_dense_matrix_of_the_reference():
+    """The measurement itself must be able to fail: the dense oracle holds whole N×M matrices."""
+    x, y = _unit(N, D, 0), _unit(N, D, 1)
+
+    def step():
+        mmloss.reference.clip_loss(x, y, 14.0).backward()
+
+    peak, _ = peak_bytes_above_start(step)
+    assert peak - grad_bytes(x, y) >= N * M * 4
