@@ -1,0 +1,201 @@
+"""Helpers shared by the Foundation acceptance tests (primitives, LOSSES.md §1–§3, dispatch).
+
+Everything here builds inputs or expected values from the contract documents (DESIGN.md,
+LOSSES.md); nothing reads mmloss internals. Comparisons themselves use tests/oracle.py.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from typing import Optional
+
+import pytest
+import torch
+
+import mmloss
+from oracle import features
+
+CPU = torch.device("cpu")
+
+
+def fast_backends() -> list[str]:
+    """Backends other than "reference" that ``mmloss.available_backends()`` reports usable and
+    that accept CPU tensors here ("torch" always; "triton" under TRITON_INTERPRET=1; "cpu" once
+    mmloss._C is built). DESIGN.md: the torch backend runs on any device."""
+    usable = []
+    for name, reason in mmloss.available_backends().items():
+        if name == "reference" or reason is not None:
+            continue
+        try:
+            mmloss.ops.resolve_backend(name, CPU)
+        except RuntimeError:  # usable on this machine, but not on CPU tensors (e.g. "cuda")
+            continue
+        usable.append(name)
+    assert "torch" in usable, f"the torch backend must always be usable: {mmloss.available_backends()}"
+    return usable
+
+
+FAST_BACKENDS = fast_backends()
+# DESIGN.md: fp64 inputs (gradcheck) run on the reference, torch and cpu backends.
+FP64_BACKENDS = [name for name in FAST_BACKENDS if name in ("torch", "cpu")]
+
+
+def backend_param():
+    """``@backend_param()`` parametrizes a test over FAST_BACKENDS with readable ids."""
+    return pytest.mark.parametrize("backend", FAST_BACKENDS, ids=[f"be={b}" for b in FAST_BACKENDS])
+
+
+def fp64_backend_param():
+    """Parametrize over the fast backends that take float64 inputs (gradcheck)."""
+    return pytest.mark.parametrize("backend", FP64_BACKENDS, ids=[f"be={b}" for b in FP64_BACKENDS])
+
+
+def gradcheck_inputs(n: int, m: int, d: int, seed: int, *, scale: float = 2.0, bias: float = -1.0):
+    """Small float64 leaves (x, y, 0-d scale, 0-d bias) for torch.autograd.gradcheck."""
+    g = torch.Generator().manual_seed(70_000 + seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64).requires_grad_(True)
+    y = torch.randn(m, d, generator=g, dtype=torch.float64).requires_grad_(True)
+    s = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(bias, dtype=torch.float64, requires_grad=True)
+    return x, y, s, b
+
+
+def upstream(shape, seed: int) -> torch.Tensor:
+    """Random, non-uniform upstream weights in [0.25, 1.75] (float64, like the oracle)."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    return 0.25 + 1.5 * torch.rand(shape, generator=g, dtype=torch.float64)
+
+
+def ids(n: int, classes: int, seed: int) -> torch.Tensor:
+    """(n,) int64 class ids drawn from ``range(classes)``."""
+    g = torch.Generator().manual_seed(20_000 + seed)
+    return torch.randint(0, classes, (n,), generator=g)
+
+
+def row_scale(n: int, seed: int, low: float = 0.5, high: float = 12.0) -> torch.Tensor:
+    """(n,) fp32 per-row scale requiring grad."""
+    g = torch.Generator().manual_seed(30_000 + seed)
+    return (low + (high - low) * torch.rand(n, generator=g)).requires_grad_(True)
+
+
+def scalar_tensor(value: float, dtype=torch.float32) -> torch.Tensor:
+    """A 0-d leaf requiring grad (a learnable logit scale / bias)."""
+    return torch.tensor(value, dtype=dtype, requires_grad=True)
+
+
+def pair(n: int, m: int, d: int, *, dtype=torch.float32, seed: int = 0, noncontig: bool = False):
+    """Two independent unit-row feature matrices (n, d), (m, d)."""
+    return (features(n, d, dtype=dtype, seed=2 * seed, noncontig=noncontig),
+            features(m, d, dtype=dtype, seed=2 * seed + 1, noncontig=noncontig))
+
+
+def strided_rows(n: int, d: int, *, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    """(n, d) view taking every other row and column of a larger leaf: non-contiguous in both
+    dimensions (row stride 2·2d, column stride 2); requires grad through the view."""
+    base = features(2 * n, 2 * d, dtype=dtype, seed=seed)
+    view = base[::2, ::2]
+    assert not view.is_contiguous() or n == 1
+    return view
+
+
+def confident_pair(n: int, d: int, *, dtype=torch.float32, seed: int = 0, noise: float = 0.02):
+    """Near-identical (x_i, y_i) pairs: y = normalize(x + noise·ε). With scale 100 the positive
+    logit dominates every row and column (LOSSES.md numerics: "confident rows")."""
+    g = torch.Generator().manual_seed(40_000 + seed)
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    y = torch.nn.functional.normalize(x + noise * torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    return x.to(dtype).requires_grad_(True), y.to(dtype).requires_grad_(True)
+
+
+def orthonormal_rows(n: int, d: int, dtype=torch.float32, rows: Optional[list] = None) -> torch.Tensor:
+    """Rows ``e_{rows[i]}`` of the d×d identity (default rows 0..n−1): unit, mutually orthogonal."""
+    rows = list(range(n)) if rows is None else rows
+    assert len(rows) == n and max(rows) < d
+    return torch.eye(d, dtype=torch.float64)[rows].to(dtype).requires_grad_(True)
+
+
+def softplus(t: float) -> float:
+    """log(1 + e^t) in float64, exact at every magnitude."""
+    return max(t, 0.0) + math.log1p(math.exp(-abs(t)))
+
+
+def lse_vector(fn, **kwargs):
+    """Wrap a ``similarity_lse`` implementation so its (row, col) outputs become one vector
+    (the non-None parts concatenated), the form tests/oracle.py ``compare`` expects."""
+
+    def run(x, y, scale, bias=None):
+        row, col = fn(x, y, scale, bias, **kwargs)
+        parts = [t for t in (row, col) if t is not None]
+        return torch.cat(parts)
+
+    return run
+
+
+def sigmoid_rows(fn, **kwargs):
+    def run(x, y, scale, bias=None):
+        return fn(x, y, scale, bias, **kwargs)
+
+    return run
+
+
+# ----------------------------------------------------------------------------- open_clip
+
+
+def open_clip_loss_module():
+    """open_clip's ``loss.py`` loaded by path (it imports only torch; the package's top-level
+    import needs torchvision). Skips when open_clip is not installed (a missing dependency)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("open_clip (pip package open_clip_torch) is not installed: no open_clip comparison")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+    if not os.path.isfile(path):
+        pytest.skip(f"open_clip is installed without loss.py ({path}): no open_clip comparison")
+    module_spec = importlib.util.spec_from_file_location("_mmloss_tests_open_clip_loss", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------- process groups
+
+
+def process_group_worker(rank: int, world_size: int, init_file: str, result_dir: str) -> None:
+    """Body of each spawned rank: under an initialised gloo group of ``world_size`` > 1,
+    ``distributed="auto"`` must raise RuntimeError (LOSSES.md "Public signatures") while
+    ``distributed=None`` computes the local loss. Writes rank<k>.json with the outcomes."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        x, y = pair(6, 6, 5, seed=rank)
+        outcome = {"world_size": dist.get_world_size()}
+        cases = {
+            "ClipLoss": (lambda **kw: mmloss.ClipLoss(**kw)(x, y, 10.0),
+                         lambda: mmloss.clip_loss(x, y, 10.0)),
+            "SigLipLoss": (lambda **kw: mmloss.SigLipLoss(**kw)(x, y, 10.0, -2.0),
+                           lambda: mmloss.siglip_loss(x, y, 10.0, -2.0)),
+            "InfoNCELoss": (lambda **kw: mmloss.InfoNCELoss(**kw)(x, y, 10.0),
+                            lambda: mmloss.infonce_loss(x, y, 10.0)),
+        }
+        for name, (module_call, functional_call) in cases.items():
+            try:
+                module_call()
+                outcome[f"{name}.auto"] = "no error"
+            except RuntimeError as exc:
+                outcome[f"{name}.auto"] = f"RuntimeError: {exc}"
+            except Exception as exc:  # the wrong error type is a failure the parent reports
+                outcome[f"{name}.auto"] = f"{type(exc).__name__}: {exc}"
+            try:
+                local = module_call(distributed=None).detach()
+                expected = functional_call().detach()
+                outcome[f"{name}.local_error"] = abs(float(local) - float(expected))
+                outcome[f"{name}.local_value"] = float(local)
+            except Exception as exc:
+                outcome[f"{name}.local_error"] = f"{type(exc).__name__}: {exc}"
+        with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as fh:
+            json.dump(outcome, fh)
+    finally:
+        dist.destroy_process_group()
