@@ -54,7 +54,61 @@ def _case_infonce_labels():
     return (x, y), lambda: mmloss.infonce_loss(x, y, 14.0, query_labels=lab, key_labels=lab, backend="torch")
 
 
+def _case_contrastive_distill():
+    x, y = _unit(N, D, 0), _unit(N, D, 1)
+    xt, yt = _unit(N, 2 * D, 2).detach(), _unit(N, 2 * D, 3).detach()
+    return (x, y), lambda: mmloss.contrastive_distill_loss(x, y, 14.0, xt, yt, 20.0, backend="torch")
+
+
+def _case_distill_clip():
+    x, y = _unit(N, D, 0), _unit(N, D, 1)
+    xt, yt = _unit(N, D, 2).detach(), _unit(N, D, 3).detach()
+    loss = mmloss.DistillClipLoss(backend="torch")
+    return (x, y), lambda: sum(loss(x, y, 14.0, xt, yt, 20.0))
+
+
+def _case_modx():
+    x, y = _unit(N, D, 0), _unit(N, D, 1)
+    xo, yo = _unit(N, D, 2).detach(), _unit(N, D, 3).detach()
+    return (x, y), lambda: mmloss.modx_loss(x, y, 14.0, xo, yo, backend="torch")
+
+
+def _case_cyclip():
+    x, y = _unit(N, D, 0), _unit(N, D, 1)
+    return (x, y), lambda: mmloss.cyclip_loss(x, y, 14.0, backend="torch")
+
+
+def _case_symile():
+    reps = [_unit(N, D, k) for k in range(3)]
+    gen = torch.Generator().manual_seed(0)
+    return reps, lambda: mmloss.symile_loss(reps, torch.tensor(10.0), "n", gen, backend="torch")
+
+
+def _case_tcl():
+    v, t = _unit(N, D, 0), _unit(N, D, 1)
+    v_m, t_m = _unit(N, D, 2).detach(), _unit(N, D, 3).detach()
+    tau = torch.tensor(0.07, requires_grad=True)
+    return (v, t, tau), lambda: mmloss.tcl_loss(v, t, v_m, t_m, tau, backend="torch")
+
+
+def _case_isogclr(mode):
+    def case():
+        x, y = _unit(N, D, 0), _unit(N, D, 1)
+        loss = mmloss.ISogCLRLoss(N, mode, backend="torch")
+        return (x, y), lambda: loss(x, y, torch.arange(N))
+
+    return case
+
+
 CASES = {
+    "contrastive_distill": _case_contrastive_distill,
+    "distill_clip": _case_distill_clip,
+    "modx": _case_modx,
+    "cyclip": _case_cyclip,
+    "symile_n": _case_symile,
+    "tcl": _case_tcl,
+    "isogclr_unimodal": _case_isogclr("unimodal"),
+    "isogclr_bimodal": _case_isogclr("bimodal"),
     "clip": _case_clip,
     "clip_labels_smoothing": _case_clip_labels,
     "siglip": _case_siglip,
