@@ -1,8 +1,8 @@
 """Backend registry and per-call dispatch (DESIGN.md, "Backends").
 
 ``backend="auto"`` picks per call from the device of the inputs: CUDA tensors → ``triton``
-(``torch`` where Triton does not work), CPU tensors → ``cpu`` when ``mmloss._C`` is built, else
-``torch``. ``MMLOSS_BACKEND`` replaces what "auto" picks; an explicit ``backend=`` always wins;
+(``torch`` where Triton does not work, and for fp64 inputs), CPU tensors → ``cpu`` when
+``mmloss._C`` is built, else ``torch``. ``MMLOSS_BACKEND`` replaces what "auto" picks; an explicit ``backend=`` always wins;
 an unavailable backend raises ``RuntimeError`` with the reason.
 """
 from __future__ import annotations
@@ -19,6 +19,11 @@ _CHOICES = ("auto",) + BACKENDS
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def deterministic_default() -> bool:
+    """What ``deterministic=None`` means: True unless ``MMLOSS_DETERMINISTIC=0``."""
+    return os.environ.get("MMLOSS_DETERMINISTIC", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,21 +93,23 @@ def available_backends() -> dict[str, Optional[str]]:
     return {name: _reason(name, None) for name in BACKENDS}
 
 
-def _auto(device: torch.device) -> str:
+def _auto(device: torch.device, dtype: Optional[torch.dtype]) -> str:
     env = os.environ.get("MMLOSS_BACKEND", "").strip()
     if env and env != "auto":
         if env not in BACKENDS:
             raise ValueError(f"MMLOSS_BACKEND must be one of {list(_CHOICES)}, got {env!r}")
         return env
     if device.type == "cuda":
+        if dtype == torch.float64:
+            return "torch"  # the Triton kernels are fp32/fp16/bf16; fp64 is for gradcheck
         return "triton" if triton_unavailable_reason(device) is None else "torch"
     if device.type == "cpu" and _reason("cpu", device) is None:  # pragma: no cover - needs _C
         return "cpu"
     return "torch"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for one call on tensors of ``device``; raises if unusable.
+def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """The concrete backend for one call on tensors of ``device`` (and ``dtype``); raises if unusable.
 
     Under ``torch.compile`` the answer is a trace-time constant (it depends only on the
     environment and static device metadata).
@@ -111,12 +118,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend not in _CHOICES:
         raise ValueError(f"backend must be one of {list(_CHOICES)}, got {backend!r}")
-    return _resolve(backend, device)
+    return _resolve(backend, device, dtype)
 
 
 @torch.compiler.assume_constant_result
-def _resolve(backend: str, device: torch.device) -> str:
-    name = _auto(device) if backend == "auto" else backend
+def _resolve(backend: str, device: torch.device, dtype: Optional[torch.dtype]) -> str:
+    name = _auto(device, dtype) if backend == "auto" else backend
     reason = _reason(name, device)
     if reason is not None:
         how = "MMLOSS_BACKEND selects" if backend == "auto" else "requested"

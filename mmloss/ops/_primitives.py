@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .. import _validation as V
-from ._backends import resolve_backend
+from ._backends import deterministic_default, resolve_backend
 from ._spec import MARKS, PairSpec
 
 Tensor = torch.Tensor
@@ -340,10 +340,18 @@ def _check_chunk(chunk_size) -> int:
 
 
 def _resolve_deterministic(deterministic) -> bool:
-    """Deterministic kernels by default and always under torch.use_deterministic_algorithms."""
-    if deterministic is None or torch.are_deterministic_algorithms_enabled():
+    """Deterministic kernels by default (``MMLOSS_DETERMINISTIC=0`` changes the default) and
+    always under ``torch.use_deterministic_algorithms(True)``."""
+    if torch.are_deterministic_algorithms_enabled():
         return True
+    if deterministic is None:
+        return _deterministic_default()
     return V.check_bool("deterministic", deterministic)
+
+
+@torch.compiler.assume_constant_result
+def _deterministic_default() -> bool:
+    return deterministic_default()
 
 
 def _common(x, y, scale, bias, backend, chunk_size):
@@ -351,7 +359,7 @@ def _common(x, y, scale, bias, backend, chunk_size):
     V.check_scalar("scale", scale, rows=x.shape[0], device=x.device)
     if bias is not None:
         V.check_scalar("bias", bias, device=x.device)
-    return x, y, resolve_backend(backend, x.device), _check_chunk(chunk_size)
+    return x, y, resolve_backend(backend, x.device, x.dtype), _check_chunk(chunk_size)
 
 
 def _scalar_args(x: Tensor, scale, bias):
@@ -382,8 +390,9 @@ def similarity_lse(
         rows / cols: which statistics to return; the other is None.
         backend: "auto" | "reference" | "torch" | "triton" | ...; chunk_size: rows per chunk for
             the torch backend (default from the workspace budget, see ``MMLOSS_CHUNK_BYTES``).
-        deterministic: None/True run bit-reproducible kernels; False lets a backend use atomics
-            where faster (ignored under ``torch.use_deterministic_algorithms(True)``).
+        deterministic: True runs bit-reproducible kernels; False lets a backend use atomics
+            where faster (ignored under ``torch.use_deterministic_algorithms(True)``); None means
+            True unless the environment sets ``MMLOSS_DETERMINISTIC=0``.
 
     Returns:
         ``(row_lse (N,) | None, col_lse (M,) | None)`` in fp32 (fp64 for fp64 inputs). A row or

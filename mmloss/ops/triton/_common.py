@@ -1,0 +1,178 @@
+"""Shared ``@triton.jit`` helpers: logit tiles with scale and marks, online log-sum-exp merges,
+the softplus/sigmoid pair, and one output-chunk step of the owner kernels.
+
+Conventions (KERNELS.md): a kernel sees an "A" operand (the rows it owns, ``n_a × D``) and a "B"
+operand (the rows it streams, ``n_b × D``); A is x or y depending on the orientation the host
+chose. Logits are handled in log2 units, ``t2 = log2(e)·s·⟨a, b⟩`` (log2(e) folded into the scale,
+so every exponential is one ``exp2``), bias added where a formula needs it. All index vectors are
+int64 before they meet a stride, so N·D ≥ 2³¹ is addressed correctly; every load on a ragged edge
+is masked.
+
+Scale modes (constexpr ``SCALE_MODE``): 0 a Python float, 1 a 0-d tensor, 2 one value per A row,
+3 one value per B row (per-row scales of x when A is y). Mark modes (``MARKS``): 0 none,
+1 diagonal ``b == a + offset``, 2 same label ``a_labels[a] == b_labels[b]``.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def row_indices(block, n, BLOCK: tl.constexpr):
+    """int64 indices of block ``block`` and their in-range mask."""
+    idx = tl.cast(block, tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    return idx, idx < n
+
+
+@triton.jit
+def load_scalar(ptr, value, MODE: tl.constexpr):
+    """A scalar operand: the Python float ``value`` (MODE 0) or the first element of ``ptr``."""
+    if MODE == 0:
+        out = value + 0.0  # fp32 kernel argument (a Python float under the interpreter)
+    else:
+        out = tl.load(ptr).to(tl.float32)
+    return out
+
+
+@triton.jit
+def load_side_scale(scale_ptr, scale_value, idx, ok, SCALE_MODE: tl.constexpr, SIDE: tl.constexpr):
+    """Scale for the rows ``idx`` of side SIDE (2 = A, 3 = B) when the scale is per row of that
+    side, else the scalar scale (per-row scales of the other side return 1.0)."""
+    if SCALE_MODE == SIDE:
+        s = tl.load(scale_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+    elif SCALE_MODE <= 1:
+        s = load_scalar(scale_ptr, scale_value, SCALE_MODE)
+    else:
+        s = scale_value * 0.0 + 1.0  # unused by the callers (the other side carries the scale)
+    return s
+
+
+@triton.jit
+def logit_tile(a_ptr, b_ptr, a_idx, a_ok, b_idx, b_ok, dim, stride_a0, stride_a1, stride_b0,
+               stride_b1, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """fp32 (BLOCK_A, BLOCK_B) tile of ⟨a_i, b_j⟩, streaming D in BLOCK_K chunks (operands in the
+    input dtype into the MMA, fp32 accumulation)."""
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    a_rows = a_ptr + a_idx[:, None] * stride_a0
+    b_rows = b_ptr + b_idx[:, None] * stride_b0
+    for k0 in range(0, dim, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < dim
+        k64 = k.to(tl.int64)
+        a = tl.load(a_rows + k64[None, :] * stride_a1, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_rows + k64[None, :] * stride_b1, mask=b_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def scaled_log2(acc, s_a, s_b, SCALE_MODE: tl.constexpr):
+    """t2 = log2(e)·s·acc with the scale of the right side, in fp32."""
+    if SCALE_MODE == 2:
+        t2 = acc * (s_a * 1.4426950408889634)[:, None]
+    elif SCALE_MODE == 3:
+        t2 = acc * (s_b * 1.4426950408889634)[None, :]
+    else:
+        t2 = acc * (s_a * 1.4426950408889634)
+    return t2
+
+
+@triton.jit
+def marked_pairs(a_idx, b_idx, b_ok, a_lab, b_lab_ptr, stride_blab, offset, MARKS: tl.constexpr):
+    """(BLOCK_A, BLOCK_B) mask of the marked pairs (MARKS 1 or 2; ``a_lab`` preloaded)."""
+    if MARKS == 1:
+        marked = b_idx[None, :] == (a_idx[:, None] + offset)
+    else:
+        b_lab = tl.load(b_lab_ptr + b_idx * stride_blab, mask=b_ok, other=0)
+        marked = a_lab[:, None] == b_lab[None, :]
+    return marked
+
+
+@triton.jit
+def finite_shift(m):
+    """The shift for an online sum: the running max, or 0 where nothing was allowed yet."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def lse_from_stats(m2, l, bias):
+    """Natural-log LSE from a log2-domain max and sum; −inf where no pair was allowed."""
+    some = l > 0.0
+    return tl.where(some, (m2 + tl.log2(tl.where(some, l, 1.0))) * 0.6931471805599453 + bias, float("-inf"))
+
+
+@triton.jit
+def log1p_unit(u):
+    """log(1 + u) for u in [0, 1] with relative accuracy everywhere (no log1p in Triton):
+    a six-term series below 1/32 (truncation < u⁷/7), log2(1 + u)·ln 2 above."""
+    series = u * (1.0 + u * (-0.5 + u * (0.3333333333333333 + u * (-0.25 + u * (0.2 - u * 0.16666666666666666)))))
+    direct = tl.log2(1.0 + u) * 0.6931471805599453
+    return tl.where(u < 0.03125, series, direct)
+
+
+@triton.jit
+def softplus_and_sigmoid(T2, WITH_LOSS: tl.constexpr):
+    """For T = T2·ln 2: (softplus(T), sigmoid(T)) sharing one exp2; softplus is 0 unless
+    WITH_LOSS (then one log2 more)."""
+    u = tl.exp2(-tl.abs(T2))
+    inv = 1.0 / (1.0 + u)
+    sig = tl.where(T2 >= 0.0, inv, u * inv)
+    if WITH_LOSS:
+        sp = tl.maximum(T2, 0.0) * 0.6931471805599453 + log1p_unit(u)
+    else:
+        sp = sig * 0.0
+    return sp, sig
+
+
+@triton.jit
+def chunk_step(acc, g_op, gsa_op, b_ptr, b_idx, b_ok, a_ptr, a_idx, a_ok, out_b_ptr, d0, dim,
+               stride_a0, stride_a1, stride_b0, stride_b1, stride_ob0, stride_ob1,
+               BLOCK_DV: tl.constexpr, ATOMIC_B: tl.constexpr, PRECISION: tl.constexpr):
+    """One output D-chunk [d0, d0+BLOCK_DV) of an owner kernel for one logit tile:
+    acc += G·B[:, chunk] (G already in the operand dtype); with ATOMIC_B also
+    out_b[:, chunk] += (G∘s_a)ᵀ·A[:, chunk] with fp32 atomics (the fast, non-deterministic mode)."""
+    dv = d0 + tl.arange(0, BLOCK_DV)
+    dv_ok = dv < dim
+    dv64 = dv.to(tl.int64)
+    b_chunk = tl.load(b_ptr + b_idx[:, None] * stride_b0 + dv64[None, :] * stride_b1,
+                      mask=b_ok[:, None] & dv_ok[None, :], other=0.0)
+    acc = tl.dot(g_op, b_chunk, acc, input_precision=PRECISION)
+    if ATOMIC_B:
+        a_chunk = tl.load(a_ptr + a_idx[:, None] * stride_a0 + dv64[None, :] * stride_a1,
+                          mask=a_ok[:, None] & dv_ok[None, :], other=0.0)
+        upd = tl.dot(tl.trans(gsa_op), a_chunk, input_precision=PRECISION)
+        tl.atomic_add(out_b_ptr + b_idx[:, None] * stride_ob0 + dv64[None, :] * stride_ob1, upd,
+                      mask=b_ok[:, None] & dv_ok[None, :], sem="relaxed")
+    return acc
+
+
+@triton.jit
+def chunk_finish(acc, ds, a_ptr, a_idx, a_ok, out_ptr, d0, dim, stride_a0, stride_a1,
+                 stride_o0, stride_o1, s_a, SCALE_MODE: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 STORE_OUT: tl.constexpr, NEED_DSCALE: tl.constexpr):
+    """Epilogue of one accumulator chunk: ds += ⟨a_i, acc_i⟩ over the chunk (the scale gradient
+    before the scale is applied, so s = 0 works), then store s_a·acc (the B-side per-row scale
+    was folded into G before the MMA)."""
+    dv = d0 + tl.arange(0, BLOCK_DV)
+    dv_ok = dv < dim
+    dv64 = dv.to(tl.int64)
+    mask = a_ok[:, None] & dv_ok[None, :]
+    if NEED_DSCALE:
+        a_chunk = tl.load(a_ptr + a_idx[:, None] * stride_a0 + dv64[None, :] * stride_a1,
+                          mask=mask, other=0.0).to(tl.float32)
+        ds += tl.sum(a_chunk * acc, axis=1)
+    if STORE_OUT:
+        if SCALE_MODE == 2:
+            out = acc * s_a[:, None]
+        elif SCALE_MODE == 3:
+            out = acc
+        else:
+            out = acc * s_a
+        tl.store(out_ptr + a_idx[:, None] * stride_o0 + dv64[None, :] * stride_o1,
+                 out.to(out_ptr.dtype.element_ty), mask=mask)
+    return ds

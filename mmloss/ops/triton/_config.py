@@ -1,0 +1,154 @@
+"""Per-architecture tile table for the triton kernels (one place; KERNELS.md, "Forward"/"Backward").
+
+Every launch asks ``tiles(kind, device, dtype)`` for its block sizes. Keys:
+
+- architecture: ``"sm90"`` (H100/H200), ``"sm80"`` (A100), ``"default"`` (any other CUDA GPU:
+  conservative tiles that fit 99 KiB of shared memory), ``"interpret"`` (``TRITON_INTERPRET=1``
+  on CPU tensors: 16-wide tiles so the numpy interpreter stays fast and ragged edges, several
+  accumulators, several D slices and column splits are all exercised by tiny shapes);
+- operand class: ``"half"`` (fp16/bf16) or ``"fp32"`` (twice the shared memory per element, so
+  half the K-chunk);
+- kernel kind: ``"stats"`` (the forward LSE statistics kernel), ``"owner"`` (the deterministic
+  row-/column-owner kernels of backward, the sigmoid forward and the SigLIP path), ``"atomic"``
+  (the owner kernel when it also adds the other operand's gradient with atomics) and
+  ``"combine"`` (the partial-statistics merge).
+
+Fields of the matrix kernels: ``block_a`` rows owned per program, ``block_b`` rows of the streamed
+operand per tile, ``block_k`` the D-chunk of the logit GEMM, ``block_dv`` the widest output
+D-chunk per accumulator and ``max_width`` the most output columns (accumulator chunks × width)
+one program holds in registers — wider D is split into slices that each recompute the logit tile
+(KERNELS.md: the register budget limits ``block_a · D``). ``programs_per_sm`` sizes persistent /
+split grids. The sm_90 and sm_80 entries were chosen to compile without register spills and
+within the shared-memory budget (tests/triton_compile checks both); their speed is tuned on the
+GPU (benchmarks/gpu/README.md says what to try first). ``MMLOSS_TRITON_AUTOTUNE=1`` lets the
+autotuner re-pick ``block_b``, ``block_k``, ``num_warps`` and ``num_stages`` (never the sizes
+that shape the grid or the workspaces) from the candidates below.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+KINDS = ("stats", "owner", "atomic", "combine")
+ARCHS = ("sm90", "sm80", "default", "interpret")
+
+
+@dataclass(frozen=True)
+class Tiles:
+    block_a: int
+    block_b: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    block_dv: int = 16
+    max_width: int = 16
+    programs_per_sm: int = 1
+
+
+def _t(a, b, k, w, s, dv=16, width=16, per_sm=1) -> Tiles:
+    return Tiles(a, b, k, w, s, dv, width, per_sm)
+
+
+# (architecture, operand class) → kind → tiles
+TABLE: dict[tuple[str, str], dict[str, Tiles]] = {
+    ("sm90", "half"): {
+        "stats": _t(128, 64, 64, 8, 3, per_sm=1),
+        "owner": _t(64, 64, 64, 8, 3, dv=128, width=512, per_sm=1),
+        "atomic": _t(64, 64, 64, 8, 3, dv=64, width=256, per_sm=1),
+        "combine": _t(256, 1, 1, 4, 1),
+    },
+    ("sm90", "fp32"): {
+        "stats": _t(128, 64, 32, 8, 3, per_sm=1),
+        "owner": _t(64, 64, 32, 8, 3, dv=64, width=256, per_sm=1),
+        "atomic": _t(64, 64, 32, 8, 3, dv=64, width=256, per_sm=1),
+        "combine": _t(256, 1, 1, 4, 1),
+    },
+    ("sm80", "half"): {
+        "stats": _t(128, 64, 32, 8, 3, per_sm=1),
+        "owner": _t(64, 64, 32, 8, 3, dv=128, width=256, per_sm=1),
+        "atomic": _t(64, 64, 32, 8, 3, dv=32, width=128, per_sm=1),
+        "combine": _t(256, 1, 1, 4, 1),
+    },
+    ("sm80", "fp32"): {
+        "stats": _t(128, 64, 32, 8, 2, per_sm=1),
+        "owner": _t(64, 32, 32, 8, 2, dv=128, width=256, per_sm=1),
+        "atomic": _t(64, 32, 32, 8, 2, dv=32, width=128, per_sm=1),
+        "combine": _t(256, 1, 1, 4, 1),
+    },
+    ("default", "half"): {
+        "stats": _t(64, 64, 32, 4, 2, per_sm=2),
+        "owner": _t(64, 64, 32, 4, 2, dv=64, width=128, per_sm=2),
+        "atomic": _t(64, 64, 32, 4, 2, dv=64, width=128, per_sm=2),
+        "combine": _t(256, 1, 1, 4, 1),
+    },
+    ("default", "fp32"): {
+        "stats": _t(64, 64, 16, 4, 2, per_sm=2),
+        "owner": _t(64, 64, 16, 4, 2, dv=64, width=128, per_sm=2),
+        "atomic": _t(64, 64, 16, 4, 2, dv=64, width=128, per_sm=2),
+        "combine": _t(256, 1, 1, 4, 1),
+    },
+    ("interpret", "any"): {
+        "stats": _t(16, 16, 16, 1, 1),
+        "owner": _t(16, 16, 16, 1, 1, dv=16, width=64),
+        "atomic": _t(16, 16, 16, 1, 1, dv=16, width=64),
+        "combine": _t(32, 1, 1, 1, 1),
+    },
+}
+
+# Programs the interpreter pretends to have (it runs them one after another): small, so that
+# shapes of a few dozen rows already need persistent loops and column splits.
+INTERPRET_PROGRAMS = 3
+
+# Autotuning candidates (only with MMLOSS_TRITON_AUTOTUNE=1): (block_b, block_k, warps, stages).
+AUTOTUNE_CANDIDATES = {
+    "stats": [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 8, 4), (256, 64, 8, 3)],
+    "owner": [(64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3), (64, 32, 4, 4), (32, 64, 4, 3)],
+    "atomic": [(64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
+}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotuning() -> bool:
+    return os.environ.get("MMLOSS_TRITON_AUTOTUNE", "0") not in ("", "0") and not interpreting()
+
+
+def arch_key(device: torch.device) -> str:
+    """"interpret" for CPU tensors, else the table row of this CUDA device's capability."""
+    if device.type != "cuda":
+        return "interpret"
+    major, minor = torch.cuda.get_device_capability(device)
+    return arch_for_capability(major, minor)
+
+
+def arch_for_capability(major: int, minor: int) -> str:
+    if (major, minor) == (9, 0):
+        return "sm90"
+    if (major, minor) == (8, 0):
+        return "sm80"
+    return "default"
+
+
+def operand_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+def table_tiles(arch: str, dtype: torch.dtype, kind: str) -> Tiles:
+    if kind not in KINDS:
+        raise KeyError(f"unknown kernel kind {kind!r}; expected one of {KINDS}")
+    if arch == "interpret":
+        return TABLE[("interpret", "any")][kind]
+    return TABLE[(arch, operand_class(dtype))][kind]
+
+
+def tiles(kind: str, device: torch.device, dtype: torch.dtype) -> Tiles:
+    """The tiles of ``kind`` for tensors of ``dtype`` on ``device``."""
+    return table_tiles(arch_key(device), dtype, kind)
+
+
+def with_candidate(t: Tiles, block_b: int, block_k: int, warps: int, stages: int) -> Tiles:
+    return replace(t, block_b=block_b, block_k=block_k, num_warps=warps, num_stages=stages)

@@ -1,0 +1,247 @@
+"""Host-side helpers shared by the triton launchers: dtype checks, the ``tl.dot`` precision, the
+operand orientation (``Pair``), grid plans (persistent programs, column splits, D slices) and
+the autotuning switch.
+
+Nothing here reads a device value: grids and workspaces depend only on shapes, dtypes and the
+device's properties, so a launch never synchronises the host (CUDA graphs can capture it).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from .._spec import PairSpec
+from ._config import INTERPRET_PROGRAMS, Tiles
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MARK_CODES = {"none": 0, "diagonal": 1, "same_label": 2}
+# Column splits start at multiples of this many columns, a multiple of every block_b the table or
+# the autotuner may use, so the split (and the workspace it sizes) never depends on block_b.
+SPLIT_ALIGN = 256
+SPLIT_ALIGN_INTERPRET = 16
+
+
+def check_supported(spec: PairSpec) -> None:
+    """TypeError for dtypes the kernels do not take (fp64 belongs to the torch/reference backends)."""
+    for name, t in (("x", spec.x), ("y", spec.y)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"the triton backend takes float32, float16 or bfloat16 features, got {name} of dtype "
+                f"{t.dtype} (use backend='torch' or 'reference' for float64, e.g. for gradcheck)"
+            )
+    if spec.x.dtype != spec.y.dtype:
+        raise TypeError(f"x and y must share a dtype, got {spec.x.dtype} and {spec.y.dtype}")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: fp32 follows torch.get_float32_matmul_precision()
+    ("highest" → exact "ieee", "high"/"medium" → TF32); half operands ignore it."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def target_programs(device: torch.device, per_sm: int) -> int:
+    """How many programs fill the device (the interpreter pretends to have a few)."""
+    if device.type != "cuda":
+        return INTERPRET_PROGRAMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count(index) * per_sm
+
+
+def split_align(device: torch.device) -> int:
+    return SPLIT_ALIGN if device.type == "cuda" else SPLIT_ALIGN_INTERPRET
+
+
+class device_guard:
+    """Launch on the tensors' CUDA device (Triton uses the current device and stream)."""
+
+    def __init__(self, device: torch.device):
+        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+# ----------------------------------------------------------------------------- orientation
+
+
+@dataclass
+class Pair:
+    """One orientation of the problem: A rows are owned by programs, B rows are streamed.
+
+    ``a_is_x`` True: A = x, B = y, pairs marked where ``b == a + offset``; False: A = y, B = x,
+    the offset negated and the labels swapped. The per-row scale of x becomes a per-B-row scale
+    (mode 3) when A is y.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    a_is_x: bool
+    scale_mode: int
+    scale: torch.Tensor          # fp32 copy of the scale tensor, or a dummy for a float scale
+    scale_value: float
+    bias_mode: int
+    bias: torch.Tensor
+    bias_value: float
+    marks: int
+    offset: int
+    a_labels: torch.Tensor
+    b_labels: torch.Tensor
+
+    @property
+    def n_a(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def n_b(self) -> int:
+        return self.b.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.a.shape[1]
+
+    def args(self) -> dict:
+        """Keyword arguments every matrix kernel takes."""
+        return dict(
+            a_ptr=self.a, b_ptr=self.b, n_a=self.n_a, n_b=self.n_b, dim=self.dim,
+            stride_a0=self.a.stride(0), stride_a1=self.a.stride(1),
+            stride_b0=self.b.stride(0), stride_b1=self.b.stride(1),
+            scale_ptr=self.scale, scale_value=self.scale_value,
+            bias_ptr=self.bias, bias_value=self.bias_value,
+            offset=self.offset, a_lab_ptr=self.a_labels, b_lab_ptr=self.b_labels,
+            stride_alab=self.a_labels.stride(0), stride_blab=self.b_labels.stride(0),
+            MARKS=self.marks, SCALE_MODE=self.scale_mode, BIAS_MODE=self.bias_mode,
+            PRECISION=dot_precision(self.a.dtype),
+        )
+
+
+def dummy(device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    """A one-element tensor for pointer arguments a constexpr flag leaves unused."""
+    return torch.empty(1, dtype=dtype, device=device)
+
+
+def make_pair(spec: PairSpec, a_is_x: bool) -> Pair:
+    dev = spec.x.device
+    if spec.scale is None:
+        scale_mode, scale, scale_value = 0, dummy(dev), float(spec.scale_value)
+    elif spec.scale.dim() == 0:
+        scale_mode, scale, scale_value = 1, spec.scale.detach().to(device=dev, dtype=torch.float32).reshape(1), 0.0
+    else:
+        scale_mode = 2 if a_is_x else 3
+        scale = spec.scale.detach().to(device=dev, dtype=torch.float32).contiguous()
+        scale_value = 0.0
+    if spec.bias is None:
+        bias_mode, bias, bias_value = 0, dummy(dev), float(spec.bias_value)
+    else:
+        bias_mode, bias, bias_value = 1, spec.bias.detach().to(device=dev, dtype=torch.float32).reshape(1), 0.0
+    marks = MARK_CODES[spec.marks]
+    x_lab = spec.x_labels if marks == 2 else dummy(dev, torch.int64)
+    y_lab = spec.y_labels if marks == 2 else dummy(dev, torch.int64)
+    if a_is_x:
+        return Pair(spec.x, spec.y, True, scale_mode, scale, scale_value, bias_mode, bias, bias_value,
+                    marks, int(spec.offset), x_lab, y_lab)
+    return Pair(spec.y, spec.x, False, scale_mode, scale, scale_value, bias_mode, bias, bias_value,
+                marks, -int(spec.offset), y_lab, x_lab)
+
+
+# ----------------------------------------------------------------------------- grid plans
+
+
+@dataclass(frozen=True)
+class StatsPlan:
+    """Persistent grid of the statistics kernel: ``progs_a`` programs stride over the A blocks,
+    ``splits`` column ranges of ``cols_per_split`` columns each."""
+
+    progs_a: int
+    splits: int
+    cols_per_split: int
+
+
+def stats_plan(n_a: int, n_b: int, block_a: int, align: int, target: int) -> StatsPlan:
+    """Choose (programs over A blocks) × (column splits) ≤ ``target`` minimising the per-program
+    work (rounds over A blocks × column units), ties to fewer splits (smaller workspace)."""
+    n_blocks = triton.cdiv(n_a, block_a)
+    units = triton.cdiv(n_b, align)
+    best = None
+    for splits in range(1, min(units, max(1, target)) + 1):
+        progs = max(1, min(n_blocks, target // splits))
+        rounds = triton.cdiv(n_blocks, progs)
+        progs = triton.cdiv(n_blocks, rounds)           # same rounds, no idle programs
+        per_split = triton.cdiv(units, splits)
+        used = triton.cdiv(units, per_split)
+        cost = rounds * per_split
+        if best is None or cost < best[0]:
+            best = (cost, StatsPlan(progs, used, per_split * align))
+    return best[1]
+
+
+@dataclass(frozen=True)
+class OwnerPlan:
+    """Grid of an owner kernel: (A blocks, D slices, column splits); each program holds
+    ``num_dv`` accumulators of ``block_dv`` output columns."""
+
+    blocks_a: int
+    slices: int
+    splits: int
+    cols_per_split: int
+    block_dv: int
+    num_dv: int
+
+
+def dv_chunks(width: int, max_dv: int, max_chunks: int = 4) -> tuple[int, int]:
+    """(chunk width, chunks) covering ``width`` output columns with the least padding
+    (then the fewest chunks); widths are powers of two ≥ 16, at most ``max_dv``."""
+    best = None
+    dv = 16
+    while dv <= max_dv:
+        chunks = triton.cdiv(width, dv)
+        if chunks <= max_chunks:
+            key = (chunks * dv, chunks)
+            if best is None or key < best[0]:
+                best = (key, (dv, chunks))
+        dv *= 2
+    if best is None:  # width beyond max_chunks × max_dv: the caller slices first
+        raise ValueError(f"cannot cover {width} columns with {max_chunks} chunks of ≤ {max_dv}")
+    return best[1]
+
+
+def owner_plan(n_a: int, n_b: int, dim: int, tiles: Tiles, accumulate: bool, align: int,
+               target: int) -> OwnerPlan:
+    blocks_a = triton.cdiv(n_a, tiles.block_a)
+    if accumulate:
+        max_width = max(16, min(tiles.max_width, 4 * tiles.block_dv))
+        slices = triton.cdiv(dim, max_width)
+        block_dv, num_dv = dv_chunks(triton.cdiv(dim, slices), tiles.block_dv)
+        slices = triton.cdiv(dim, block_dv * num_dv)
+    else:
+        slices, block_dv, num_dv = 1, 16, 1
+    units = triton.cdiv(n_b, align)
+    splits = 1
+    if blocks_a * slices < target:
+        splits = max(1, min(units, target // (blocks_a * slices)))
+    per_split = triton.cdiv(units, splits)
+    splits = triton.cdiv(units, per_split)
+    return OwnerPlan(blocks_a, slices, splits, per_split * align, block_dv, num_dv)
+
+
+def launch_options(t: Tiles) -> dict:
+    return dict(num_warps=t.num_warps, num_stages=t.num_stages)
+
+
+def optional(t: Optional[torch.Tensor], device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    return t if t is not None else dummy(device, dtype)

@@ -1,0 +1,63 @@
+"""``similarity_lse`` backward from the saved fp32 LSEs (KERNELS.md, "Backward").
+
+``dL/dL_ij = g_i·exp(L_ij − r_i) + h_j·exp(L_ij − c_j)`` on allowed pairs. Default
+(deterministic): the row-owner pass writes dx (and the scale-gradient rows ⟨x_i, (G·y)_i⟩), the
+column-owner pass writes dy; no atomics, every gradient written once — 2 recomputes + 2 gradient
+GEMMs (more recomputes when D is sliced, see ``owner.py``). ``deterministic=False`` with both dx
+and dy wanted: one row-owner pass that adds dy with fp32 atomics — 1 recompute + 2 GEMMs.
+The bias gradient needs no kernel: Σ_ij G_ij = Σ_i g_i + Σ_j h_j over the rows / columns that
+have an allowed pair (finite LSE).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._spec import PairSpec
+from ._launch import make_pair
+from .owner import KIND_LSE, atomic_pays, run_owner
+
+
+def _vector(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # upstream gradients may be expanded (stride 0) or half: O(N) fp32 contiguous copies
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def lse_gradients(spec: PairSpec, grad_row, grad_col, row_lse, col_lse, needs):
+    need_x, need_y, need_scale, need_bias = needs
+    g, h = _vector(grad_row), _vector(grad_col)
+    r = _vector(row_lse) if g is not None else None
+    c = _vector(col_lse) if h is not None else None
+    dx = dy = dscale = dbias = None
+    if g is not None or h is not None:
+        run_rows = need_x or need_scale
+        rows_pair = make_pair(spec, a_is_x=True)
+        atomic = run_rows and need_y and not spec.deterministic and atomic_pays(rows_pair)
+        if run_rows:
+            res = run_owner(rows_pair, KIND_LSE, a_grad=g, a_stat=r, b_grad=h, b_stat=c,
+                            store_out=need_x, need_dscale=need_scale, atomic_b=atomic)
+            dx = res.out
+            if need_scale:
+                dscale = res.dscale_rows if spec.per_row_scale else res.dscale_rows.sum()
+            if atomic:
+                dy = res.out_b.to(spec.y.dtype)
+        if need_y and not atomic:
+            dy = run_owner(make_pair(spec, a_is_x=False), KIND_LSE, a_grad=h, a_stat=c, b_grad=g, b_stat=r,
+                           store_out=True).out
+    if need_x and dx is None:
+        dx = torch.zeros(spec.x.shape, dtype=spec.x.dtype, device=spec.x.device)
+    if need_y and dy is None:
+        dy = torch.zeros(spec.y.shape, dtype=spec.y.dtype, device=spec.y.device)
+    if need_scale:
+        if dscale is None:
+            dscale = torch.zeros(spec.scale.shape, dtype=torch.float32, device=spec.x.device)
+        dscale = dscale.to(spec.scale.dtype)
+    if need_bias:
+        total = torch.zeros((), dtype=torch.float32, device=spec.x.device)
+        if g is not None:
+            total = total + torch.where(torch.isfinite(row_lse), g, 0.0).sum()
+        if h is not None:
+            total = total + torch.where(torch.isfinite(col_lse), h, 0.0).sum()
+        dbias = total.to(spec.bias.dtype) if spec.bias is not None else total
+    return dx, dy, dscale, dbias

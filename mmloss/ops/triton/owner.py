@@ -1,0 +1,255 @@
+"""Owner kernels: recompute logit tiles, form the logit-gradient tile G and accumulate one
+operand's gradient ``out_a = s ∘ (G·B)`` in registers, written once (KERNELS.md, "Backward" and
+"pairwise_sigmoid"). The same kernel, by constexpr flags, is
+
+- the row owner (A = x): dx, the scale-gradient partials ⟨x_i, (G·y)_i⟩ and, for the sigmoid,
+  the bias-gradient partials and the per-row loss (the SigLIP path forms dx in its forward pass);
+  with ``ATOMIC_B`` it also adds dy with fp32 atomics (the ``deterministic=False`` mode: one
+  recompute instead of two);
+- the column owner (A = y, B = x, the x-side per-row scale folded into G in fp32 before the
+  cast): dy;
+- with nothing to accumulate, the sigmoid forward (per-row softplus sums only).
+
+Gradient tiles: softmax family (KIND 0), ``G_ab = g_a·exp(L_ab − r_a) + h_b·exp(L_ab − c_b)`` on
+allowed pairs from the saved fp32 LSEs; sigmoid family (KIND 1), ``G = −z·sigmoid(−z·L)`` times
+the upstream gradient of the x row (1 for the summed loss). G is cast to the input dtype as the
+MMA operand; accumulation is fp32.
+
+Large D: a program holds ``NUM_DV`` (≤ 4) fp32 accumulators of ``BLOCK_DV`` columns; wider D is
+split into slices (grid axis 1), each recomputing the tile (``_launch.owner_plan``). Few A blocks:
+the B columns are split (grid axis 2) into fp32 partial outputs summed by torch in a fixed order.
+Cost per owner pass: (slices) recompute GEMM-equivalents + 1 for the output; memory O((N+M)·D).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _autotune
+from ._common import (chunk_finish, chunk_step, load_scalar, load_side_scale, logit_tile, marked_pairs,
+                      row_indices, scaled_log2, softplus_and_sigmoid)
+from ._config import tiles
+from ._launch import Pair, dummy, optional, owner_plan, split_align, target_programs
+
+KIND_LSE = 0
+KIND_SIGMOID = 1
+
+
+@triton.jit
+def _owner_kernel(
+    a_ptr, b_ptr, n_a, n_b, dim, stride_a0, stride_a1, stride_b0, stride_b1,
+    scale_ptr, scale_value, bias_ptr, bias_value, offset, a_lab_ptr, b_lab_ptr, stride_alab, stride_blab,
+    a_grad_ptr, a_stat_ptr, b_grad_ptr, b_stat_ptr,
+    out_ptr, stride_oc, stride_o0, stride_o1, dscale_ptr,
+    out_b_ptr, stride_ob0, stride_ob1, loss_ptr, dbias_ptr, cols_per_split, slices,
+    MARKS: tl.constexpr, SCALE_MODE: tl.constexpr, BIAS_MODE: tl.constexpr, PRECISION: tl.constexpr,
+    KIND: tl.constexpr, HAS_A_GRAD: tl.constexpr, HAS_B_GRAD: tl.constexpr,
+    ACCUMULATE: tl.constexpr, STORE_OUT: tl.constexpr, NEED_DSCALE: tl.constexpr,
+    ATOMIC_B: tl.constexpr, WITH_LOSS: tl.constexpr, NEED_DBIAS: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
+):
+    tl.static_assert(NUM_DV >= 1 and NUM_DV <= 4, "one to four output accumulators per program")
+    pid_a = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    a_idx, a_ok = row_indices(pid_a, n_a, BLOCK_A)
+    col_start = pid_c * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, n_b)
+    d_start = pid_s * (NUM_DV * BLOCK_DV)
+    s_a = load_side_scale(scale_ptr, scale_value, a_idx, a_ok, SCALE_MODE, 2)
+    bias = load_scalar(bias_ptr, bias_value, BIAS_MODE)
+    if MARKS == 2:
+        a_lab = tl.load(a_lab_ptr + a_idx * stride_alab, mask=a_ok, other=0)
+    else:
+        a_lab = a_idx
+    # Per-A-row inputs of the gradient tile, loaded once.
+    if HAS_A_GRAD:
+        g_a = tl.load(a_grad_ptr + a_idx, mask=a_ok, other=0.0)
+        if KIND == 0:
+            r_a = tl.load(a_stat_ptr + a_idx, mask=a_ok, other=float("-inf"))
+            # log2-domain shift; rows with no allowed pair (−inf) get +inf: exp2 → 0
+            r2_a = tl.where(r_a == float("-inf"), float("inf"), (r_a - bias) * 1.4426950408889634)
+    acc0 = tl.zeros((BLOCK_A, BLOCK_DV), tl.float32)
+    if NUM_DV > 1:
+        acc1 = tl.zeros((BLOCK_A, BLOCK_DV), tl.float32)
+    if NUM_DV > 2:
+        acc2 = tl.zeros((BLOCK_A, BLOCK_DV), tl.float32)
+    if NUM_DV > 3:
+        acc3 = tl.zeros((BLOCK_A, BLOCK_DV), tl.float32)
+    loss_rows = tl.zeros((BLOCK_A,), tl.float32)
+    dbias_rows = tl.zeros((BLOCK_A,), tl.float32)
+    for j0 in range(col_start, col_end, BLOCK_B):
+        b_idx = tl.cast(j0, tl.int64) + tl.arange(0, BLOCK_B).to(tl.int64)
+        b_ok = b_idx < col_end
+        acc = logit_tile(a_ptr, b_ptr, a_idx, a_ok, b_idx, b_ok, dim, stride_a0, stride_a1,
+                         stride_b0, stride_b1, BLOCK_A, BLOCK_B, BLOCK_K, PRECISION)
+        s_b = load_side_scale(scale_ptr, scale_value, b_idx, b_ok, SCALE_MODE, 3)
+        t2 = scaled_log2(acc, s_a, s_b, SCALE_MODE)
+        valid = a_ok[:, None] & b_ok[None, :]
+        if MARKS != 0:
+            marked = marked_pairs(a_idx, b_idx, b_ok, a_lab, b_lab_ptr, stride_blab, offset, MARKS)
+        if KIND == 0:
+            allowed = valid
+            if MARKS != 0:
+                allowed = allowed & ~marked
+            # excluded pairs at −inf: their probabilities are exactly 0 (and nothing overflows)
+            t2 = tl.where(allowed, t2, float("-inf"))
+            g = tl.zeros((BLOCK_A, BLOCK_B), tl.float32)
+            if HAS_A_GRAD:
+                g += g_a[:, None] * tl.exp2(t2 - r2_a[:, None])
+            if HAS_B_GRAD:
+                g_b = tl.load(b_grad_ptr + b_idx, mask=b_ok, other=0.0)
+                r_b = tl.load(b_stat_ptr + b_idx, mask=b_ok, other=float("-inf"))
+                r2_b = tl.where(r_b == float("-inf"), float("inf"), (r_b - bias) * 1.4426950408889634)
+                g += g_b[None, :] * tl.exp2(t2 - r2_b[None, :])
+        else:
+            # T = −z·L (z = +1 on marked pairs): softplus(T) is the loss, −z·sigmoid(T) = dσ/dL
+            big_t2 = t2 + bias * 1.4426950408889634
+            if MARKS != 0:
+                big_t2 = tl.where(marked, -big_t2, big_t2)
+            sp, sig = softplus_and_sigmoid(big_t2, WITH_LOSS)
+            if MARKS != 0:
+                sig = tl.where(marked, -sig, sig)
+            if HAS_A_GRAD:
+                sig = sig * g_a[:, None]
+            if HAS_B_GRAD:
+                g_b = tl.load(b_grad_ptr + b_idx, mask=b_ok, other=0.0)
+                sig = sig * g_b[None, :]
+            g = tl.where(valid, sig, 0.0)
+            if WITH_LOSS:
+                loss_rows += tl.sum(tl.where(valid, sp, 0.0), axis=1)
+        if NEED_DBIAS:
+            dbias_rows += tl.sum(g, axis=1)
+        if ACCUMULATE:
+            # G·B: a per-row scale of B (x, when A is y) joins G in fp32 before the cast
+            if SCALE_MODE == 3:
+                g_op = (g * s_b[None, :]).to(b_ptr.dtype.element_ty)
+            else:
+                g_op = g.to(b_ptr.dtype.element_ty)
+            if ATOMIC_B:
+                if SCALE_MODE == 2:
+                    gsa_op = (g * s_a[:, None]).to(a_ptr.dtype.element_ty)
+                else:
+                    gsa_op = (g * s_a).to(a_ptr.dtype.element_ty)
+            else:
+                gsa_op = g_op
+            acc0 = chunk_step(acc0, g_op, gsa_op, b_ptr, b_idx, b_ok, a_ptr, a_idx, a_ok, out_b_ptr,
+                              d_start, dim, stride_a0, stride_a1, stride_b0, stride_b1, stride_ob0,
+                              stride_ob1, BLOCK_DV, ATOMIC_B, PRECISION)
+            if NUM_DV > 1:
+                acc1 = chunk_step(acc1, g_op, gsa_op, b_ptr, b_idx, b_ok, a_ptr, a_idx, a_ok, out_b_ptr,
+                                  d_start + BLOCK_DV, dim, stride_a0, stride_a1, stride_b0, stride_b1,
+                                  stride_ob0, stride_ob1, BLOCK_DV, ATOMIC_B, PRECISION)
+            if NUM_DV > 2:
+                acc2 = chunk_step(acc2, g_op, gsa_op, b_ptr, b_idx, b_ok, a_ptr, a_idx, a_ok, out_b_ptr,
+                                  d_start + 2 * BLOCK_DV, dim, stride_a0, stride_a1, stride_b0, stride_b1,
+                                  stride_ob0, stride_ob1, BLOCK_DV, ATOMIC_B, PRECISION)
+            if NUM_DV > 3:
+                acc3 = chunk_step(acc3, g_op, gsa_op, b_ptr, b_idx, b_ok, a_ptr, a_idx, a_ok, out_b_ptr,
+                                  d_start + 3 * BLOCK_DV, dim, stride_a0, stride_a1, stride_b0, stride_b1,
+                                  stride_ob0, stride_ob1, BLOCK_DV, ATOMIC_B, PRECISION)
+    if ACCUMULATE:
+        ds = tl.zeros((BLOCK_A,), tl.float32)
+        out_c = out_ptr + tl.cast(pid_c, tl.int64) * stride_oc
+        ds = chunk_finish(acc0, ds, a_ptr, a_idx, a_ok, out_c, d_start, dim, stride_a0, stride_a1,
+                          stride_o0, stride_o1, s_a, SCALE_MODE, BLOCK_DV, STORE_OUT, NEED_DSCALE)
+        if NUM_DV > 1:
+            ds = chunk_finish(acc1, ds, a_ptr, a_idx, a_ok, out_c, d_start + BLOCK_DV, dim, stride_a0,
+                              stride_a1, stride_o0, stride_o1, s_a, SCALE_MODE, BLOCK_DV, STORE_OUT,
+                              NEED_DSCALE)
+        if NUM_DV > 2:
+            ds = chunk_finish(acc2, ds, a_ptr, a_idx, a_ok, out_c, d_start + 2 * BLOCK_DV, dim, stride_a0,
+                              stride_a1, stride_o0, stride_o1, s_a, SCALE_MODE, BLOCK_DV, STORE_OUT,
+                              NEED_DSCALE)
+        if NUM_DV > 3:
+            ds = chunk_finish(acc3, ds, a_ptr, a_idx, a_ok, out_c, d_start + 3 * BLOCK_DV, dim, stride_a0,
+                              stride_a1, stride_o0, stride_o1, s_a, SCALE_MODE, BLOCK_DV, STORE_OUT,
+                              NEED_DSCALE)
+        if NEED_DSCALE:
+            part = tl.cast(pid_c * slices + pid_s, tl.int64) * n_a + a_idx
+            tl.store(dscale_ptr + part, ds, mask=a_ok)
+    # Loss and bias partials: every slice computes them, slice 0 stores.
+    if pid_s == 0:
+        if WITH_LOSS:
+            tl.store(loss_ptr + tl.cast(pid_c, tl.int64) * n_a + a_idx, loss_rows, mask=a_ok)
+        if NEED_DBIAS:
+            slot = tl.cast(pid_c, tl.int64) * tl.num_programs(0) + pid_a
+            tl.store(dbias_ptr + slot, tl.sum(dbias_rows, axis=0))
+
+
+def atomic_pays(pair: Pair) -> bool:
+    """Whether the ``deterministic=False`` pass (row owner + dy by atomics: s_atomic recomputes
+    + 2 GEMMs) costs fewer GEMM-equivalents than the two owner passes (2·(s_owner + 1)), with the
+    D slices s each configuration needs for this D."""
+    dev = pair.a.device
+    align, dtype = split_align(dev), pair.a.dtype
+    slices = []
+    for kind in ("owner", "atomic"):
+        t = tiles(kind, dev, dtype)
+        slices.append(owner_plan(pair.n_a, pair.n_b, pair.dim, t, True, align, 1).slices)
+    return slices[1] < 2 * slices[0]
+
+
+@dataclass
+class OwnerResult:
+    out: Optional[torch.Tensor]         # (n_a, D) in out_dtype: s ∘ (G·B)
+    dscale_rows: Optional[torch.Tensor]  # (n_a,) fp32: ⟨a_i, (G·B)_i⟩ before the scale
+    out_b: Optional[torch.Tensor]       # (n_b, D) fp32 atomic accumulation (ATOMIC_B)
+    loss_rows: Optional[torch.Tensor]   # (n_a,) fp32 per-row softplus sums (sigmoid)
+    dbias: Optional[torch.Tensor]       # 0-d fp32 Σ G
+
+
+def run_owner(pair: Pair, kind: int, *, a_grad=None, a_stat=None, b_grad=None, b_stat=None,
+              store_out: bool = False, need_dscale: bool = False, atomic_b: bool = False,
+              with_loss: bool = False, need_dbias: bool = False) -> OwnerResult:
+    """One owner pass over all tiles. ``a_grad``/``b_grad`` (fp32, contiguous) are the upstream
+    gradients of the A / B rows; ``a_stat``/``b_stat`` their saved LSEs (softmax family)."""
+    dev = pair.a.device
+    accumulate = store_out or need_dscale
+    if atomic_b and (not accumulate or pair.scale_mode == 3):
+        raise AssertionError("ATOMIC_B runs in the row-owner pass (A = x) that accumulates dx")
+    t = tiles("atomic" if atomic_b else "owner", dev, pair.a.dtype)
+    plan = owner_plan(pair.n_a, pair.n_b, pair.dim, t, accumulate, split_align(dev),
+                      target_programs(dev, t.programs_per_sm))
+    f32 = dict(dtype=torch.float32, device=dev)
+    if store_out and plan.splits == 1:
+        out = torch.empty((pair.n_a, pair.dim), dtype=pair.a.dtype, device=dev)
+        out_strides = (0, out.stride(0), out.stride(1))
+    elif store_out:
+        out = torch.empty((plan.splits, pair.n_a, pair.dim), **f32)
+        out_strides = out.stride()
+    else:
+        out, out_strides = dummy(dev), (0, 0, 0)
+    dscale = torch.empty((plan.splits * plan.slices, pair.n_a), **f32) if need_dscale else dummy(dev)
+    out_b = torch.zeros((pair.n_b, pair.dim), **f32) if atomic_b else dummy(dev)
+    loss = torch.empty((plan.splits, pair.n_a), **f32) if with_loss else dummy(dev)
+    dbias = torch.empty(plan.splits * plan.blocks_a, **f32) if need_dbias else dummy(dev)
+    _autotune.launch(
+        _owner_kernel, "atomic" if atomic_b else "owner", t, (plan.blocks_a, plan.slices, plan.splits),
+        dict(pair.args(),
+             a_grad_ptr=optional(a_grad, dev), a_stat_ptr=optional(a_stat, dev),
+             b_grad_ptr=optional(b_grad, dev), b_stat_ptr=optional(b_stat, dev),
+             out_ptr=out, stride_oc=out_strides[0], stride_o0=out_strides[1], stride_o1=out_strides[2],
+             dscale_ptr=dscale, out_b_ptr=out_b, stride_ob0=out_b.stride(0) if atomic_b else 0,
+             stride_ob1=out_b.stride(1) if atomic_b else 0, loss_ptr=loss, dbias_ptr=dbias,
+             cols_per_split=plan.cols_per_split, slices=plan.slices,
+             KIND=kind, HAS_A_GRAD=a_grad is not None, HAS_B_GRAD=b_grad is not None,
+             ACCUMULATE=accumulate, STORE_OUT=store_out, NEED_DSCALE=need_dscale, ATOMIC_B=atomic_b,
+             WITH_LOSS=with_loss, NEED_DBIAS=need_dbias, BLOCK_A=t.block_a,
+             BLOCK_DV=plan.block_dv, NUM_DV=plan.num_dv),
+        atomic_target="out_b_ptr" if atomic_b else "",
+    )
+    if store_out and plan.splits > 1:
+        out = out.sum(dim=0).to(pair.a.dtype)  # fixed-order reduction: deterministic
+    return OwnerResult(
+        out=out if store_out else None,
+        dscale_rows=dscale.sum(dim=0) if need_dscale else None,
+        out_b=out_b if atomic_b else None,
+        loss_rows=loss.sum(dim=0) if with_loss else None,
+        dbias=dbias.sum() if need_dbias else None,
+    )
