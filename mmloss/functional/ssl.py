@@ -1,2 +1,616 @@
-"""Self-supervised family: LOSSES.md §4–§8 and §12."""
-__all__: list = []
+"""Self-supervised family: LOSSES.md §4 NT-Xent, §5 SupCon, §6 DCL/DCLW, §7 DHEL, §8 multi-view
+(MV-InfoNCE, MV-DHEL) and §12 HCL, composed from ``similarity_lse`` and O(N·D) torch ops.
+
+Every loss here L2-normalises its inputs inside (LOSSES.md, as lightly and the authors' code do:
+``u = x / max(‖x‖, 1e-12)``). The similarity matrix of V views of N rows is never formed: it is
+cut into N×N blocks, one ``similarity_lse`` call each, whose row/column log-sum-exps are merged per
+anchor with O(V·N) ops.
+
+* The logit of a pair is ``ℓ_ab = ⟨u_a, u_b⟩/τ``. Each block passes the raw rows ``x_l`` (compute
+  dtype) as the primitive's x with the per-row scale ``1/(τ·‖x_l,a‖)``, and the unit rows ``u_m``
+  as its y: the logits are exact, the x-side gradient lands on the input directly, and only the
+  y side needs the normalised copy.
+* Within-view block (self-similarity, exclude the diagonal): called with ``y = u_l.detach()`` and
+  rows + columns. The block is symmetric, so its column LSE equals its row LSE; handing the column
+  LSE the same upstream gradient as the row LSE (``_RowWithMirroredGrad``) makes the x-side
+  gradient equal the full gradient of the row LSE: one GEMM forward, two backward, one N×D output.
+* Cross-view block (views l < m): rows give view-l anchors against view-m rows, columns give
+  view-m anchors against view-l rows; positives excluded by ``exclude="diagonal"`` where a loss
+  keeps them out of the normaliser (NT-Xent, DCL, HCL).
+* Positive logits ``⟨x_l,i, x_m,i⟩/(τ·‖x_l,i‖·‖x_m,i‖)`` are O(N·D) row-wise dots of the raw rows;
+  class-summed positives (SupCon) use per-class sums of unit rows.
+
+Cost per pair of views: 10 N×N×D GEMMs (forward and backward) against 12 for one 2N×2N
+self-similarity call. Memory: O(V·N·D) plus the backend's workspace of one N×N block; at the
+peak, for two views, the two unit copies, one cross-view y-gradient and one x-gradient before
+it joins the input's gradient (tests/test_ssl.py pins these bounds per loss).
+Temperatures are positive Python floats (learnable temperatures are not supported here).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from .. import _validation as V
+from ..ops import similarity_lse
+from ..ops._primitives import _autocast_dtype, prepare_features
+from ._common import as_compute, class_slots, compute_dtype, reduce, rowwise_dot, softplus
+
+Tensor = torch.Tensor
+
+_NORM_EPS = 1e-12  # F.normalize's eps: zero rows stay zero
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _exact_math(device: torch.device):
+    """Autocast off for the O(N·D) bookkeeping (norms, row-wise dots and class sums run in the
+    compute dtype; autocast would round vecdot to half precision). Inputs are cast to the
+    autocast dtype during validation, as the primitives do."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _temperature(name: str, value) -> float:
+    """A positive, finite Python float (TypeError for tensors: no learnable temperature here)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive Python float, got {type(value).__name__}")
+    V.check_scalar(name, value, positive=True)
+    return float(value)
+
+
+def _concentration(beta) -> float:
+    """HCL's β: a finite Python float ≥ 0."""
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        raise TypeError(f"beta must be a Python float, got {type(beta).__name__}")
+    if not (math.isfinite(beta) and beta >= 0.0):
+        raise ValueError(f"beta must be finite and ≥ 0, got {beta}")
+    return float(beta)
+
+
+def _two_views(out0, out1, min_rows: int, loss: str) -> tuple[Tensor, Tensor]:
+    """Validated (N, D) views of one shape, promoted to one dtype; N ≥ ``min_rows``."""
+    x0, x1 = prepare_features("out0", out0, "out1", out1)
+    V.check_same_shape("out0", x0, "out1", x1)
+    if x0.shape[0] < min_rows:
+        raise ValueError(
+            f"{loss} needs at least {min_rows} rows per view (negatives come from the other "
+            f"rows), got out0 of shape {tuple(x0.shape)}"
+        )
+    return x0, x1
+
+
+def _view_list(views, min_instances: int, loss: str) -> list[Tensor]:
+    """V ≥ 2 views of M instances from a (V, M, D) tensor or a list/tuple of (M, D) tensors,
+    promoted to one dtype (autocast honoured, as the primitives do)."""
+    if isinstance(views, Tensor):
+        V.check_features("views", views, ndim=3)
+        parts = list(views.unbind(0))
+    elif isinstance(views, (list, tuple)):
+        parts = [V.check_features(f"views[{k}]", t) for k, t in enumerate(views)]
+    else:
+        raise TypeError(
+            f"views must be a (V, M, D) tensor or a list of (M, D) tensors, got {type(views).__name__}"
+        )
+    if len(parts) < 2:
+        raise ValueError(f"{loss} needs at least 2 views (positives are other views), got {len(parts)}")
+    for k, t in enumerate(parts[1:], start=1):
+        V.check_same_device(("views[0]", parts[0]), (f"views[{k}]", t))
+        V.check_same_shape("views[0]", parts[0], f"views[{k}]", t)
+    if parts[0].shape[0] < min_instances:
+        raise ValueError(
+            f"{loss} needs at least {min_instances} instances per view, got views of shape "
+            f"{tuple(parts[0].shape)}"
+        )
+    dtype = parts[0].dtype
+    for t in parts[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    cast = _autocast_dtype(parts[0].device)
+    if cast is not None and dtype != torch.float64:
+        dtype = cast
+    return [t.to(dtype) for t in parts]
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+class _RowWithMirroredGrad(torch.autograd.Function):
+    """Returns ``row``; its upstream gradient is handed to ``col`` as well.
+
+    For a symmetric block (x and y the same unit rows up to the per-row scale) the column LSE
+    equals the row LSE, and the gradient of Σ g_i·row_i w.r.t. the rows is the x-side gradient of
+    Σ g_i·(row_i + col_i) with y held constant.
+    """
+
+    @staticmethod
+    def forward(ctx, row, col):
+        return row.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad
+
+
+class _InverseNorm(torch.autograd.Function):
+    """(N,) 1/max(‖x_i‖, eps); backward forms one N×D temporary (−g·inv³·x on unclamped rows)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        norm = torch.linalg.vector_norm(x, dim=1)
+        inv = 1.0 / norm.clamp_min(_NORM_EPS)
+        ctx.save_for_backward(x, inv, norm)
+        return inv
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, inv, norm = ctx.saved_tensors
+        coef = torch.where(norm > _NORM_EPS, -grad * inv ** 3, 0.0)
+        return x * coef[:, None]
+
+
+class _Normalize(torch.autograd.Function):
+    """(N, D) x_i / max(‖x_i‖, eps) (``F.normalize``); backward forms one N×D temporary,
+    ``(g − u·⟨g, u⟩)/‖x‖`` (just ``g/eps`` on clamped rows)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        norm = torch.linalg.vector_norm(x, dim=1)
+        inv = 1.0 / norm.clamp_min(_NORM_EPS)
+        unit = x * inv[:, None]
+        ctx.save_for_backward(unit, inv, norm)
+        return unit
+
+    @staticmethod
+    def backward(ctx, grad):
+        unit, inv, norm = ctx.saved_tensors
+        radial = torch.where(norm > _NORM_EPS, torch.linalg.vecdot(grad, unit), 0.0)
+        return torch.addcmul(grad, unit, -radial[:, None]).mul_(inv[:, None])
+
+
+class _SquaredNorms(torch.autograd.Function):
+    """(K,) ‖s_k‖² of (K, D) rows; backward forms one K×D temporary (2·g·s)."""
+
+    @staticmethod
+    def forward(ctx, rows):
+        ctx.save_for_backward(rows)
+        return torch.linalg.vecdot(rows, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        return rows * (2.0 * grad)[:, None]
+
+
+class _Views:
+    """V views of N rows each, in the compute dtype, with their per-row logit scales.
+
+    ``raw[l]`` (N, D): the input rows (the input itself for fp32/fp64); ``scale[l]`` (N,):
+    1/(τ·max(‖raw‖, eps)), so that ``scale_a·⟨raw_a, u_b⟩ = ⟨u_a, u_b⟩/τ``. Unit rows are made on
+    first use: ``unit(l)`` carries a gradient (it is a y side), ``unit_value(l)`` does not (a
+    within-view block's constant y); both share one tensor when both are asked for, provided
+    ``unit(l)`` is asked first.
+
+    Memory order: autograd runs the newest node first, so the losses form their O(N·D) positive
+    terms first and the blocks last; ``normalisers`` makes the cross-view blocks before the
+    within-view blocks. In backward the within-view blocks then run first (their x gradients
+    become the inputs' gradients and their y copies are released), and each view's
+    normalisation backward runs right after the cross-view blocks that feed it.
+    """
+
+    def __init__(self, tensors: Sequence[Tensor], temperature: float):
+        self.dtype = compute_dtype(tensors[0])
+        self.raw = [as_compute(t, self.dtype) for t in tensors]
+        self.inv_norm = [_InverseNorm.apply(r) for r in self.raw]
+        self.scale = [inv / temperature for inv in self.inv_norm]
+        self._unit: dict[int, Tensor] = {}
+        self.count = len(tensors)
+        self.rows = tensors[0].shape[0]
+
+    def needs_grad(self, l: int) -> bool:
+        return torch.is_grad_enabled() and self.raw[l].requires_grad
+
+    def unit(self, l: int) -> Tensor:
+        cached = self._unit.get(l)
+        if cached is None or (self.needs_grad(l) and not cached.requires_grad):
+            cached = self._unit[l] = _Normalize.apply(self.raw[l])
+        return cached
+
+    def unit_value(self, l: int) -> Tensor:
+        cached = self._unit.get(l)
+        if cached is None:
+            with torch.no_grad():
+                cached = self._unit[l] = _Normalize.apply(self.raw[l])
+        return cached.detach()
+
+    def squared_unit_norm(self, l: int) -> Tensor:
+        """(N,) ‖u_l,i‖², detached: 1 for every row longer than eps (0 for a zero row), a
+        constant whose gradient through the normalisation is zero."""
+        with torch.no_grad():
+            return (torch.linalg.vector_norm(self.raw[l], dim=1) * self.inv_norm[l]) ** 2
+
+    def positive(self, l: int, m: int) -> Tensor:
+        """(N,) ⟨u_l,i, u_m,i⟩/τ from the raw rows (gradients land on the inputs directly)."""
+        return self.scale[l] * self.inv_norm[m] * rowwise_dot(self.raw[l], self.raw[m])
+
+    def within(self, l: int, factor: float, backend: str) -> Tensor:
+        """(N,) LSE_{j≠i} factor·⟨u_l,i, u_l,j⟩/τ (−∞ for N = 1)."""
+        scale = self.scale[l] * factor if factor != 1.0 else self.scale[l]
+        mirrored = self.needs_grad(l)
+        row, col = similarity_lse(self.raw[l], self.unit_value(l), scale, exclude="diagonal",
+                                  rows=True, cols=mirrored, backend=backend)
+        return _RowWithMirroredGrad.apply(row, col) if mirrored else row
+
+    def across(self, l: int, m: int, exclude: str, factor: float, backend: str) -> tuple[Tensor, Tensor]:
+        """(rows, cols): LSE over view-m rows of each view-l anchor, and over view-l rows of
+        each view-m anchor, of factor·⟨u_l,i, u_m,j⟩/τ; ``exclude="diagonal"`` drops j = i."""
+        scale = self.scale[l] * factor if factor != 1.0 else self.scale[l]
+        return similarity_lse(self.raw[l], self.unit(m), scale, exclude=exclude, rows=True,
+                              cols=True, backend=backend)
+
+    def normalisers(self, *, within: bool, across: Optional[str], factors: Sequence[float] = (1.0,),
+                    backend: str) -> list[list[Tensor]]:
+        """For each factor f, per view l, the (N,) LSE over every allowed pair of view-l anchors
+        with all V views of f·⟨u_a, u_b⟩/τ: within-view pairs (j ≠ i) when ``within``; cross-view
+        pairs when ``across`` is "none" (all j) or "diagonal" (j ≠ i), none when it is None."""
+        parts = [[[] for _ in range(self.count)] for _ in factors]
+        if across is not None:
+            for m in range(1, self.count):          # grouped by the view that receives dy
+                for l in range(m):
+                    for k, factor in enumerate(factors):
+                        row, col = self.across(l, m, across, factor, backend)
+                        parts[k][l].append(row)
+                        parts[k][m].append(col)
+        if within and self.rows > 1:  # with one row every within-view pair is the anchor itself
+            for l in range(self.count):
+                for k, factor in enumerate(factors):
+                    parts[k][l].append(self.within(l, factor, backend))
+        return [[self._merge(p) for p in per_view] for per_view in parts]
+
+    def _merge(self, lses: list[Tensor]) -> Tensor:
+        if not lses:
+            return torch.full((self.rows,), float("-inf"), dtype=self.dtype, device=self.raw[0].device)
+        if len(lses) == 1:
+            return lses[0]
+        return torch.logsumexp(torch.stack(lses), dim=0)
+
+
+def _nt_xent_terms(views: _Views, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(negatives view 0, negatives view 1, positive logits), each (N,)."""
+    positive = views.positive(0, 1)
+    (neg0, neg1), = views.normalisers(within=True, across="diagonal", backend=backend)
+    return neg0, neg1, positive
+
+
+# ----------------------------------------------------------------------------- §4 NT-Xent
+
+
+def ntxent_loss(out0: Tensor, out1: Tensor, temperature: float = 0.5, *, reduction: str = "mean",
+                backend: str = "auto") -> Tensor:
+    """NT-Xent / SimCLR (LOSSES.md §4), lightly's ``NTXentLoss`` without a memory bank.
+
+    ``L = (1/2N) Σ_a [LSE_{b≠a} ℓ_ab − ℓ_{a,p(a)}]`` over Z = [u0; u1] (2N anchors), ℓ = ⟨u_a, u_b⟩/τ,
+    p(a) the other view of a; each term is computed as ``softplus(LSE_negatives − ℓ_{a,p(a)})``
+    over the 2N−2 negatives (DESIGN.md numerics).
+
+    Args:
+        out0, out1: (N, D) fp16/bf16/fp32/fp64 views, L2-normalised inside; N ≥ 1. With N = 1
+            there are no negatives and every term is softplus(−∞) = 0 (the closed form log(2N−1)
+            of identical rows at N = 1); the result stays in the graph with a zero gradient.
+        temperature: τ > 0 (Python float), default 0.5 (lightly).
+        reduction: "mean" | "sum" (2N × mean) | "none" ((2N,) terms, view-0 anchors first).
+
+    Returns fp32 (fp64 for fp64 inputs). Primitives: two within-view blocks and one cross-view
+    block (``exclude="diagonal"``), each N×N. Memory O(N·D) plus one block's workspace.
+    """
+    x0, x1 = _two_views(out0, out1, 1, "ntxent_loss")
+    tau = _temperature("temperature", temperature)
+    V.check_reduction(reduction)
+    with _exact_math(x0.device):
+        views = _Views([x0, x1], tau)
+        if views.rows == 1:
+            positive = views.positive(0, 1)
+            neg = torch.full_like(positive, float("-inf"))
+            terms = softplus(torch.cat([neg, neg]) - torch.cat([positive, positive]))
+            return reduce(terms, reduction)
+        neg0, neg1, positive = _nt_xent_terms(views, backend)
+        terms = torch.cat([softplus(neg0 - positive), softplus(neg1 - positive)])
+        return reduce(terms, reduction)
+
+
+# ----------------------------------------------------------------------------- §5 SupCon
+
+
+def _supcon_views(embeddings, labels) -> tuple[list[Tensor], Tensor]:
+    """The views (each (B, D)) and the (B,) labels shared by every view."""
+    if not isinstance(embeddings, Tensor):
+        raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
+    if embeddings.dim() == 3:
+        V.check_features("embeddings", embeddings, ndim=3)
+        b = embeddings.shape[0]
+        if labels is None:
+            labels = torch.arange(b, device=embeddings.device)
+        else:
+            V.check_labels("labels", labels, b, embeddings.device)
+        parts = list(embeddings.unbind(1))
+    elif embeddings.dim() == 2:
+        if labels is None:
+            raise ValueError(
+                f"supcon_loss with 2-D embeddings {tuple(embeddings.shape)} needs labels: without "
+                "them no row has a positive (pass a (B, V, D) tensor for views of one sample)"
+            )
+        V.check_features("embeddings", embeddings)
+        V.check_labels("labels", labels, embeddings.shape[0], embeddings.device)
+        parts = [embeddings]
+    else:
+        raise ValueError(
+            f"embeddings must be (n, D) with labels or (B, V, D), got shape {tuple(embeddings.shape)}"
+        )
+    cast = _autocast_dtype(embeddings.device)
+    if cast is not None and embeddings.dtype != torch.float64:
+        parts = [t.to(cast) for t in parts]
+    return parts, labels
+
+
+def supcon_loss(embeddings: Tensor, labels: Optional[Tensor] = None, temperature: float = 0.1,
+                base_temperature: Optional[float] = None, *, backend: str = "auto") -> Tensor:
+    """Supervised contrastive loss, "L_out" (LOSSES.md §5; Khosla et al. 2020).
+
+    ``L = (τ/τ_base)·mean_{a: |P(a)|>0} [LSE_{b≠a} ℓ_ab − (1/|P(a)|) Σ_{p∈P(a)} ℓ_ap]``, positives
+    P(a) = {b ≠ a: y_b = y_a}, which stay in the normaliser.
+
+    Args:
+        embeddings: (n, D) rows with ``labels`` (n,) — pytorch-metric-learning's call style — or
+            (B, V, D), V views per sample (HobbitLong's style) with ``labels`` (B,) defaulting to
+            the sample index; the anchors are ordered view-major (all samples of view 0, then view
+            1, …) as HobbitLong's ``cat(unbind(features, 1))``. L2-normalised inside.
+            2-D embeddings without labels are a ValueError.
+        temperature: τ > 0, default 0.1. base_temperature: τ_base > 0, default τ.
+
+    Anchors without a positive are skipped; when none has one the loss is 0 and still
+    backpropagates (zero gradient). (B, 2, D) without labels equals ``ntxent_loss`` at the same τ.
+    Primitives: V within-view and V(V−1)/2 cross-view blocks (B×B, nothing excluded across views);
+    positives: Σ_{a∈c} Σ_{p∈P(a)} ⟨u_a, u_p⟩ = ‖S_c‖² − Σ_{a∈c} ‖u_a‖² with S_c the class sum of
+    unit rows. Memory O(n·D) plus one block's workspace. Returns fp32 (fp64 for fp64 inputs).
+    """
+    parts, labels = _supcon_views(embeddings, labels)
+    tau = _temperature("temperature", temperature)
+    base = tau if base_temperature is None else _temperature("base_temperature", base_temperature)
+    with _exact_math(parts[0].device):
+        views = _Views(parts, tau)
+        dt, device = views.dtype, views.raw[0].device
+        b = views.rows
+
+        # Class sums over every view: sample k of each view carries labels[k].
+        slots = class_slots(torch.sort(labels).values, labels)
+        unit_sum = views.unit(0)
+        squares = views.squared_unit_norm(0)
+        for l in range(1, views.count):
+            unit_sum = unit_sum + views.unit(l)
+            squares = squares + views.squared_unit_norm(l)
+        class_sum = torch.zeros(b, unit_sum.shape[1], dtype=dt, device=device).index_add(0, slots, unit_sum)
+        class_squares = torch.zeros(b, dtype=dt, device=device).index_add(0, slots, squares)
+        class_rows = torch.zeros(b, dtype=dt, device=device).index_add(
+            0, slots, torch.full((b,), float(views.count), dtype=dt, device=device))
+        # Σ over ordered pairs (a, p), a ≠ p, of one class of ⟨u_a, u_p⟩ / |P(a)|, per class slot.
+        pairs_per_anchor = class_rows - 1.0
+        has_positives = pairs_per_anchor > 0
+        positive_sum = (_SquaredNorms.apply(class_sum) - class_squares) / pairs_per_anchor.clamp_min(1.0)
+        positive_total = torch.where(has_positives, positive_sum, 0.0).sum() / tau
+
+        anchor_ok = has_positives[slots]                         # (B,) the same for every view
+        normalisers, = views.normalisers(within=True, across="none", backend=backend)
+        lse_total = sum(torch.where(anchor_ok, r, 0.0).sum() for r in normalisers)
+        anchors = anchor_ok.sum() * views.count
+        return (tau / base) * (lse_total - positive_total) / anchors.clamp_min(1).to(dt)
+
+
+# ----------------------------------------------------------------------------- §6 DCL / DCLW
+
+
+def _weights(value, n: int, name: str, dt: torch.dtype, device) -> Union[Tensor, float]:
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must return a tensor or a number, got {type(value).__name__}")
+    if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != n):
+        raise ValueError(f"{name} must return a scalar or a ({n},) tensor, got shape {tuple(value.shape)}")
+    return value.to(device=device, dtype=dt)
+
+
+def _dcl(views: _Views, w0, w1, backend: str) -> Tensor:
+    neg0, neg1, positive = _nt_xent_terms(views, backend)
+    return 0.5 * ((neg0 - w0 * positive).mean() + (neg1 - w1 * positive).mean())
+
+
+def dcl_loss(out0: Tensor, out1: Tensor, temperature: float = 0.1,
+             weight_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None, *,
+             backend: str = "auto") -> Tensor:
+    """Decoupled contrastive loss (LOSSES.md §6; Yeh et al. 2022), lightly's ``DCLLoss``.
+
+    ``ℓ_i^k = −w_i^k·⟨u_i^0, u_i^1⟩/τ + LSE over the 2N−2 negatives of anchor (k, i)`` (the positive
+    is removed from the normaliser), ``L = ½(mean_i ℓ^0 + mean_i ℓ^1)``.
+
+    Args:
+        out0, out1: (N, D) views, N ≥ 2, L2-normalised inside. temperature: τ > 0, default 0.1.
+        weight_fn: None (w = 1) or a callable ``weight_fn(a, b)`` returning a scalar or (N,)
+            weights, called as lightly does with the normalised views: w^0 = weight_fn(u0, u1),
+            w^1 = weight_fn(u1, u0). Its output is used as returned (detach inside it if needed).
+
+    Primitives: as ``ntxent_loss``. Memory O(N·D) plus one block's workspace.
+    """
+    x0, x1 = _two_views(out0, out1, 2, "dcl_loss")
+    tau = _temperature("temperature", temperature)
+    if weight_fn is not None and not callable(weight_fn):
+        raise TypeError(f"weight_fn must be callable or None, got {type(weight_fn).__name__}")
+    with _exact_math(x0.device):
+        views = _Views([x0, x1], tau)
+        w0 = w1 = 1.0
+        if weight_fn is not None:
+            u0, u1 = views.unit(0), views.unit(1)
+            w0 = _weights(weight_fn(u0, u1), views.rows, "weight_fn", views.dtype, u0.device)
+            w1 = _weights(weight_fn(u1, u0), views.rows, "weight_fn", views.dtype, u0.device)
+        return _dcl(views, w0, w1, backend)
+
+
+def dclw_loss(out0: Tensor, out1: Tensor, temperature: float = 0.1, sigma: float = 0.5, *,
+              backend: str = "auto") -> Tensor:
+    """Weighted DCL (LOSSES.md §6), lightly's ``DCLWLoss``: DCL with the negative von Mises–Fisher
+    weights ``w_i = 2 − N·softmax_i(⟨u_i^0, u_i^1⟩/σ)``, detached; σ > 0, default 0.5; τ default 0.1."""
+    x0, x1 = _two_views(out0, out1, 2, "dclw_loss")
+    tau = _temperature("temperature", temperature)
+    sig = _temperature("sigma", sigma)
+    with _exact_math(x0.device):
+        views = _Views([x0, x1], tau)
+        with torch.no_grad():
+            cosine = (views.inv_norm[0] * views.inv_norm[1]
+                      * torch.linalg.vecdot(views.raw[0], views.raw[1]))
+            w = 2.0 - views.rows * torch.softmax(cosine / sig, dim=0)
+        return _dcl(views, w, w, backend)
+
+
+# ----------------------------------------------------------------------------- §7 DHEL
+
+
+def dhel_loss(out0: Tensor, out1: Tensor, temperature: float = 0.3, include_augs: bool = True, *,
+              backend: str = "auto") -> Tensor:
+    """Decoupled hyperspherical energy loss (LOSSES.md §7; Koromilas et al. 2024).
+
+    ``L = mean_i [LSE_{j≠i} ⟨u_i,u_j⟩/τ − ⟨u_i,v_i⟩/τ]`` plus, with ``include_augs`` (default True,
+    the authors' code), ``mean_i LSE_{j≠i} ⟨v_i,v_j⟩/τ``. out0 = u, out1 = v: (N, D), N ≥ 2,
+    L2-normalised inside; τ default 0.3. Primitives: the within-view blocks only (one or two N×N
+    calls). Memory O(N·D) plus one block's workspace.
+    """
+    x0, x1 = _two_views(out0, out1, 2, "dhel_loss")
+    tau = _temperature("temperature", temperature)
+    V.check_bool("include_augs", include_augs)
+    with _exact_math(x0.device):
+        views = _Views([x0, x1], tau)
+        positive = views.positive(0, 1)
+        terms = views.within(0, 1.0, backend) - positive
+        if include_augs:
+            terms = terms + views.within(1, 1.0, backend)
+        return terms.mean()
+
+
+# ----------------------------------------------------------------------------- §8 multi-view
+
+
+def _pair_lse(views: _Views, ordered: bool) -> Tensor:
+    """(M,) LSE of u_il·u_il'/τ over view pairs l < l' (``ordered``: over l ≠ l', i.e. + log 2)."""
+    pairs = [views.positive(l, m) for l in range(views.count) for m in range(l + 1, views.count)]
+    lse = pairs[0] if len(pairs) == 1 else torch.logsumexp(torch.stack(pairs), dim=0)
+    return lse + math.log(2.0) if ordered else lse
+
+
+def mv_infonce_loss(views, temperature: float = 0.1, same_view_negatives: bool = True, *,
+                    backend: str = "auto") -> Tensor:
+    """Multi-view InfoNCE (LOSSES.md §8; Koromilas et al. 2025).
+
+    ``L = (1/M) Σ_i [LSE_l LSE_{(j,m)≠(i,l)} u_il·u_jm/τ − LSE_{l≠l'} u_il·u_il'/τ]``: the V row LSEs
+    of instance i are combined by one more LSE; the positive LSE runs over ordered view pairs.
+
+    Args:
+        views: (V, M, D) tensor or a list of V (M, D) tensors; V ≥ 2, M ≥ 1; normalised inside.
+        temperature: τ > 0, default 0.1.
+        same_view_negatives: True (the authors' code) keeps the pairs (j≠i, m=l) in the
+            normaliser; False drops them (the paper's printed form).
+
+    Primitives: V(V−1)/2 cross-view blocks (nothing excluded: the other views of the instance
+    are in the normaliser) and, with ``same_view_negatives``, V within-view blocks. Positives:
+    V(V−1)/2 row-wise dots, O(M·V²·D). Memory O(V·M·D) plus one block's workspace.
+    """
+    parts = _view_list(views, 1, "mv_infonce_loss")
+    tau = _temperature("temperature", temperature)
+    V.check_bool("same_view_negatives", same_view_negatives)
+    with _exact_math(parts[0].device):
+        vs = _Views(parts, tau)
+        positive = _pair_lse(vs, ordered=True)
+        normalisers, = vs.normalisers(within=same_view_negatives, across="none", backend=backend)
+        grouped = torch.logsumexp(torch.stack(normalisers), dim=0)
+        return (grouped - positive).mean()
+
+
+def mv_dhel_loss(views, temperature: float = 0.1, *, backend: str = "auto") -> Tensor:
+    """Multi-view DHEL (LOSSES.md §8; Koromilas et al. 2025).
+
+    ``L = (1/M) Σ_i [Σ_l LSE_{j≠i} u_il·u_jl/τ − LSE_{l<l'} u_il·u_il'/τ]``: uniformity within each
+    view only. views: (V, M, D) or a list of V (M, D); V ≥ 2, M ≥ 2 (negatives); normalised
+    inside; τ default 0.1. Primitives: V within-view blocks. Memory O(V·M·D) plus one block's
+    workspace.
+    """
+    parts = _view_list(views, 2, "mv_dhel_loss")
+    tau = _temperature("temperature", temperature)
+    with _exact_math(parts[0].device):
+        vs = _Views(parts, tau)
+        positive = _pair_lse(vs, ordered=False)
+        uniformity, = vs.normalisers(within=True, across=None, backend=backend)
+        return (sum(uniformity) - positive).mean()
+
+
+# ----------------------------------------------------------------------------- §12 HCL
+
+
+def _log1mexp(t: Tensor) -> Tensor:
+    """log(1 − e^t) for t < 0 (accurate on both sides of −log 2)."""
+    return torch.where(t > -math.log(2.0), torch.log(-torch.expm1(t)), torch.log1p(-torch.exp(t)))
+
+
+def hcl_loss(out0: Tensor, out1: Tensor, temperature: float = 0.5, tau_plus: float = 0.1,
+             beta: float = 1.0, *, backend: str = "auto") -> Tensor:
+    """Hard-negative, debiased contrastive loss (LOSSES.md §12; Robinson et al. 2021).
+
+    In the NT-Xent layout (2N anchors, positive logit p_a, negatives n_aj = ℓ over the 2N−2 others):
+    ``E_a = exp(LSE((1+β)·n_a) − LSE(β·n_a))``,
+    ``Ng_a = max((Ñ·E_a − τ⁺·Ñ·e^{p_a})/(1−τ⁺), Ñ·e^{−1/τ})``, Ñ = 2N−2,
+    ``L = mean_a [log(e^{p_a} + Ng_a) − p_a]``, all in log space:
+    ``log Ng = max(log Ñ + log E + log(1 − τ⁺·e^{p−log E}) − log(1−τ⁺), log Ñ − 1/τ)`` (the first
+    branch is −∞ when τ⁺·e^p ≥ E) and the term is ``softplus(log Ng − p)``.
+
+    Args: out0, out1 (N, D), N ≥ 2, normalised inside; temperature τ > 0 (default 0.5);
+    tau_plus τ⁺ ∈ [0, 1) (default 0.1); beta β ≥ 0 (default 1.0). β = 0, τ⁺ = 0 is NT-Xent.
+    Primitives: the NT-Xent blocks at scale (1+β)/τ and, when β ≠ 0, again at β/τ (β = 0 gives
+    LSE(0·n) = log Ñ without a call). Memory O(N·D) plus one block's workspace.
+    """
+    x0, x1 = _two_views(out0, out1, 2, "hcl_loss")
+    tau = _temperature("temperature", temperature)
+    tp = V.check_fraction("tau_plus", tau_plus)
+    beta = _concentration(beta)
+    with _exact_math(x0.device):
+        views = _Views([x0, x1], tau)
+        count = 2 * views.rows - 2
+        log_count = math.log(count)
+        positive = views.positive(0, 1)
+        positive = torch.cat([positive, positive])
+        factors = (1.0 + beta,) if beta == 0.0 else (1.0 + beta, beta)
+        lses = [torch.cat(per_view) for per_view in
+                views.normalisers(within=True, across="diagonal", factors=factors, backend=backend)]
+        # log E = LSE((1+β)·n) − LSE(β·n); with β = 0 the second LSE is log Ñ.
+        log_e = lses[0] - (log_count if beta == 0.0 else lses[1])
+        log_ng = log_count + log_e
+        if tp > 0.0:
+            # log(Ñ·E − τ⁺·Ñ·e^p) − log(1−τ⁺) = log Ñ + log E + log(1 − e^t) − log(1−τ⁺)
+            # with t = log τ⁺ + p − log E; for t ≥ 0 the first branch is −∞ (the floor wins).
+            t = math.log(tp) + positive - log_e
+            below = t < 0
+            safe_t = torch.where(below, t, torch.full_like(t, -1.0))
+            log_ng = torch.where(below, log_ng + _log1mexp(safe_t) - math.log1p(-tp), float("-inf"))
+        log_ng = torch.clamp(log_ng, min=log_count - 1.0 / tau)
+        return softplus(log_ng - positive).mean()
+
+
+__all__ = [
+    "dcl_loss",
+    "dclw_loss",
+    "dhel_loss",
+    "hcl_loss",
+    "mv_dhel_loss",
+    "mv_infonce_loss",
+    "ntxent_loss",
+    "supcon_loss",
+]
