@@ -1,28 +1,30 @@
 """Deterministic peak-memory tracking for CPU tests (allocation events, not RSS or time).
 
 The torch profiler with ``profile_memory=True`` records every allocation and free of the CPU
-allocator; its memory timeline replays them in order, so the peak is exact and repeatable.
+allocator as an event with its signed size; replaying them in time order gives the exact,
+repeatable peak of memory held above what existed before the call.
 """
 from __future__ import annotations
 
 import torch
+from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
-from torch.profiler._memory_profiler import Action
 
 
 def peak_bytes_above_start(fn) -> tuple[int, int]:
-    """(peak, end) bytes held above what existed before ``fn()``, from the allocation timeline."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as prof:
+    """(peak, end) bytes held above what existed before ``fn()``, from the allocation events."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    events = []
+    pending = list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        node = pending.pop()
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        pending.extend(node.children)
     current = peak = 0
-    for _, action, _, size in prof._memory_profile().timeline:
-        if action == Action.PREEXISTING:
-            continue
-        if action == Action.CREATE:
-            current += size
-        elif action == Action.DESTROY:
-            current -= size
+    for _, size in sorted(events):  # alloc_size is negative for frees
+        current += size
         peak = max(peak, current)
     return peak, current
 

@@ -100,7 +100,39 @@ def _case_isogclr(mode):
     return case
 
 
+def _case_ssl(name, **kwargs):
+    def case():
+        a, b = _unit(N, D, 0), _unit(N, D, 1)
+        fn = getattr(mmloss, name)
+        return (a, b), lambda: fn(a, b, backend="torch", **kwargs)
+
+    return case
+
+
+def _case_supcon():
+    z = _unit(N, D, 0)
+    labels = torch.arange(N) % 512
+    return (z,), lambda: mmloss.supcon_loss(z, labels, backend="torch")
+
+
+def _case_multiview(name):
+    def case():
+        a, b = _unit(N, D, 0), _unit(N, D, 1)
+        fn = getattr(mmloss, name)
+        return (a, b), lambda: fn([a, b], backend="torch")
+
+    return case
+
+
 CASES = {
+    "ntxent": _case_ssl("ntxent_loss"),
+    "dcl": _case_ssl("dcl_loss"),
+    "dclw": _case_ssl("dclw_loss"),
+    "dhel": _case_ssl("dhel_loss"),
+    "hcl": _case_ssl("hcl_loss"),
+    "supcon": _case_supcon,
+    "mv_infonce": _case_multiview("mv_infonce_loss"),
+    "mv_dhel": _case_multiview("mv_dhel_loss"),
     "contrastive_distill": _case_contrastive_distill,
     "distill_clip": _case_distill_clip,
     "modx": _case_modx,

@@ -1,6 +1,7 @@
 """O(N·D) building blocks the loss functions compose with the fused primitives."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -40,6 +41,14 @@ def scale_as(scale, dtype: torch.dtype, device: torch.device):
     return float(scale)
 
 
+def no_autocast(device: torch.device):
+    """Autocast off for O(N·D) arithmetic that must stay in fp32 (CPU autocast would run
+    ``vecdot`` in bf16)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _DotGradX(torch.autograd.Function):
     """⟨x_i, y_i⟩ in the compute dtype; the gradient flows to x only."""
 
@@ -47,12 +56,14 @@ class _DotGradX(torch.autograd.Function):
     def forward(ctx, x, y):
         ctx.save_for_backward(y)
         dt = compute_dtype(x)
-        return torch.linalg.vecdot(as_compute(x, dt), as_compute(y, dt))
+        with no_autocast(x.device):
+            return torch.linalg.vecdot(as_compute(x, dt), as_compute(y, dt))
 
     @staticmethod
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
-        return (grad[:, None] * y).to(y.dtype), None
+        with no_autocast(y.device):
+            return (grad[:, None] * y).to(y.dtype), None
 
 
 class _DotGradY(torch.autograd.Function):
@@ -66,7 +77,8 @@ class _DotGradY(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        return None, (grad[:, None] * x).to(x.dtype)
+        with no_autocast(x.device):
+            return None, (grad[:, None] * x).to(x.dtype)
 
 
 def rowwise_dot(x: Tensor, y: Tensor) -> Tensor:

@@ -8,9 +8,10 @@ fp32 statistics, forms the logit gradient ``G`` in place and applies it with two
 division by s, so s = 0 works) and the bias gradient needs no extra pass.
 
 Cost: symmetric statistics take one GEMM-equivalent forward; backward takes three (recompute,
-dx, dy). Memory: O((N+M)·D) plus a workspace of two C×M compute-dtype buffers, C chosen from a
-byte budget (``workspace_budget``: 1/16 of the N×M matrix within [1 MiB, 16 MiB] on CPU, up to
-512 MiB on GPUs; ``MMLOSS_CHUNK_BYTES`` overrides) or given as ``chunk_size``. Accumulation is
+dx, dy). Memory: O((N+M)·D) plus a workspace of one C×M compute-dtype buffer and a cache-sized
+column-block scratch, C chosen from a byte budget (``workspace_budget``: 1/64 of the N×M matrix
+within [1 MiB, 16 MiB] on CPU, up to 512 MiB on GPUs; ``MMLOSS_CHUNK_BYTES`` overrides) or
+given as ``chunk_size``. Accumulation is
 fp32 (fp64 for fp64 inputs); half inputs are upcast per chunk.
 """
 from __future__ import annotations
@@ -22,12 +23,17 @@ import torch
 
 from ._spec import PairSpec
 
-# Default workspace: 1/16 of the N×M matrix it replaces, within [1 MiB, cap]; the cap keeps
-# CPU chunks in the last-level cache's neighbourhood and GPU chunks large enough for full GEMMs.
+# Default workspace: 1/64 of the N×M matrix it replaces, within [1 MiB, cap]. Small enough that
+# a loss's O(N·D) temporaries plus the workspace stay under a tenth of the matrix; the cap keeps
+# CPU chunks near the last-level cache and GPU chunks large enough for efficient GEMMs.
 _BUDGET_CAP = {"cpu": 16 << 20}
 _BUDGET_CAP_ACCEL = 512 << 20
 _BUDGET_FLOOR = 1 << 20
-_MATRIX_FRACTION = 16
+_MATRIX_FRACTION = 64
+# Elementwise passes that need a second copy of a chunk work on column blocks of at most this
+# many bytes (and at most 1/8 of the workspace), so the scratch stays cache-sized instead of
+# doubling the workspace.
+_BLOCK_BYTES = 256 << 10
 _MIN_ROWS = 16
 
 
@@ -41,9 +47,9 @@ def _parse_bytes(text: str) -> int:
 
 
 def workspace_budget(device: torch.device, matrix_bytes: int) -> int:
-    """Bytes the chunk workspace may hold (both buffers together).
+    """Bytes the chunk workspace may hold.
 
-    ``MMLOSS_CHUNK_BYTES`` (e.g. "64MiB") overrides the default, which is 1/16 of the N×M
+    ``MMLOSS_CHUNK_BYTES`` (e.g. "64MiB") overrides the default, which is 1/64 of the N×M
     matrix clamped to [1 MiB, 16 MiB] on CPU and [1 MiB, 512 MiB] on accelerators.
     """
     env = os.environ.get("MMLOSS_CHUNK_BYTES")
@@ -59,13 +65,19 @@ def workspace_budget(device: torch.device, matrix_bytes: int) -> int:
     return max(_BUDGET_FLOOR, min(cap, matrix_bytes // _MATRIX_FRACTION))
 
 
+def _scratch_bytes(budget: int) -> int:
+    return min(_BLOCK_BYTES, budget // 8)
+
+
 def chunk_rows(spec: PairSpec) -> int:
-    """Rows per chunk: ``chunk_size`` when given, else from the workspace budget (≥ 16)."""
+    """Rows per chunk: ``chunk_size`` when given, else as many as the workspace budget holds
+    (at least 16). Per row the workspace holds M logits and two D-wide temporaries (the
+    scaled x rows and G·y); the column-block scratch comes off the top."""
     if spec.chunk_size > 0:
         return min(spec.chunk_size, spec.n)
     elem = torch.finfo(spec.compute_dtype).bits // 8
     budget = workspace_budget(spec.x.device, spec.n * spec.m * elem)
-    rows = budget // (2 * spec.m * elem)
+    rows = (budget - _scratch_bytes(budget)) // ((spec.m + 2 * spec.x.shape[1]) * elem)
     return max(1, min(spec.n, max(_MIN_ROWS, rows)))
 
 
@@ -80,7 +92,12 @@ class _ChunkedLogits:
         self.rows = chunk_rows(spec)
         device = spec.x.device
         self.buf = torch.empty(self.rows, spec.m, dtype=self.cdt, device=device)
-        self.tmp = torch.empty(self.rows, spec.m, dtype=self.cdt, device=device)
+        elem = torch.finfo(self.cdt).bits // 8
+        scratch = _scratch_bytes(self.rows * spec.m * elem)
+        self.block_cols = max(1, min(spec.m, scratch // (self.rows * elem)))
+        self.scratch = torch.empty(self.rows, self.block_cols, dtype=self.cdt, device=device)
+        self._full_scratch = None
+        self._scaled, self._scaled_rows = None, None
         if spec.scale is None:
             self.scale = spec.scale_value
         elif spec.per_row_scale:
@@ -96,11 +113,29 @@ class _ChunkedLogits:
         for i0 in range(0, self.spec.n, self.rows):
             yield i0, min(self.spec.n, i0 + self.rows)
 
+    def blocks(self, chunk: torch.Tensor):
+        """(j0, j1, chunk[:, j0:j1], scratch view of the same shape) over column blocks."""
+        c = chunk.shape[0]
+        for j0 in range(0, self.spec.m, self.block_cols):
+            j1 = min(self.spec.m, j0 + self.block_cols)
+            yield j0, j1, chunk[:, j0:j1], self.scratch[:c, : j1 - j0]
+
+    @property
+    def tmp(self) -> torch.Tensor:
+        """A second full C×M buffer, allocated on first use (for callers that need one)."""
+        if self._full_scratch is None:
+            self._full_scratch = torch.empty_like(self.buf)
+        return self._full_scratch
+
     def scale_of(self, i0: int, i1: int):
         return self.scale[i0:i1, None] if self.spec.per_row_scale else self.scale
 
     def scaled_x(self, i0: int, i1: int) -> torch.Tensor:
-        return self.spec.x[i0:i1].to(self.cdt) * self.scale_of(i0, i1)
+        """s·x for rows [i0, i1); the last chunk's value is kept for the backward GEMM."""
+        if self._scaled_rows != (i0, i1):
+            self._scaled = self.spec.x[i0:i1].to(self.cdt) * self.scale_of(i0, i1)
+            self._scaled_rows = (i0, i1)
+        return self._scaled
 
     def label_mask(self, i0: int, i1: int) -> torch.Tensor:
         return self.spec.x_labels[i0:i1, None] == self.spec.y_labels[None, :]
@@ -144,23 +179,31 @@ def similarity_lse_forward(spec: PairSpec, rows: bool, cols: bool):
     """Row LSE (N,) and column LSE (M,) over allowed pairs; empty tensors where not asked."""
     ch = _ChunkedLogits(spec, exclude_marks=True)
     cdt = ch.cdt
-    row = torch.empty(spec.n, dtype=cdt, device=spec.x.device) if rows else _empty(spec, cdt)
+    dev = spec.x.device
+    row = torch.empty(spec.n, dtype=cdt, device=dev) if rows else _empty(spec, cdt)
     if cols:
-        col_max = torch.full((spec.m,), float("-inf"), dtype=cdt, device=spec.x.device)
-        col_sum = torch.zeros(spec.m, dtype=cdt, device=spec.x.device)
+        col_max = torch.full((spec.m,), float("-inf"), dtype=cdt, device=dev)
+        col_sum = torch.zeros(spec.m, dtype=cdt, device=dev)
     for i0, i1 in ch.ranges():
         s = ch.logits(i0, i1)
-        e = ch.tmp[: i1 - i0]
         if rows:
             row_max = _finite_or_zero(s.amax(dim=1))
-            torch.sub(s, row_max[:, None], out=e).exp_()
-            row[i0:i1] = e.sum(dim=1).log_().add_(row_max)
         if cols:
             new_max = torch.maximum(col_max, s.amax(dim=0))
             shift = _finite_or_zero(new_max)
-            torch.sub(s, shift[None, :], out=e).exp_()
-            col_sum.mul_(col_max.sub_(shift).exp_()).add_(e.sum(dim=0))
+            col_sum.mul_(col_max.sub_(shift).exp_())
             col_max = new_max
+        if rows and cols:
+            # Two exponentials with different shifts: one column block at a time in scratch.
+            row_sum = torch.zeros(i1 - i0, dtype=cdt, device=dev)
+            for j0, j1, sb, e in ch.blocks(s):
+                row_sum += torch.sub(sb, row_max[:, None], out=e).exp_().sum(dim=1)
+                col_sum[j0:j1] += torch.sub(sb, shift[None, j0:j1], out=e).exp_().sum(dim=0)
+            row[i0:i1] = row_sum.log_().add_(row_max)
+        elif rows:
+            row[i0:i1] = s.sub_(row_max[:, None]).exp_().sum(dim=1).log_().add_(row_max)
+        else:
+            col_sum += s.sub_(shift[None, :]).exp_().sum(dim=0)
     col = col_sum.log_().add_(_finite_or_zero(col_max)) if cols else _empty(spec, cdt)
     if rows:
         row.add_(ch.bias)
@@ -191,10 +234,11 @@ def similarity_lse_backward(
     grads = _FeatureGrads(ch, needs)
     for i0, i1 in ch.ranges():
         s = ch.logits(i0, i1)
-        e = ch.tmp[: i1 - i0]
         if g is not None and h is not None:
-            torch.sub(s, r[i0:i1, None], out=e).exp_().mul_(g[i0:i1, None])
-            s.sub_(c[None, :]).exp_().mul_(h[None, :]).add_(e)
+            r_c, g_c = r[i0:i1, None], g[i0:i1, None]
+            for j0, j1, sb, e in ch.blocks(s):
+                torch.sub(sb, r_c, out=e).exp_().mul_(g_c)
+                sb.sub_(c[None, j0:j1]).exp_().mul_(h[None, j0:j1]).add_(e)
             grad = s
         elif g is not None:
             grad = s.sub_(r[i0:i1, None]).exp_().mul_(g[i0:i1, None])
@@ -239,7 +283,7 @@ def pairwise_sigmoid_forward(spec: PairSpec) -> torch.Tensor:
     out = torch.empty(spec.n, dtype=ch.cdt, device=spec.x.device)
     for i0, i1 in ch.ranges():
         t = _signed_logits(ch, i0, i1)
-        out[i0:i1] = _softplus(t, ch.tmp[: i1 - i0]).sum(dim=1)
+        out[i0:i1] = _softplus(t, t).sum(dim=1)
     return out
 
 
@@ -252,7 +296,7 @@ def pairwise_sigmoid_backward(spec: PairSpec, grad: torch.Tensor, needs):
     for i0, i1 in ch.ranges():
         t = _signed_logits(ch, i0, i1)
         # dσ_i/dL_ij = −z_ij·sigmoid(−z_ij·L_ij): sigmoid(T), negated on positives.
-        grad_tile = torch.sigmoid(t, out=ch.tmp[: i1 - i0])
+        grad_tile = t.sigmoid_()
         ch.negate_marked(grad_tile, i0, i1)
         grad_tile.mul_(g[i0:i1, None])
         if dbias is not None:
@@ -275,14 +319,18 @@ def pairwise_sigmoid_sum(spec: PairSpec, needs):
     dbias = torch.zeros((), dtype=ch.cdt, device=spec.x.device) if needs[3] else None
     for i0, i1 in ch.ranges():
         t = _signed_logits(ch, i0, i1)
-        e = ch.tmp[: i1 - i0]
-        total += _softplus(t, e).sum()
-        if want_grads:
-            grad_tile = torch.sigmoid(t, out=e)
-            ch.negate_marked(grad_tile, i0, i1)
-            if dbias is not None:
-                dbias += grad_tile.sum()
-            grads.add_chunk(i0, i1, grad_tile)
+        if not want_grads:
+            total += _softplus(t, t).sum()
+            continue
+        # The loss needs softplus(T) and the gradient sigmoid(T): loss per block in scratch,
+        # then the block becomes its gradient tile in place.
+        for _, _, tb, e in ch.blocks(t):
+            total += _softplus(tb, e).sum()
+            tb.sigmoid_()
+        ch.negate_marked(t, i0, i1)
+        if dbias is not None:
+            dbias += t.sum()
+        grads.add_chunk(i0, i1, t)
     if not want_grads:
         return total, None, None, None, None
     return (total,) + grads.finish(dbias)
@@ -310,11 +358,15 @@ class _FeatureGrads:
     def add_chunk(self, i0: int, i1: int, grad: torch.Tensor) -> None:
         ch = self.ch
         if self.need_x or self.need_scale:
-            a = grad @ ch.y  # (C, D) = G·y, before the row scale
+            # A = G·y (C, D), before the row scale; written straight into dx when dtypes allow.
+            in_place = self.need_x and self.dx.dtype == ch.cdt
+            a = torch.mm(grad, ch.y, out=self.dx[i0:i1]) if in_place else grad @ ch.y
             if self.need_scale:
-                self.dscale_rows[i0:i1] = (ch.spec.x[i0:i1].to(ch.cdt) * a).sum(dim=1)
+                self.dscale_rows[i0:i1] = torch.linalg.vecdot(ch.spec.x[i0:i1].to(ch.cdt), a)
             if self.need_x:
-                self.dx[i0:i1] = a.mul_(ch.scale_of(i0, i1))
+                a.mul_(ch.scale_of(i0, i1))
+                if not in_place:
+                    self.dx[i0:i1] = a
         if self.need_y:
             self.dy.addmm_(grad.t(), ch.scaled_x(i0, i1))
 
