@@ -103,12 +103,6 @@ SITE=${TMPDIR:-/tmp}/mmloss-gpu-site
 if ls .whl/*.whl >/dev/null 2>&1; then
   section wheels 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" .whl/*.whl
-  # memeff ships as package `memeff`; the bench looks for `MemoryEfficientCLIP`: a one-line shim
-  if [ "$DRY" = 0 ]; then
-    mkdir -p "$SITE/MemoryEfficientCLIP"
-    echo "from memeff import *  # noqa: F401,F403 (shim written by benchmarks/gpu/run.sh)" \
-      >"$SITE/MemoryEfficientCLIP/__init__.py"
-  fi
   export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 else
   say "=== wheels: none in .whl/ (peers missing here are reported as unavailable)"
