@@ -15,29 +15,12 @@ import pytest
 import torch
 
 import mmloss
-from oracle import features
+from oracle import cpu_fast_backends, features
 
 CPU = torch.device("cpu")
 
 
-def fast_backends() -> list[str]:
-    """Backends other than "reference" that ``mmloss.available_backends()`` reports usable and
-    that accept CPU tensors here ("torch" always; "triton" under TRITON_INTERPRET=1; "cpu" once
-    mmloss._C is built). DESIGN.md: the torch backend runs on any device."""
-    usable = []
-    for name, reason in mmloss.available_backends().items():
-        if name == "reference" or reason is not None:
-            continue
-        try:
-            mmloss.ops.resolve_backend(name, CPU)
-        except RuntimeError:  # usable on this machine, but not on CPU tensors (e.g. "cuda")
-            continue
-        usable.append(name)
-    assert "torch" in usable, f"the torch backend must always be usable: {mmloss.available_backends()}"
-    return usable
-
-
-FAST_BACKENDS = fast_backends()
+FAST_BACKENDS = cpu_fast_backends()
 # DESIGN.md: fp64 inputs (gradcheck) run on the reference, torch and cpu backends.
 FP64_BACKENDS = [name for name in FAST_BACKENDS if name in ("torch", "cpu")]
 

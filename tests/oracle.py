@@ -14,6 +14,25 @@ import torch
 HALF = (torch.float16, torch.bfloat16)
 
 
+def cpu_fast_backends() -> list[str]:
+    """Backends other than "reference" that ``mmloss.available_backends()`` reports usable and
+    that accept CPU tensors here ("torch" always; "triton" under TRITON_INTERPRET=1; "cpu" once
+    mmloss._C is built). DESIGN.md: the torch backend runs on any device."""
+    import mmloss
+
+    usable = []
+    for name, reason in mmloss.available_backends().items():
+        if name == "reference" or reason is not None:
+            continue
+        try:
+            mmloss.ops.resolve_backend(name, torch.device("cpu"))
+        except RuntimeError:  # usable on this machine, but not on CPU tensors (e.g. "cuda")
+            continue
+        usable.append(name)
+    assert "torch" in usable, f"the torch backend must always be usable: {mmloss.available_backends()}"
+    return usable
+
+
 def features(n: int, d: int, *, dtype=torch.float32, seed: int = 0, normalize: bool = True,
              noncontig: bool = False, scale: float = 1.0, requires_grad: bool = True) -> torch.Tensor:
     """(n, d) random rows (unit norm by default); ``noncontig`` returns a strided view."""

@@ -14,25 +14,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmloss
-from oracle import assert_grad_close, assert_loss_close, compare, features, oracle
+from oracle import assert_grad_close, assert_loss_close, compare, features, oracle, cpu_fast_backends
 
 ref = mmloss.reference
 HALF = [torch.float16, torch.bfloat16]
-
-
-def cpu_fast_backends() -> list[str]:
-    """Non-reference backends usable on CPU tensors here ("torch" always; "triton" under
-    TRITON_INTERPRET=1; "cpu" once the extension is built)."""
-    usable = []
-    for name, reason in mmloss.available_backends().items():
-        if name == "reference" or reason is not None:
-            continue
-        try:
-            mmloss.ops.resolve_backend(name, torch.device("cpu"))
-        except RuntimeError:
-            continue
-        usable.append(name)
-    return usable
 
 
 FAST = cpu_fast_backends()

@@ -1,12 +1,12 @@
 """O(N·D) building blocks the loss functions compose with the fused primitives."""
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 
 from .. import _validation as V
+from .._device import no_autocast
 
 Tensor = torch.Tensor
 
@@ -39,14 +39,6 @@ def scale_as(scale, dtype: torch.dtype, device: torch.device):
     if isinstance(scale, Tensor):
         return scale.to(device=device, dtype=dtype)
     return float(scale)
-
-
-def no_autocast(device: torch.device):
-    """Autocast off for O(N·D) arithmetic that must stay in fp32 (CPU autocast would run
-    ``vecdot`` in bf16)."""
-    if device.type in ("cpu", "cuda"):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 class _DotGradX(torch.autograd.Function):

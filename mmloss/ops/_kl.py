@@ -20,9 +20,9 @@ from typing import Optional
 import torch
 
 from .. import _validation as V
+from .._device import no_autocast
 from ._backends import resolve_backend
 from ._primitives import (
-    _NoAutocast,
     _check_chunk,
     _empty_if_none,
     _keep_needed,
@@ -149,7 +149,7 @@ def _similarity_kl_op(
     The statistics are the student's and the teacher's log-sum-exp per row / column, saved for
     the backward pass."""
     spec = _spec(x_s, y_s, x_t, y_t, scale_s, scale_s_value, scale_t, scale_t_value, chunk_size, deterministic)
-    with _NoAutocast(x_s.device):
+    with no_autocast(x_s.device):
         return _kl_module(backend).similarity_kl_forward(spec, rows, cols, cross_entropy)
 
 
@@ -171,7 +171,7 @@ def _similarity_kl_backward_op(
     deterministic: bool, need_x: bool, need_y: bool, need_scale: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     spec = _spec(x_s, y_s, x_t, y_t, scale_s, scale_s_value, scale_t, scale_t_value, chunk_size, deterministic)
-    with _NoAutocast(x_s.device):
+    with no_autocast(x_s.device):
         grads = _kl_module(backend).similarity_kl_backward(
             spec, grad_row, grad_col, row_stats, col_stats, (need_x, need_y, need_scale)
         )

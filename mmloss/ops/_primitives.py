@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .. import _validation as V
+from .._device import no_autocast
 from ._backends import deterministic_default, resolve_backend
 from ._spec import MARKS, PairSpec
 
@@ -45,21 +46,6 @@ def _none_if_empty(t: Tensor, wanted: bool) -> Optional[Tensor]:
     return t if wanted else None
 
 
-class _NoAutocast:
-    """Backends pick their own precision: autocast must not re-cast their inner matmuls."""
-
-    def __init__(self, device: torch.device):
-        self.ctx = torch.autocast(device_type=device.type, enabled=False) if device.type in ("cpu", "cuda") else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-
-
 def _double_backward_error(ctx, *grads):
     raise RuntimeError(
         "mmloss primitives do not support double backward (create_graph=True through "
@@ -86,7 +72,7 @@ def _similarity_lse_op(
     deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
     spec = _spec(x, y, scale, scale_value, bias, bias_value, exclude, offset, x_labels, y_labels, chunk_size, deterministic)
-    with _NoAutocast(x.device):
+    with no_autocast(x.device):
         return backend_module(backend).similarity_lse_forward(spec, rows, cols)
 
 
@@ -107,7 +93,7 @@ def _similarity_lse_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     spec = _spec(x, y, scale, scale_value, bias, bias_value, exclude, offset, x_labels, y_labels, chunk_size,
                  deterministic)
-    with _NoAutocast(x.device):
+    with no_autocast(x.device):
         grads = backend_module(backend).similarity_lse_backward(
             spec, grad_row, grad_col, row_lse, col_lse, (need_x, need_y, need_scale, need_bias)
         )
@@ -171,7 +157,7 @@ def _pairwise_sigmoid_op(
 ) -> Tensor:
     spec = _spec(x, y, scale, scale_value, bias, bias_value, positives, offset, x_labels, y_labels, chunk_size,
                  deterministic)
-    with _NoAutocast(x.device):
+    with no_autocast(x.device):
         return backend_module(backend).pairwise_sigmoid_forward(spec)
 
 
@@ -190,7 +176,7 @@ def _pairwise_sigmoid_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     spec = _spec(x, y, scale, scale_value, bias, bias_value, positives, offset, x_labels, y_labels, chunk_size,
                  deterministic)
-    with _NoAutocast(x.device):
+    with no_autocast(x.device):
         grads = backend_module(backend).pairwise_sigmoid_backward(
             spec, grad, (need_x, need_y, need_scale, need_bias)
         )
@@ -245,7 +231,7 @@ def _pairwise_sigmoid_sum_op(
     They are held in fp32 (fp64 for fp64 inputs) and cast to the inputs' dtypes after scaling."""
     spec = _spec(x, y, scale, scale_value, bias, bias_value, positives, offset, x_labels, y_labels, chunk_size,
                  deterministic)
-    with _NoAutocast(x.device):
+    with no_autocast(x.device):
         total, *grads = backend_module(backend).pairwise_sigmoid_sum(
             spec, (need_x, need_y, need_scale, need_bias)
         )
