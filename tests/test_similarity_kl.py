@@ -228,7 +228,7 @@ def test_double_backward_raises():
 # ----------------------------------------------------------------------------- backends
 
 
-def test_explicit_triton_raises_runtime_error():
+def test_explicit_triton_on_cpu_without_interpreter_raises():
     args = _inputs(5, 4, 3, 3, dtype=F32)
     with pytest.raises(RuntimeError, match="triton"):
         similarity_kl(*args, backend="triton")

@@ -28,6 +28,9 @@ from oracle import assert_grad_close, assert_loss_close, compare, features, orac
 
 CUDA = torch.device("cuda")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+N_KL, M_KL = 1000, 1531      # ragged similarity_kl shapes
+N_DET = 8192                 # determinism checks
+N_GRAPH = 4096               # CUDA-graph capture checks
 
 
 @pytest.fixture(autouse=True)
@@ -121,6 +124,45 @@ def test_large_scale_unnormalised_bf16():
     r, c = reference.similarity_lse(oracle(x), oracle(y), 1000.0, exclude="diagonal")
     assert_loss_close(row, r, torch.bfloat16, "row LSE at scale 1000")
     assert_loss_close(col, c, torch.bfloat16, "column LSE at scale 1000")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("d_s,d_t", [(67, 130), (768, 512)])
+@pytest.mark.parametrize("deterministic", [None, False])
+def test_similarity_kl_matches_reference(dtype, d_s, d_t, deterministic):
+    dt = DTYPES[dtype]
+    n, m = N_KL, M_KL
+    x_s = cuda_features(n, d_s, dt, 51, noncontig=True)
+    y_s = cuda_features(m, d_s, dt, 52)
+    x_t = features(n, d_t, dtype=dt, seed=53, requires_grad=False).to(CUDA)
+    y_t = features(m, d_t, dtype=dt, seed=54, requires_grad=False).to(CUDA)
+    s = torch.tensor(20.0, device=CUDA, requires_grad=True)
+    w = torch.rand(n + m, device=CUDA, dtype=torch.float64) + 0.5
+    for cross_entropy in (False, True):
+        def fast(x_s, y_s, s):
+            return torch.cat(ops.similarity_kl(x_s, y_s, x_t, y_t, s, 30.0, cross_entropy=cross_entropy,
+                                               backend="triton", deterministic=deterministic))
+
+        def ref(x_s, y_s, s):
+            return torch.cat(reference.similarity_kl(x_s, y_s, oracle(x_t), oracle(y_t), s, 30.0,
+                                                     cross_entropy=cross_entropy))
+
+        compare(fast, ref, [x_s, y_s, s], dt, f"similarity_kl {dtype} D={d_s}/{d_t} ce={cross_entropy}",
+                weights=w)
+
+
+def test_similarity_kl_large_scale_unnormalised_bf16():
+    big = dict(normalize=False, scale=3.0)
+    x_s, y_s = cuda_features(700, 96, torch.bfloat16, 55, **big), cuda_features(900, 96, torch.bfloat16, 56, **big)
+    x_t, y_t = (cuda_features(700, 64, torch.bfloat16, 57, **big).detach(),
+                cuda_features(900, 64, torch.bfloat16, 58, **big).detach())
+    for cross_entropy in (False, True):
+        row, col = ops.similarity_kl(x_s, y_s, x_t, y_t, 1000.0, 1000.0, cross_entropy=cross_entropy,
+                                     backend="triton")
+        r, c = reference.similarity_kl(oracle(x_s), oracle(y_s), oracle(x_t), oracle(y_t), 1000.0, 1000.0,
+                                       cross_entropy=cross_entropy)
+        assert_loss_close(row, r, torch.bfloat16, f"KL rows at scale 1000 (cross_entropy={cross_entropy})")
+        assert_loss_close(col, c, torch.bfloat16, f"KL columns at scale 1000 (cross_entropy={cross_entropy})")
 
 
 def test_tf32_close_to_exact():
@@ -234,3 +276,44 @@ def test_autotune_env_runs_and_agrees():
             assert_loss_close(a, e.double(), torch.bfloat16, f"autotuned {name}")
         else:
             assert_grad_close(a.float(), e.float(), torch.bfloat16, f"autotuned {name}")
+
+
+def test_similarity_kl_is_bitwise_deterministic():
+    n, m = N_DET, N_DET + 77
+    x, y = cuda_features(n, 768, torch.bfloat16, 61), cuda_features(m, 768, torch.bfloat16, 62)
+    x_t, y_t = cuda_features(n, 512, torch.bfloat16, 63).detach(), cuda_features(m, 512, torch.bfloat16, 64).detach()
+    s = torch.tensor(25.0, device=CUDA, requires_grad=True)
+
+    def fn(x, y, s):
+        return torch.cat(ops.similarity_kl(x, y, x_t, y_t, s, 30.0, cross_entropy=True, backend="triton"))
+
+    first = _fwd_bwd(fn, [x, y, s])
+    for _ in range(3):
+        again = _fwd_bwd(fn, [x, y, s])
+        for i, (a, e) in enumerate(zip(again, first)):
+            assert torch.equal(a, e), f"similarity_kl: output {i} differs between identical runs"
+
+
+def test_similarity_kl_cuda_graph_capture_no_host_sync():
+    n, d = N_GRAPH, 768
+    x, y = cuda_features(n, d, torch.bfloat16, 65), cuda_features(n, d, torch.bfloat16, 66)
+    x_t, y_t = cuda_features(n, 512, torch.bfloat16, 67), cuda_features(n, 512, torch.bfloat16, 68)
+    s = torch.tensor(20.0, device=CUDA)
+
+    def step():
+        return ops.similarity_kl(x, y, x_t, y_t, s, 30.0, cross_entropy=True, backend="triton")
+
+    with torch.no_grad():
+        eager = step()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        graph.replay()
+        torch.cuda.synchronize()
+    for a, e in zip(captured, eager):
+        assert torch.equal(a, e)

@@ -1,10 +1,13 @@
-"""The ``triton`` backend: fused Triton kernels for ``similarity_lse`` and ``pairwise_sigmoid``
-(DESIGN.md "Backends", KERNELS.md). ``mmloss.ops._primitives`` calls the five functions below
-with a ``PairSpec``; they mirror ``mmloss.ops.torch_chunked``.
+"""The ``triton`` backend: fused Triton kernels for ``similarity_lse``, ``pairwise_sigmoid`` and
+``similarity_kl`` (DESIGN.md "Backends", KERNELS.md). ``mmloss.ops._primitives`` calls the first
+five functions below with a ``PairSpec`` (they mirror ``mmloss.ops.torch_chunked``);
+``mmloss.ops._kl`` calls ``similarity_kl_forward`` / ``similarity_kl_backward`` with a ``KLSpec``
+(they mirror ``mmloss.ops.torch_kl``).
 
 Files: ``lse_forward.py`` (row and column statistics in one pass + deterministic combine),
 ``owner.py`` (the row-/column-owner kernel behind every backward, the sigmoid forward and the
-SigLIP path), ``lse_backward.py`` / ``sigmoid.py`` (which passes run), ``_common.py`` (jit
+SigLIP path), ``lse_backward.py`` / ``sigmoid.py`` (which passes run), ``kl_forward.py`` /
+``kl_backward.py`` (the similarity_kl statistics, combine and owner kernels), ``_common.py`` (jit
 helpers), ``_launch.py`` (host helpers, grid plans), ``_config.py`` (per-architecture tiles),
 ``_autotune.py`` (``MMLOSS_TRITON_AUTOTUNE=1``).
 
@@ -20,7 +23,10 @@ fp16/bf16 on sm_90, 256 for fp32 and on sm_80; see benchmarks/gpu/README.md):
   deterministic=False s + 2 (one pass, dy by fp32 atomics) when that is fewer;
 - pairwise_sigmoid forward 1, backward as similarity_lse's;
 - pairwise_sigmoid_sum (the SigLIP loss) with gradients: 2·(s + 1) deterministic (dx formed in
-  the forward pass), s + 2 with deterministic=False; without gradients 1.
+  the forward pass), s + 2 with deterministic=False; without gradients 1;
+- similarity_kl (student D_s, teacher D_t, r = D_t/D_s; each pass recomputes both tiles):
+  forward, rows and columns together, 1 + r (2 at D_t = D_s); backward (student only)
+  2·(s·(1 + r) + 1) deterministic (6), s·(1 + r) + 2 with deterministic=False (4).
 """
 from __future__ import annotations
 
@@ -28,8 +34,12 @@ from typing import Optional
 
 import torch
 
+from .._kl import KLSpec
 from .._spec import PairSpec
-from ._launch import check_supported, device_guard
+from ..._device import device_guard
+from ._launch import check_supported
+from .kl_backward import kl_gradients
+from .kl_forward import kl_statistics
 from .lse_backward import lse_gradients
 from .lse_forward import lse_statistics
 from .sigmoid import sigmoid_gradients, sigmoid_rows, sigmoid_sum
@@ -38,6 +48,8 @@ __all__ = [
     "pairwise_sigmoid_backward",
     "pairwise_sigmoid_forward",
     "pairwise_sigmoid_sum",
+    "similarity_kl_backward",
+    "similarity_kl_forward",
     "similarity_lse_backward",
     "similarity_lse_forward",
 ]
@@ -79,3 +91,28 @@ def pairwise_sigmoid_sum(spec: PairSpec, needs):
     check_supported(spec)
     with device_guard(spec.x.device):
         return sigmoid_sum(spec, needs)
+
+
+def _check_kl_supported(spec: KLSpec) -> None:
+    """TypeError unless both feature pairs are fp32/fp16/bf16 (each pair one dtype; the student
+    and the teacher may differ)."""
+    check_supported(spec.student(), ("x_s", "y_s"))
+    check_supported(spec.teacher(), ("x_t", "y_t"))
+
+
+def similarity_kl_forward(spec: KLSpec, rows: bool, cols: bool, cross_entropy: bool):
+    """(row (N,) | (0,), col (M,) | (0,), row_stats (2, N) | (2, 0), col_stats (2, M) | (2, 0)),
+    fp32: per-row / per-column KL(p_t‖p_s) (H(p_t, p_s) with ``cross_entropy``) and the saved
+    [student, teacher] LSEs. One pass for both directions; O(P·(N + M)) fp32 workspace."""
+    _check_kl_supported(spec)
+    with device_guard(spec.x_s.device):
+        return kl_statistics(spec, rows, cols, cross_entropy)
+
+
+def similarity_kl_backward(spec: KLSpec, grad_row: Optional[torch.Tensor], grad_col: Optional[torch.Tensor],
+                           row_stats: torch.Tensor, col_stats: torch.Tensor, needs):
+    """(dx_s, dy_s, dscale_s) of ⟨grad_row, row⟩ + ⟨grad_col, col⟩; None where not needed; the
+    teacher gets no gradient."""
+    _check_kl_supported(spec)
+    with device_guard(spec.x_s.device):
+        return kl_gradients(spec, grad_row, grad_col, row_stats, col_stats, needs)

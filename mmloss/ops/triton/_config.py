@@ -10,8 +10,11 @@ Every launch asks ``tiles(kind, device, dtype)`` for its block sizes. Keys:
   half the K-chunk);
 - kernel kind: ``"stats"`` (the forward LSE statistics kernel), ``"owner"`` (the deterministic
   row-/column-owner kernels of backward, the sigmoid forward and the SigLIP path), ``"atomic"``
-  (the owner kernel when it also adds the other operand's gradient with atomics) and
-  ``"combine"`` (the partial-statistics merge).
+  (the owner kernel when it also adds the other operand's gradient with atomics),
+  ``"combine"`` (the partial-statistics merge) and ``"kl_stats"`` (the ``similarity_kl``
+  statistics kernel: two logit tiles and six running statistics per row and column, so half
+  the rows of ``"stats"`` per program keeps it free of register spills; its backward uses the
+  ``"owner"`` / ``"atomic"`` rows).
 
 Fields of the matrix kernels: ``block_a`` rows owned per program, ``block_b`` rows of the streamed
 operand per tile, ``block_k`` the D-chunk of the logit GEMM, ``block_dv`` the widest output
@@ -31,7 +34,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-KINDS = ("stats", "owner", "atomic", "combine")
+KINDS = ("stats", "owner", "atomic", "combine", "kl_stats")
 ARCHS = ("sm90", "sm80", "default", "interpret")
 
 
@@ -58,42 +61,49 @@ TABLE: dict[tuple[str, str], dict[str, Tiles]] = {
         "owner": _t(64, 64, 64, 8, 3, dv=128, width=512, per_sm=1),
         "atomic": _t(64, 64, 64, 8, 3, dv=64, width=256, per_sm=1),
         "combine": _t(256, 1, 1, 4, 1),
+        "kl_stats": _t(64, 64, 64, 8, 3, per_sm=1),
     },
     ("sm90", "fp32"): {
         "stats": _t(128, 64, 32, 8, 3, per_sm=1),
         "owner": _t(64, 64, 32, 8, 3, dv=64, width=256, per_sm=1),
         "atomic": _t(64, 64, 32, 8, 3, dv=64, width=256, per_sm=1),
         "combine": _t(256, 1, 1, 4, 1),
+        "kl_stats": _t(64, 64, 32, 8, 3, per_sm=1),
     },
     ("sm80", "half"): {
         "stats": _t(128, 64, 32, 8, 3, per_sm=1),
         "owner": _t(64, 64, 32, 8, 3, dv=128, width=256, per_sm=1),
         "atomic": _t(64, 64, 32, 8, 3, dv=32, width=128, per_sm=1),
         "combine": _t(256, 1, 1, 4, 1),
+        "kl_stats": _t(64, 64, 32, 8, 3, per_sm=1),
     },
     ("sm80", "fp32"): {
         "stats": _t(128, 64, 32, 8, 2, per_sm=1),
         "owner": _t(64, 32, 32, 8, 2, dv=128, width=256, per_sm=1),
         "atomic": _t(64, 32, 32, 8, 2, dv=32, width=128, per_sm=1),
         "combine": _t(256, 1, 1, 4, 1),
+        "kl_stats": _t(64, 64, 32, 8, 2, per_sm=1),
     },
     ("default", "half"): {
         "stats": _t(64, 64, 32, 4, 2, per_sm=2),
         "owner": _t(64, 64, 32, 4, 2, dv=64, width=128, per_sm=2),
         "atomic": _t(64, 64, 32, 4, 2, dv=64, width=128, per_sm=2),
         "combine": _t(256, 1, 1, 4, 1),
+        "kl_stats": _t(32, 64, 32, 4, 2, per_sm=2),
     },
     ("default", "fp32"): {
         "stats": _t(64, 64, 16, 4, 2, per_sm=2),
         "owner": _t(64, 64, 16, 4, 2, dv=64, width=128, per_sm=2),
         "atomic": _t(64, 64, 16, 4, 2, dv=64, width=128, per_sm=2),
         "combine": _t(256, 1, 1, 4, 1),
+        "kl_stats": _t(32, 64, 16, 4, 2, per_sm=2),
     },
     ("interpret", "any"): {
         "stats": _t(16, 16, 16, 1, 1),
         "owner": _t(16, 16, 16, 1, 1, dv=16, width=64),
         "atomic": _t(16, 16, 16, 1, 1, dv=16, width=64),
         "combine": _t(32, 1, 1, 1, 1),
+        "kl_stats": _t(16, 16, 16, 1, 1),
     },
 }
 
@@ -106,6 +116,7 @@ AUTOTUNE_CANDIDATES = {
     "stats": [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 8, 4), (256, 64, 8, 3)],
     "owner": [(64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3), (64, 32, 4, 4), (32, 64, 4, 3)],
     "atomic": [(64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
+    "kl_stats": [(64, 64, 8, 3), (64, 64, 8, 4), (32, 64, 4, 3), (64, 32, 8, 3)],
 }
 
 

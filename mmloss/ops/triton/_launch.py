@@ -25,16 +25,17 @@ SPLIT_ALIGN = 256
 SPLIT_ALIGN_INTERPRET = 16
 
 
-def check_supported(spec: PairSpec) -> None:
-    """TypeError for dtypes the kernels do not take (fp64 belongs to the torch/reference backends)."""
-    for name, t in (("x", spec.x), ("y", spec.y)):
+def check_supported(spec: PairSpec, names: tuple[str, str] = ("x", "y")) -> None:
+    """TypeError for dtypes the kernels do not take (fp64 belongs to the torch/reference backends).
+    ``names`` are the argument names of (x, y) in the messages (e.g. the student's x_s, y_s)."""
+    for name, t in zip(names, (spec.x, spec.y)):
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(
                 f"the triton backend takes float32, float16 or bfloat16 features, got {name} of dtype "
                 f"{t.dtype} (use backend='torch' or 'reference' for float64, e.g. for gradcheck)"
             )
     if spec.x.dtype != spec.y.dtype:
-        raise TypeError(f"x and y must share a dtype, got {spec.x.dtype} and {spec.y.dtype}")
+        raise TypeError(f"{names[0]} and {names[1]} must share a dtype, got {spec.x.dtype} and {spec.y.dtype}")
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -60,21 +61,6 @@ def target_programs(device: torch.device, per_sm: int) -> int:
 
 def split_align(device: torch.device) -> int:
     return SPLIT_ALIGN if device.type == "cuda" else SPLIT_ALIGN_INTERPRET
-
-
-class device_guard:
-    """Launch on the tensors' CUDA device (Triton uses the current device and stream)."""
-
-    def __init__(self, device: torch.device):
-        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
 
 
 # ----------------------------------------------------------------------------- orientation
