@@ -9,9 +9,9 @@ division by s, so s = 0 works) and the bias gradient needs no extra pass.
 
 Cost: symmetric statistics take one GEMM-equivalent forward; backward takes three (recompute,
 dx, dy). Memory: O((N+M)·D) plus a workspace of one C×M compute-dtype buffer and a cache-sized
-column-block scratch, C chosen from a byte budget (``workspace_budget``: 1/64 of the N×M matrix
-within [1 MiB, 16 MiB] on CPU, up to 512 MiB on GPUs; ``MMLOSS_CHUNK_BYTES`` overrides) or
-given as ``chunk_size``. Accumulation is
+column-block scratch, C chosen from a byte budget (``workspace_budget``: half the size of x and
+y, within [1 MiB, 16 MiB] on CPU and up to 512 MiB on GPUs; ``MMLOSS_CHUNK_BYTES`` overrides)
+or given as ``chunk_size``. Accumulation is
 fp32 (fp64 for fp64 inputs); half inputs are upcast per chunk.
 """
 from __future__ import annotations
@@ -23,17 +23,19 @@ import torch
 
 from ._spec import PairSpec
 
-# Default workspace: 1/64 of the N×M matrix it replaces, within [1 MiB, cap]. Small enough that
-# a loss's O(N·D) temporaries plus the workspace stay under a tenth of the matrix; the cap keeps
-# CPU chunks near the last-level cache and GPU chunks large enough for efficient GEMMs.
+# Default workspace: half the bytes of the operands x and y, so memory stays O((N+M)·D) with a
+# small constant whatever N·M is, within [1 MiB, cap]. The cap keeps CPU chunks near the
+# last-level cache and lets GPU chunks be large enough for efficient GEMMs. Callers that do not
+# describe their operands get 1/16 of the N×M matrix instead.
 _BUDGET_CAP = {"cpu": 16 << 20}
 _BUDGET_CAP_ACCEL = 512 << 20
 _BUDGET_FLOOR = 1 << 20
-_MATRIX_FRACTION = 64
+_MATRIX_FRACTION = 16
+_OPERAND_FRACTION = 2
 # Elementwise passes that need a second copy of a chunk work on column blocks of at most this
 # many bytes (and at most 1/8 of the workspace), so the scratch stays cache-sized instead of
 # doubling the workspace.
-_BLOCK_BYTES = 256 << 10
+_BLOCK_BYTES = 2 << 20
 _MIN_ROWS = 16
 
 
@@ -46,11 +48,12 @@ def _parse_bytes(text: str) -> int:
     return int(text)
 
 
-def workspace_budget(device: torch.device, matrix_bytes: int) -> int:
+def workspace_budget(device: torch.device, matrix_bytes: int, operand_bytes: Optional[int] = None) -> int:
     """Bytes the chunk workspace may hold.
 
-    ``MMLOSS_CHUNK_BYTES`` (e.g. "64MiB") overrides the default, which is 1/64 of the N×M
-    matrix clamped to [1 MiB, 16 MiB] on CPU and [1 MiB, 512 MiB] on accelerators.
+    ``MMLOSS_CHUNK_BYTES`` (e.g. "64MiB") overrides the default: half of ``operand_bytes`` (the
+    size of x and y together; 1/16 of ``matrix_bytes`` when not given), clamped to
+    [1 MiB, 16 MiB] on CPU and [1 MiB, 512 MiB] on accelerators.
     """
     env = os.environ.get("MMLOSS_CHUNK_BYTES")
     if env:
@@ -62,7 +65,11 @@ def workspace_budget(device: torch.device, matrix_bytes: int) -> int:
             raise ValueError(f"MMLOSS_CHUNK_BYTES must be positive, got {env!r}")
         return value
     cap = _BUDGET_CAP.get(device.type, _BUDGET_CAP_ACCEL)
-    return max(_BUDGET_FLOOR, min(cap, matrix_bytes // _MATRIX_FRACTION))
+    if operand_bytes is None:
+        budget = matrix_bytes // _MATRIX_FRACTION
+    else:
+        budget = operand_bytes // _OPERAND_FRACTION
+    return max(_BUDGET_FLOOR, min(cap, budget))
 
 
 def _scratch_bytes(budget: int) -> int:
@@ -76,8 +83,9 @@ def chunk_rows(spec: PairSpec) -> int:
     if spec.chunk_size > 0:
         return min(spec.chunk_size, spec.n)
     elem = torch.finfo(spec.compute_dtype).bits // 8
-    budget = workspace_budget(spec.x.device, spec.n * spec.m * elem)
-    rows = (budget - _scratch_bytes(budget)) // ((spec.m + 2 * spec.x.shape[1]) * elem)
+    d = spec.x.shape[1]
+    budget = workspace_budget(spec.x.device, spec.n * spec.m * elem, (spec.n + spec.m) * d * elem)
+    rows = (budget - _scratch_bytes(budget)) // ((spec.m + 2 * d) * elem)
     return max(1, min(spec.n, max(_MIN_ROWS, rows)))
 
 

@@ -32,8 +32,8 @@ Backward: recompute both tiles per chunk from the saved LSEs, form G in place, a
 ``_FeatureGrads`` (dx, dy, dscale: two GEMMs). Cost: 2 GEMM-equivalents forward, 4 backward.
 
 Memory: O((N+M)·(D_s+D_t)) plus four C×M compute-dtype chunk buffers (two per tile source)
-whose total stays within half of ``workspace_budget`` (the budget is 1/16 of the N×M fp32
-matrix by default, or ``MMLOSS_CHUNK_BYTES``), or C = ``chunk_size`` rows when given. Half,
+whose total stays within half of ``workspace_budget`` (by default half the operands' size, or
+``MMLOSS_CHUNK_BYTES``), or C = ``chunk_size`` rows when given. Half,
 because the distillation losses add this term to a CLIP term: the backward that runs second
 holds the other's partial dx, dy beside its own workspace, and the two together must stay
 within one budget plus O(N·D).
@@ -59,7 +59,8 @@ def kl_chunk_rows(spec: KLSpec) -> int:
     if spec.chunk_size > 0:
         return min(spec.chunk_size, spec.n)
     elem = torch.finfo(spec.compute_dtype).bits // 8
-    budget = workspace_budget(spec.x_s.device, spec.n * spec.m * elem)
+    dims = spec.x_s.shape[1] + spec.x_t.shape[1]
+    budget = workspace_budget(spec.x_s.device, spec.n * spec.m * elem, (spec.n + spec.m) * dims * elem)
     rows = budget // (_BUDGET_SHARE * _BUFFERS * spec.m * elem)
     return max(1, min(spec.n, max(_MIN_ROWS, rows)))
 
