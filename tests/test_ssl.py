@@ -568,9 +568,15 @@ def test_lightly_dcl_and_dclw():
 
 
 def test_lightly_ntxent():
-    lightly = _lightly_file("loss/ntx_ent_loss.py", "_mmloss_tests_lightly_ntxent")
+    """lightly's ntx_ent_loss.py imports its model zoo (torchvision); the benchmark's peer loader
+    brings the file in without torchvision, so the comparison runs wherever lightly is installed."""
+    if importlib.util.find_spec("lightly") is None:
+        pytest.skip("lightly is not installed: no lightly comparison")
+    from mmloss.bench.peers import load_peer
+
+    ntxent_cls, _ = load_peer("lightly")
     out0, out1 = views(2, 10, 8, seed=52)
-    expected = lightly.NTXentLoss(temperature=0.3)(oracle(out0), oracle(out1))
+    expected = ntxent_cls(temperature=0.3)(oracle(out0), oracle(out1))
     assert_loss_close(mmloss.NTXentLoss(0.3)(out0, out1), expected, torch.float32)
 
 
