@@ -61,7 +61,7 @@ class CpuClock:
         return end - start
 
     def synchronize(self) -> None:
-        pass
+        """CPU work is synchronous: there is nothing to wait for."""
 
 
 class CudaClock:

@@ -119,7 +119,7 @@ class ConsoleSink:
         self.group = None
 
     def start(self, sweep) -> None:
-        pass
+        """Nothing to write before the first result."""
 
     def add(self, config, rows) -> None:
         key = (config.case.name, rows[0].dtype, config.dim)
@@ -134,7 +134,7 @@ class ConsoleSink:
             self.write(self.table.row(row))
 
     def finish(self, sweep) -> None:
-        pass
+        """Every row was written as it was measured."""
 
 
 def print_tables(rows, write: Callable[[str], None], gpu: bool, cases: dict) -> None:
@@ -215,7 +215,7 @@ class CsvSink:
             csv.DictWriter(f, fieldnames=self.fields).writeheader()
 
     def start(self, sweep) -> None:
-        pass
+        """Nothing to write before the first result."""
 
     def add(self, config, rows) -> None:
         with open(self.path, "a", newline="") as f:
@@ -225,7 +225,7 @@ class CsvSink:
             f.flush()
 
     def finish(self, sweep) -> None:
-        pass
+        """Every row was written as it was measured."""
 
 
 def versus_lines(rows) -> list:
