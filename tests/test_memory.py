@@ -124,7 +124,22 @@ def _case_multiview(name):
     return case
 
 
+def _case_symile_n_squared_pairs():
+    reps = [_unit(N, D, k) for k in range(2)]
+    return reps, lambda: mmloss.symile_loss(reps, torch.tensor(10.0), "n_squared", backend="torch")
+
+
+def _case_score_distill():
+    # B × C candidate scores (no similarity matrix); the bound still applies to its temporaries.
+    g = torch.Generator().manual_seed(5)
+    student = torch.randn(N, D, generator=g).requires_grad_()
+    teacher = torch.randn(N, D, generator=g)
+    return (student,), lambda: mmloss.score_distill_loss(student, teacher)
+
+
 CASES = {
+    "symile_n_squared_k2": _case_symile_n_squared_pairs,
+    "score_distill": _case_score_distill,
     "ntxent": _case_ssl("ntxent_loss"),
     "dcl": _case_ssl("dcl_loss"),
     "dclw": _case_ssl("dclw_loss"),
