@@ -14,3 +14,9 @@ def _exact_fp32_matmul():
     torch.set_float32_matmul_precision("highest")
     yield
     torch.set_float32_matmul_precision(prev)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """A tiny workspace budget for chunked backends: many row chunks with a ragged last one."""
+    monkeypatch.setenv("MMLOSS_CHUNK_BYTES", "1KiB")

@@ -16,6 +16,8 @@ import torch
 
 import mmloss
 from _foundation_helpers import (
+    DTYPES,
+    backend_dtype_param,
     backend_param,
     confident_pair,
     fp64_backend_param,
@@ -33,13 +35,6 @@ from oracle import assert_grad_close, assert_loss_close, compare, oracle
 
 ref = mmloss.reference
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
-
-
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """A tiny workspace budget for chunked backends: many row chunks with a ragged last one."""
-    monkeypatch.setenv("MMLOSS_CHUNK_BYTES", "1KiB")
 
 
 def check_clip(backend, x, y, scale, dtype, *, bias=None, seed=0, **options):
@@ -78,12 +73,9 @@ def test_clip_scale_kinds(backend, scale_kind, small_chunks):
     check_clip(backend, x, y, scale, torch.float32, seed=1)
 
 
-@backend_param()
-@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp64"], ids=lambda k: f"dtype={k}")
+@backend_dtype_param(["fp16", "bf16", "fp64"])
 def test_clip_dtypes(backend, dtype, small_chunks):
     dt = DTYPES[dtype]
-    if dt == torch.float64 and backend not in ("torch", "cpu"):
-        pytest.skip(f"fp64 runs on the reference, torch and cpu backends only (DESIGN.md), not {backend}")
     x, y = pair(129, 129, 130, dtype=dt, seed=2)
     scale = scalar_tensor(30.0, torch.float64 if dt == torch.float64 else torch.float32)
     out, _ = check_clip(backend, x, y, scale, dt, seed=2)
@@ -101,15 +93,12 @@ def test_clip_noncontiguous(backend, layout, small_chunks):
     check_clip(backend, x, y, scalar_tensor(10.0), torch.float32, seed=3, reduction="none")
 
 
-@backend_param()
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp64"], ids=lambda k: f"dtype={k}")
+@backend_dtype_param(["fp32", "bf16", "fp64"])
 def test_clip_confident_rows(backend, dtype, small_chunks):
     """scale 100 on near-identical pairs: per-row losses around e^{-60} keep relative precision
     and the positives' gradients do not cancel (softplus form, DESIGN.md numerics).
     (fp16 is left out: gradients of order 1e-25 underflow fp16, whatever the kernel does.)"""
     dt = DTYPES[dtype]
-    if dt == torch.float64 and backend not in ("torch", "cpu"):
-        pytest.skip(f"fp64 runs on the reference, torch and cpu backends only (DESIGN.md), not {backend}")
     x, y = confident_pair(129, 67, dtype=dt, seed=4)
     scale_dtype = torch.float64 if dt == torch.float64 else torch.float32
     check_clip(backend, x, y, scalar_tensor(100.0, scale_dtype), dt, seed=4, reduction="none")
@@ -184,8 +173,7 @@ def test_clip_logit_bias_has_zero_gradient_in_graph(backend):
     assert b.grad is not None and torch.equal(b.grad, torch.zeros_like(b))
 
 
-@backend_param()
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"], ids=lambda k: f"dtype={k}")
+@backend_dtype_param(["fp32", "bf16"])
 def test_clip_every_option(backend, dtype, small_chunks):
     """Strided features, tensor scale, logit_bias, labels, label_smoothing, reduction="none",
     small chunks, all at once."""

@@ -13,6 +13,8 @@ import torch
 
 import mmloss
 from _foundation_helpers import (
+    DTYPES,
+    backend_dtype_param,
     backend_param,
     confident_pair,
     fp64_backend_param,
@@ -28,13 +30,6 @@ from oracle import assert_loss_close, compare, features, oracle
 
 ref = mmloss.reference
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
-
-
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """A tiny workspace budget for chunked backends: many row chunks with a ragged last one."""
-    monkeypatch.setenv("MMLOSS_CHUNK_BYTES", "1KiB")
 
 
 def check_infonce(backend, q, k, scale, dtype, *, seed=0, **options):
@@ -88,12 +83,9 @@ def test_infonce_scale_kinds(backend, scale_kind, small_chunks):
     check_infonce(backend, q, k, 20.0 if scale_kind == "float" else scalar_tensor(20.0), torch.float32)
 
 
-@backend_param()
-@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp64"], ids=lambda k: f"dtype={k}")
+@backend_dtype_param(["fp16", "bf16", "fp64"])
 def test_infonce_dtypes(backend, dtype, small_chunks):
     dt = DTYPES[dtype]
-    if dt == torch.float64 and backend not in ("torch", "cpu"):
-        pytest.skip(f"fp64 runs on the reference, torch and cpu backends only (DESIGN.md), not {backend}")
     q, k = pair(129, 300, 130, dtype=dt, seed=2)
     scale = scalar_tensor(30.0, torch.float64 if dt == torch.float64 else torch.float32)
     out, _ = check_infonce(backend, q, k, scale, dt, seed=2, reduction="none")
@@ -111,13 +103,10 @@ def test_infonce_noncontiguous(backend, layout, small_chunks):
     check_infonce(backend, q, k, scalar_tensor(10.0), torch.float32, seed=3, reduction="none")
 
 
-@backend_param()
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp64"], ids=lambda k: f"dtype={k}")
+@backend_dtype_param(["fp32", "bf16", "fp64"])
 def test_infonce_confident_rows(backend, dtype, small_chunks):
     """scale 100; query i nearly equals key i; 171 extra random keys (a queue)."""
     dt = DTYPES[dtype]
-    if dt == torch.float64 and backend not in ("torch", "cpu"):
-        pytest.skip(f"fp64 runs on the reference, torch and cpu backends only (DESIGN.md), not {backend}")
     q, k_pos = confident_pair(129, 67, dtype=dt, seed=6)
     queue = features(171, 67, dtype=dt, seed=7)
     k = torch.cat([k_pos, queue])
@@ -211,8 +200,7 @@ def test_infonce_reductions(backend, reduction, positives, small_chunks):
         assert_loss_close(out.mean(), mean, torch.float32, "mean of none = mean")
 
 
-@backend_param()
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"], ids=lambda k: f"dtype={k}")
+@backend_dtype_param(["fp32", "bf16"])
 def test_infonce_every_option(backend, dtype, small_chunks):
     """Strided rectangular inputs, tensor scale, multi-positive labels, reduction="none", small chunks."""
     dt = DTYPES[dtype]

@@ -15,6 +15,10 @@ import torch
 
 import mmloss
 from _foundation_helpers import (
+    DTYPES,
+    FAST_BACKENDS,
+    FP64_BACKENDS,
+    backend_dtype_param,
     backend_param,
     confident_pair,
     fp64_backend_param,
@@ -206,15 +210,11 @@ def test_pairwise_sigmoid_scale_bias(backend, scale, bias):
 # ----------------------------------------------------------------------------- dtypes and strides
 
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 
 
-@backend_param()
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=[f"dtype={k}" for k in DTYPES])
+@backend_dtype_param(list(DTYPES))
 def test_similarity_lse_dtypes(backend, dtype):
     dt = DTYPES[dtype]
-    if dt == torch.float64 and backend not in ("torch", "cpu"):
-        pytest.skip(f"fp64 runs on the reference, torch and cpu backends only (DESIGN.md), not {backend}")
     n, m, d = 129, 7, 130
     x, y = pair(n, m, d, dtype=dt, seed=10)
     scale = row_scale(n, 3) if dt != torch.float64 else row_scale(n, 3).detach().double().requires_grad_()
@@ -222,12 +222,9 @@ def test_similarity_lse_dtypes(backend, dtype):
     _check_lse(backend, x, y, scale, bias, dt, seed=6, exclude="diagonal", chunk_size=16)
 
 
-@backend_param()
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=[f"dtype={k}" for k in DTYPES])
+@backend_dtype_param(list(DTYPES))
 def test_pairwise_sigmoid_dtypes(backend, dtype):
     dt = DTYPES[dtype]
-    if dt == torch.float64 and backend not in ("torch", "cpu"):
-        pytest.skip(f"fp64 runs on the reference, torch and cpu backends only (DESIGN.md), not {backend}")
     n, m, d = 7, 129, 67
     x, y = pair(n, m, d, dtype=dt, seed=11)
     scale = scalar_tensor(10.0, torch.float64 if dt == torch.float64 else torch.float32)
@@ -253,8 +250,7 @@ def test_noncontiguous_inputs(backend, layout):
 # ----------------------------------------------------------------------------- confident rows
 
 
-@backend_param()
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"], ids=lambda k: f"dtype={k}")
+@backend_dtype_param(["fp32", "bf16"])
 @pytest.mark.parametrize("scale_kind", ["float", "0d-tensor"])
 def test_confident_rows(backend, dtype, scale_kind):
     """scale 100 on near-identical pairs: statistics are dominated by one pair per row."""
@@ -269,8 +265,7 @@ def test_confident_rows(backend, dtype, scale_kind):
 # ----------------------------------------------------------------------------- every option at once
 
 
-@backend_param()
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"], ids=lambda k: f"dtype={k}")
+@backend_dtype_param(["fp32", "bf16"])
 def test_every_option(backend, dtype):
     """Non-contiguous N ≠ M inputs, per-row scale, bias tensor, labels, both outputs, ragged chunks."""
     dt = DTYPES[dtype]
@@ -340,31 +335,29 @@ def test_single_pair_fully_excluded(backend):
 # ----------------------------------------------------------------------------- dtype rules
 
 
-@pytest.mark.parametrize("dtype,expected", [
-    (torch.float16, torch.float32), (torch.bfloat16, torch.float32),
-    (torch.float32, torch.float32), (torch.float64, torch.float64),
-], ids=["fp16", "bf16", "fp32", "fp64"])
-@backend_param()
-def test_output_dtype(backend, dtype, expected):
-    if dtype == torch.float64 and backend not in ("torch", "cpu"):
-        pytest.skip(f"fp64 runs on the reference, torch and cpu backends only (DESIGN.md), not {backend}")
-    x, y = pair(7, 129, 3, dtype=dtype, seed=16)
+@backend_dtype_param(list(DTYPES))
+def test_output_dtype(backend, dtype):
+    dt = DTYPES[dtype]
+    expected = torch.float64 if dt == torch.float64 else torch.float32
+    x, y = pair(7, 129, 3, dtype=dt, seed=16)
     row, col = ops.similarity_lse(x, y, 2.0, backend=backend)
     sig = ops.pairwise_sigmoid(x, y, 2.0, backend=backend)
     total = ops.pairwise_sigmoid(x, y, 2.0, backend=backend, reduction="sum")
     assert row.dtype == col.dtype == sig.dtype == total.dtype == expected
 
 
-@backend_param()
-@pytest.mark.parametrize("x_dtype,y_dtype,promoted", [
-    (torch.float16, torch.float32, torch.float32),
-    (torch.bfloat16, torch.float16, torch.float32),
-    (torch.float32, torch.float64, torch.float64),
-], ids=["fp16+fp32", "bf16+fp16", "fp32+fp64"])
-def test_mixed_dtypes_are_promoted(backend, x_dtype, y_dtype, promoted):
+_PROMOTIONS = {"fp16+fp32": (torch.float16, torch.float32, torch.float32),
+               "bf16+fp16": (torch.bfloat16, torch.float16, torch.float32),
+               "fp32+fp64": (torch.float32, torch.float64, torch.float64)}
+# fp64 results only on the backends DESIGN.md runs fp64 on
+_PROMOTION_CASES = [(b, k) for b in FAST_BACKENDS for k, (_, _, out) in _PROMOTIONS.items()
+                    if out != torch.float64 or b in FP64_BACKENDS]
+
+
+@pytest.mark.parametrize("backend,combo", _PROMOTION_CASES, ids=[f"be={b}-{k}" for b, k in _PROMOTION_CASES])
+def test_mixed_dtypes_are_promoted(backend, combo):
     """Different floating dtypes are promoted to the wider one, as a matmul would."""
-    if promoted == torch.float64 and backend not in ("torch", "cpu"):
-        pytest.skip(f"fp64 runs on the reference, torch and cpu backends only (DESIGN.md), not {backend}")
+    x_dtype, y_dtype, promoted = _PROMOTIONS[combo]
     n, m, d = 129, 7, 67
     x = features(n, d, dtype=x_dtype, seed=40)
     y = features(m, d, dtype=y_dtype, seed=41)

@@ -13,6 +13,8 @@ import torch
 
 import mmloss
 from _foundation_helpers import (
+    DTYPES,
+    backend_dtype_param,
     backend_param,
     confident_pair,
     fp64_backend_param,
@@ -30,13 +32,6 @@ from oracle import assert_grad_close, assert_loss_close, compare, oracle
 
 ref = mmloss.reference
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
-
-
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """A tiny workspace budget for chunked backends: many row chunks with a ragged last one."""
-    monkeypatch.setenv("MMLOSS_CHUNK_BYTES", "1KiB")
 
 
 def check_siglip(backend, x, y, scale, bias, dtype, *, seed=0, **options):
@@ -77,12 +72,9 @@ def test_siglip_scale_and_bias_kinds(backend, scale, bias, small_chunks):
     check_siglip(backend, x, y, SCALES[scale](), BIASES[bias](), torch.float32, seed=1)
 
 
-@backend_param()
-@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp64"], ids=lambda k: f"dtype={k}")
+@backend_dtype_param(["fp16", "bf16", "fp64"])
 def test_siglip_dtypes(backend, dtype, small_chunks):
     dt = DTYPES[dtype]
-    if dt == torch.float64 and backend not in ("torch", "cpu"):
-        pytest.skip(f"fp64 runs on the reference, torch and cpu backends only (DESIGN.md), not {backend}")
     x, y = pair(129, 129, 130, dtype=dt, seed=2)
     pdt = torch.float64 if dt == torch.float64 else torch.float32
     out, _ = check_siglip(backend, x, y, scalar_tensor(10.0, pdt), scalar_tensor(-10.0, pdt), dt, seed=2,
@@ -101,12 +93,9 @@ def test_siglip_noncontiguous(backend, layout, small_chunks):
     check_siglip(backend, x, y, scalar_tensor(10.0), scalar_tensor(-5.0), torch.float32, seed=3, reduction="none")
 
 
-@backend_param()
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp64"], ids=lambda k: f"dtype={k}")
+@backend_dtype_param(["fp32", "bf16", "fp64"])
 def test_siglip_confident_rows(backend, dtype, small_chunks):
     dt = DTYPES[dtype]
-    if dt == torch.float64 and backend not in ("torch", "cpu"):
-        pytest.skip(f"fp64 runs on the reference, torch and cpu backends only (DESIGN.md), not {backend}")
     x, y = confident_pair(129, 67, dtype=dt, seed=6)
     pdt = torch.float64 if dt == torch.float64 else torch.float32
     check_siglip(backend, x, y, scalar_tensor(100.0, pdt), scalar_tensor(-10.0, pdt), dt, seed=4, reduction="none")
@@ -167,8 +156,7 @@ def test_siglip_reductions(backend, reduction, small_chunks):
         assert_loss_close(out.mean(), mean, torch.float32, "mean of none = mean")
 
 
-@backend_param()
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"], ids=lambda k: f"dtype={k}")
+@backend_dtype_param(["fp32", "bf16"])
 def test_siglip_every_option(backend, dtype, small_chunks):
     """Strided N ≠ M inputs, tensor scale and bias, a label pair, reduction="none", small chunks."""
     dt = DTYPES[dtype]
