@@ -176,3 +176,71 @@ def chunk_finish(acc, ds, a_ptr, a_idx, a_ok, out_ptr, d0, dim, stride_a0, strid
         tl.store(out_ptr + a_idx[:, None] * stride_o0 + dv64[None, :] * stride_o1,
                  out.to(out_ptr.dtype.element_ty), mask=mask)
     return ds
+
+
+@triton.jit
+def slice_accumulators(BLOCK_A: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr):
+    """fp32 accumulators of an owner kernel's NUM_DV (≤ 4) output D-slices; unused ones are 1×1
+    placeholders that step_slices / finish_slices never touch."""
+    acc0 = tl.zeros((BLOCK_A, BLOCK_DV), tl.float32)
+    if NUM_DV > 1:
+        acc1 = tl.zeros((BLOCK_A, BLOCK_DV), tl.float32)
+    else:
+        acc1 = tl.zeros((1, 1), tl.float32)
+    if NUM_DV > 2:
+        acc2 = tl.zeros((BLOCK_A, BLOCK_DV), tl.float32)
+    else:
+        acc2 = tl.zeros((1, 1), tl.float32)
+    if NUM_DV > 3:
+        acc3 = tl.zeros((BLOCK_A, BLOCK_DV), tl.float32)
+    else:
+        acc3 = tl.zeros((1, 1), tl.float32)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def step_slices(acc0, acc1, acc2, acc3, g_op, gsa_op, b_ptr, b_idx, b_ok, a_ptr, a_idx, a_ok, out_b_ptr,
+                d_start, dim, stride_a0, stride_a1, stride_b0, stride_b1, stride_ob0, stride_ob1,
+                BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr, ATOMIC_B: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """chunk_step for each of the NUM_DV consecutive D-slices starting at d_start."""
+    acc0 = chunk_step(acc0, g_op, gsa_op, b_ptr, b_idx, b_ok, a_ptr, a_idx, a_ok, out_b_ptr, d_start,
+                      dim, stride_a0, stride_a1, stride_b0, stride_b1, stride_ob0, stride_ob1,
+                      BLOCK_DV, ATOMIC_B, PRECISION)
+    if NUM_DV > 1:
+        acc1 = chunk_step(acc1, g_op, gsa_op, b_ptr, b_idx, b_ok, a_ptr, a_idx, a_ok, out_b_ptr,
+                          d_start + BLOCK_DV, dim, stride_a0, stride_a1, stride_b0, stride_b1,
+                          stride_ob0, stride_ob1, BLOCK_DV, ATOMIC_B, PRECISION)
+    if NUM_DV > 2:
+        acc2 = chunk_step(acc2, g_op, gsa_op, b_ptr, b_idx, b_ok, a_ptr, a_idx, a_ok, out_b_ptr,
+                          d_start + 2 * BLOCK_DV, dim, stride_a0, stride_a1, stride_b0, stride_b1,
+                          stride_ob0, stride_ob1, BLOCK_DV, ATOMIC_B, PRECISION)
+    if NUM_DV > 3:
+        acc3 = chunk_step(acc3, g_op, gsa_op, b_ptr, b_idx, b_ok, a_ptr, a_idx, a_ok, out_b_ptr,
+                          d_start + 3 * BLOCK_DV, dim, stride_a0, stride_a1, stride_b0, stride_b1,
+                          stride_ob0, stride_ob1, BLOCK_DV, ATOMIC_B, PRECISION)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def finish_slices(acc0, acc1, acc2, acc3, a_ptr, a_idx, a_ok, out_ptr, d_start, dim, stride_a0,
+                  stride_a1, stride_o0, stride_o1, s_a, BLOCK_A: tl.constexpr,
+                  SCALE_MODE: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
+                  STORE_OUT: tl.constexpr, NEED_DSCALE: tl.constexpr):
+    """chunk_finish for each D-slice; returns the rows' scale-gradient partial Σ ⟨a_i, acc_i⟩."""
+    ds = tl.zeros((BLOCK_A,), tl.float32)
+    ds = chunk_finish(acc0, ds, a_ptr, a_idx, a_ok, out_ptr, d_start, dim, stride_a0, stride_a1,
+                      stride_o0, stride_o1, s_a, SCALE_MODE, BLOCK_DV, STORE_OUT, NEED_DSCALE)
+    if NUM_DV > 1:
+        ds = chunk_finish(acc1, ds, a_ptr, a_idx, a_ok, out_ptr, d_start + BLOCK_DV, dim, stride_a0,
+                          stride_a1, stride_o0, stride_o1, s_a, SCALE_MODE, BLOCK_DV, STORE_OUT,
+                          NEED_DSCALE)
+    if NUM_DV > 2:
+        ds = chunk_finish(acc2, ds, a_ptr, a_idx, a_ok, out_ptr, d_start + 2 * BLOCK_DV, dim,
+                          stride_a0, stride_a1, stride_o0, stride_o1, s_a, SCALE_MODE, BLOCK_DV,
+                          STORE_OUT, NEED_DSCALE)
+    if NUM_DV > 3:
+        ds = chunk_finish(acc3, ds, a_ptr, a_idx, a_ok, out_ptr, d_start + 3 * BLOCK_DV, dim,
+                          stride_a0, stride_a1, stride_o0, stride_o1, s_a, SCALE_MODE, BLOCK_DV,
+                          STORE_OUT, NEED_DSCALE)
+    return ds

@@ -37,7 +37,7 @@ import triton.language as tl
 
 from .._kl import KLSpec
 from . import _autotune
-from ._common import chunk_finish, chunk_step, load_scalar, logit_tile, row_indices
+from ._common import finish_slices, load_scalar, logit_tile, row_indices, slice_accumulators, step_slices
 from ._config import tiles
 from ._launch import Pair, dummy, make_pair, optional, owner_plan, split_align, target_programs
 from .kl_forward import operand_args, table_dtype
@@ -91,13 +91,7 @@ def _kl_owner_kernel(
         g_a = s_a
         rs_a = s_a
         rt_a = s_a
-    acc0 = tl.zeros((BLOCK_A, BLOCK_DV), tl.float32)
-    if NUM_DV > 1:
-        acc1 = tl.zeros((BLOCK_A, BLOCK_DV), tl.float32)
-    if NUM_DV > 2:
-        acc2 = tl.zeros((BLOCK_A, BLOCK_DV), tl.float32)
-    if NUM_DV > 3:
-        acc3 = tl.zeros((BLOCK_A, BLOCK_DV), tl.float32)
+    acc0, acc1, acc2, acc3 = slice_accumulators(BLOCK_A, BLOCK_DV, NUM_DV)
     for j0 in range(col_start, col_end, BLOCK_B):
         b_idx = tl.cast(j0, tl.int64) + tl.arange(0, BLOCK_B).to(tl.int64)
         b_ok = b_idx < col_end
@@ -123,34 +117,14 @@ def _kl_owner_kernel(
         # One MMA operand for both products (G·B and, with ATOMIC_B, Gᵀ·A): the scalar scale
         # of the atomic B gradient is applied by the host afterwards, in fp32.
         g_op = g.to(b_ptr.dtype.element_ty)
-        acc0 = chunk_step(acc0, g_op, g_op, b_ptr, b_idx, b_ok, a_ptr, a_idx, a_ok, out_b_ptr,
-                          d_start, dim, stride_a0, stride_a1, stride_b0, stride_b1, stride_ob0,
-                          stride_ob1, BLOCK_DV, ATOMIC_B, PRECISION)
-        if NUM_DV > 1:
-            acc1 = chunk_step(acc1, g_op, g_op, b_ptr, b_idx, b_ok, a_ptr, a_idx, a_ok, out_b_ptr,
-                              d_start + BLOCK_DV, dim, stride_a0, stride_a1, stride_b0, stride_b1,
-                              stride_ob0, stride_ob1, BLOCK_DV, ATOMIC_B, PRECISION)
-        if NUM_DV > 2:
-            acc2 = chunk_step(acc2, g_op, g_op, b_ptr, b_idx, b_ok, a_ptr, a_idx, a_ok, out_b_ptr,
-                              d_start + 2 * BLOCK_DV, dim, stride_a0, stride_a1, stride_b0, stride_b1,
-                              stride_ob0, stride_ob1, BLOCK_DV, ATOMIC_B, PRECISION)
-        if NUM_DV > 3:
-            acc3 = chunk_step(acc3, g_op, g_op, b_ptr, b_idx, b_ok, a_ptr, a_idx, a_ok, out_b_ptr,
-                              d_start + 3 * BLOCK_DV, dim, stride_a0, stride_a1, stride_b0, stride_b1,
-                              stride_ob0, stride_ob1, BLOCK_DV, ATOMIC_B, PRECISION)
-    ds = tl.zeros((BLOCK_A,), tl.float32)
+        acc0, acc1, acc2, acc3 = step_slices(
+            acc0, acc1, acc2, acc3, g_op, g_op, b_ptr, b_idx, b_ok, a_ptr, a_idx, a_ok, out_b_ptr,
+            d_start, dim, stride_a0, stride_a1, stride_b0, stride_b1, stride_ob0, stride_ob1,
+            BLOCK_DV, NUM_DV, ATOMIC_B, PRECISION)
     out_c = out_ptr + tl.cast(pid_c, tl.int64) * stride_oc
-    ds = chunk_finish(acc0, ds, a_ptr, a_idx, a_ok, out_c, d_start, dim, stride_a0, stride_a1,
-                      stride_o0, stride_o1, s_a, SCALE_MODE, BLOCK_DV, STORE_OUT, NEED_DSCALE)
-    if NUM_DV > 1:
-        ds = chunk_finish(acc1, ds, a_ptr, a_idx, a_ok, out_c, d_start + BLOCK_DV, dim, stride_a0,
-                          stride_a1, stride_o0, stride_o1, s_a, SCALE_MODE, BLOCK_DV, STORE_OUT, NEED_DSCALE)
-    if NUM_DV > 2:
-        ds = chunk_finish(acc2, ds, a_ptr, a_idx, a_ok, out_c, d_start + 2 * BLOCK_DV, dim, stride_a0,
-                          stride_a1, stride_o0, stride_o1, s_a, SCALE_MODE, BLOCK_DV, STORE_OUT, NEED_DSCALE)
-    if NUM_DV > 3:
-        ds = chunk_finish(acc3, ds, a_ptr, a_idx, a_ok, out_c, d_start + 3 * BLOCK_DV, dim, stride_a0,
-                          stride_a1, stride_o0, stride_o1, s_a, SCALE_MODE, BLOCK_DV, STORE_OUT, NEED_DSCALE)
+    ds = finish_slices(acc0, acc1, acc2, acc3, a_ptr, a_idx, a_ok, out_c, d_start, dim,
+                       stride_a0, stride_a1, stride_o0, stride_o1, s_a, BLOCK_A, SCALE_MODE,
+                       BLOCK_DV, NUM_DV, STORE_OUT, NEED_DSCALE)
     if NEED_DSCALE:
         part = tl.cast(pid_c * slices + pid_s, tl.int64) * n_a + a_idx
         tl.store(dscale_ptr + part, ds, mask=a_ok)

@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from . import _autotune
-from ._common import (chunk_finish, chunk_step, load_scalar, load_side_scale, logit_tile, marked_pairs,
-                      row_indices, scaled_log2, softplus_and_sigmoid)
+from ._common import (finish_slices, load_scalar, load_side_scale, logit_tile, marked_pairs, row_indices,
+                      scaled_log2, slice_accumulators, softplus_and_sigmoid, step_slices)
 from ._config import tiles
 from ._launch import Pair, dummy, optional, owner_plan, split_align, target_programs
 
@@ -74,13 +74,7 @@ def _owner_kernel(
             r_a = tl.load(a_stat_ptr + a_idx, mask=a_ok, other=float("-inf"))
             # log2-domain shift; rows with no allowed pair (−inf) get +inf: exp2 → 0
             r2_a = tl.where(r_a == float("-inf"), float("inf"), (r_a - bias) * 1.4426950408889634)
-    acc0 = tl.zeros((BLOCK_A, BLOCK_DV), tl.float32)
-    if NUM_DV > 1:
-        acc1 = tl.zeros((BLOCK_A, BLOCK_DV), tl.float32)
-    if NUM_DV > 2:
-        acc2 = tl.zeros((BLOCK_A, BLOCK_DV), tl.float32)
-    if NUM_DV > 3:
-        acc3 = tl.zeros((BLOCK_A, BLOCK_DV), tl.float32)
+    acc0, acc1, acc2, acc3 = slice_accumulators(BLOCK_A, BLOCK_DV, NUM_DV)
     loss_rows = tl.zeros((BLOCK_A,), tl.float32)
     dbias_rows = tl.zeros((BLOCK_A,), tl.float32)
     for j0 in range(col_start, col_end, BLOCK_B):
@@ -138,38 +132,15 @@ def _owner_kernel(
                     gsa_op = (g * s_a).to(a_ptr.dtype.element_ty)
             else:
                 gsa_op = g_op
-            acc0 = chunk_step(acc0, g_op, gsa_op, b_ptr, b_idx, b_ok, a_ptr, a_idx, a_ok, out_b_ptr,
-                              d_start, dim, stride_a0, stride_a1, stride_b0, stride_b1, stride_ob0,
-                              stride_ob1, BLOCK_DV, ATOMIC_B, PRECISION)
-            if NUM_DV > 1:
-                acc1 = chunk_step(acc1, g_op, gsa_op, b_ptr, b_idx, b_ok, a_ptr, a_idx, a_ok, out_b_ptr,
-                                  d_start + BLOCK_DV, dim, stride_a0, stride_a1, stride_b0, stride_b1,
-                                  stride_ob0, stride_ob1, BLOCK_DV, ATOMIC_B, PRECISION)
-            if NUM_DV > 2:
-                acc2 = chunk_step(acc2, g_op, gsa_op, b_ptr, b_idx, b_ok, a_ptr, a_idx, a_ok, out_b_ptr,
-                                  d_start + 2 * BLOCK_DV, dim, stride_a0, stride_a1, stride_b0, stride_b1,
-                                  stride_ob0, stride_ob1, BLOCK_DV, ATOMIC_B, PRECISION)
-            if NUM_DV > 3:
-                acc3 = chunk_step(acc3, g_op, gsa_op, b_ptr, b_idx, b_ok, a_ptr, a_idx, a_ok, out_b_ptr,
-                                  d_start + 3 * BLOCK_DV, dim, stride_a0, stride_a1, stride_b0, stride_b1,
-                                  stride_ob0, stride_ob1, BLOCK_DV, ATOMIC_B, PRECISION)
+            acc0, acc1, acc2, acc3 = step_slices(
+                acc0, acc1, acc2, acc3, g_op, gsa_op, b_ptr, b_idx, b_ok, a_ptr, a_idx, a_ok, out_b_ptr,
+                d_start, dim, stride_a0, stride_a1, stride_b0, stride_b1, stride_ob0, stride_ob1,
+                BLOCK_DV, NUM_DV, ATOMIC_B, PRECISION)
     if ACCUMULATE:
-        ds = tl.zeros((BLOCK_A,), tl.float32)
         out_c = out_ptr + tl.cast(pid_c, tl.int64) * stride_oc
-        ds = chunk_finish(acc0, ds, a_ptr, a_idx, a_ok, out_c, d_start, dim, stride_a0, stride_a1,
-                          stride_o0, stride_o1, s_a, SCALE_MODE, BLOCK_DV, STORE_OUT, NEED_DSCALE)
-        if NUM_DV > 1:
-            ds = chunk_finish(acc1, ds, a_ptr, a_idx, a_ok, out_c, d_start + BLOCK_DV, dim, stride_a0,
-                              stride_a1, stride_o0, stride_o1, s_a, SCALE_MODE, BLOCK_DV, STORE_OUT,
-                              NEED_DSCALE)
-        if NUM_DV > 2:
-            ds = chunk_finish(acc2, ds, a_ptr, a_idx, a_ok, out_c, d_start + 2 * BLOCK_DV, dim, stride_a0,
-                              stride_a1, stride_o0, stride_o1, s_a, SCALE_MODE, BLOCK_DV, STORE_OUT,
-                              NEED_DSCALE)
-        if NUM_DV > 3:
-            ds = chunk_finish(acc3, ds, a_ptr, a_idx, a_ok, out_c, d_start + 3 * BLOCK_DV, dim, stride_a0,
-                              stride_a1, stride_o0, stride_o1, s_a, SCALE_MODE, BLOCK_DV, STORE_OUT,
-                              NEED_DSCALE)
+        ds = finish_slices(acc0, acc1, acc2, acc3, a_ptr, a_idx, a_ok, out_c, d_start, dim,
+                           stride_a0, stride_a1, stride_o0, stride_o1, s_a, BLOCK_A, SCALE_MODE,
+                           BLOCK_DV, NUM_DV, STORE_OUT, NEED_DSCALE)
         if NEED_DSCALE:
             part = tl.cast(pid_c * slices + pid_s, tl.int64) * n_a + a_idx
             tl.store(dscale_ptr + part, ds, mask=a_ok)
