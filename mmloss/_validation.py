@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Optional, Sequence, Union
 
 import torch
@@ -91,6 +92,15 @@ def check_same_shape(x_name: str, x: torch.Tensor, y_name: str, y: torch.Tensor)
         )
 
 
+def as_number(value):
+    """A numpy scalar or 0-d numpy array of real type as a Python float; anything else as given."""
+    np = sys.modules.get("numpy")  # only values made by an already imported numpy can be numpy
+    if np is not None and isinstance(value, (np.ndarray, np.generic)) and np.ndim(value) == 0:
+        if np.asarray(value).dtype.kind in "iuf":
+            return float(value)
+    return value
+
+
 def check_scalar(
     name: str,
     value,
@@ -98,12 +108,20 @@ def check_scalar(
     rows: Optional[int] = None,
     device: Optional[torch.device] = None,
     positive: bool = False,
-) -> None:
-    """A Python number, a 0-d tensor or, when ``rows`` is given, an (rows,) tensor.
+    dtype: Optional[torch.dtype] = None,
+    reciprocal: bool = False,
+):
+    """A real number, a 0-d tensor or, when ``rows`` is given, an (rows,) tensor.
 
-    ``positive`` asks for a finite value > 0 (temperatures, logit scales of losses); otherwise
-    any finite value is accepted (the primitives accept a zero scale).
+    ``positive`` asks for a value > 0 (temperatures, logit scales of losses); otherwise any
+    value is accepted (the primitives accept a zero scale). Python numbers must be finite.
+    Tensors follow the NaN policy (docs/guarantees.md): NaN/Inf entries propagate to the result
+    as in torch (``check_all_finite`` refuses them when a caller asks), but a finite tensor value
+    that is not representable in the compute ``dtype`` raises. With ``dtype`` the value must stay
+    finite (and nonzero when ``positive``) once converted to ``dtype``; with ``reciprocal`` so must
+    ``1/value`` (for temperatures, which divide the logits).
     """
+    value = as_number(value)
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
         raise TypeError(
             f"{name} must be a float or a floating tensor, got {type(value).__name__}"
@@ -122,18 +140,62 @@ def check_scalar(
                 f"{name} is on {value.device} but the features are on {device}"
             )
     if not value_checks_enabled(value):
-        return
+        return value
     if isinstance(value, torch.Tensor):
         v = value.detach()
-        if not bool(torch.isfinite(v).all()):
-            raise ValueError(f"{name} must be finite, got {_describe(v)}")
-        if positive and not bool((v > 0).all()):
+        finite = torch.isfinite(v)
+        checked = v[finite]  # non-finite entries propagate (NaN policy)
+        if positive and not bool((checked > 0).all()):
             raise ValueError(f"{name} must be > 0, got {_describe(v)}")
+        _check_representable(name, checked.double(), dtype, positive, reciprocal)
+        return value
     else:
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
         if positive and not value > 0:
             raise ValueError(f"{name} must be > 0, got {value}")
+        _check_representable(name, torch.tensor(float(value), dtype=torch.float64), dtype, positive, reciprocal)
+    return value
+
+
+def _check_representable(name: str, v: torch.Tensor, dtype: Optional[torch.dtype], positive: bool,
+                         reciprocal: bool) -> None:
+    """Finite values that must survive the cast to the compute dtype (and, for temperatures,
+    inversion in it): 1e39 overflows fp32 to inf, 1e-45 is a denormal whose reciprocal is inf."""
+    if dtype is None or v.numel() == 0:
+        return
+    cast = v.to(dtype)
+    bad = ~torch.isfinite(cast)
+    if positive:
+        bad |= cast == 0
+    if reciprocal:
+        bad |= ~torch.isfinite(1.0 / cast)
+    if bool(bad.any()):
+        first = float(v[bad.nonzero()[0]] if v.dim() else v)
+        what = f"{name} and 1/{name}" if reciprocal else name
+        need = "finite and nonzero" if positive or reciprocal else "finite"
+        raise ValueError(f"{what} must be {need} in the compute dtype {dtype}, got {name} = {first:g}")
+
+
+def check_all_finite(*named: tuple[str, Optional[torch.Tensor]]) -> None:
+    """ValueError naming the first tensor with a NaN or Inf entry and that entry's index.
+
+    The opt-in half of the NaN policy (``check_finite=True`` on the losses): by default NaN/Inf
+    propagate as in torch. Skipped while compiling; on a GPU this reads a device value (a host
+    synchronisation), which is why it is opt-in.
+    """
+    if _compiling():
+        return
+    for name, t in named:
+        if t is None or not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            continue
+        bad = ~torch.isfinite(t.detach())
+        if bool(bad.any()):
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"{name} {_shape(t)} has non-finite entries (check_finite=True): "
+                f"{name}[{', '.join(map(str, idx))}] = {float(t.detach()[idx])}"
+            )
 
 
 def _describe(v: torch.Tensor) -> str:
@@ -146,6 +208,7 @@ def _describe(v: torch.Tensor) -> str:
 def check_labels(
     name: str, labels, rows: int, device: torch.device, *, ndim: int = 1
 ) -> torch.Tensor:
+    """An (rows,) integer tensor on ``device``; returned as int64 (any integer dtype is accepted)."""
     check_tensor(name, labels)
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
@@ -153,7 +216,7 @@ def check_labels(
         raise ValueError(f"{name} must have shape ({rows},), got {_shape(labels)}")
     if labels.device != device:
         raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
-    return labels
+    return labels if labels.dtype == torch.int64 else labels.to(torch.int64)
 
 
 def check_index_range(name: str, index: torch.Tensor, upper: int) -> None:

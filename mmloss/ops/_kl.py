@@ -144,10 +144,10 @@ def _similarity_kl_op(
     scale_t: Optional[Tensor], scale_t_value: float, rows: bool, cols: bool, cross_entropy: bool,
     backend: str, chunk_size: int, deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(row (N,) | (0,), col (M,) | (0,), row_stats (2, N|0), col_stats (2, M|0)).
+    """(row (N,) | (0,), col (M,) | (0,), row_stats (4, N|0), col_stats (4, M|0)).
 
-    The statistics are the student's and the teacher's log-sum-exp per row / column, saved for
-    the backward pass."""
+    The statistics are the backend's unrounded record of the student's and the teacher's
+    softmax per row / column (max and sum, in the backend's units), saved for its backward."""
     spec = _spec(x_s, y_s, x_t, y_t, scale_s, scale_s_value, scale_t, scale_t_value, chunk_size, deterministic)
     with no_autocast(x_s.device):
         return _kl_module(backend).similarity_kl_forward(spec, rows, cols, cross_entropy)
@@ -159,8 +159,8 @@ def _(x_s, y_s, x_t, y_t, scale_s, scale_s_value, scale_t, scale_t_value, rows, 
     dt = _out_dtype(x_s)
     n = x_s.shape[0] if rows else 0
     m = y_s.shape[0] if cols else 0
-    return (x_s.new_empty(n, dtype=dt), x_s.new_empty(m, dtype=dt), x_s.new_empty((2, n), dtype=dt),
-            x_s.new_empty((2, m), dtype=dt))
+    return (x_s.new_empty(n, dtype=dt), x_s.new_empty(m, dtype=dt), x_s.new_empty((4, n), dtype=dt),
+            x_s.new_empty((4, m), dtype=dt))
 
 
 @torch.library.custom_op("mmloss::similarity_kl_backward", mutates_args=())
@@ -193,6 +193,7 @@ def _kl_setup(ctx, inputs, output):
     (x_s, y_s, x_t, y_t, scale_s, scale_s_value, scale_t, scale_t_value, rows, cols, cross_entropy,
      backend, chunk_size, deterministic) = inputs
     _, _, row_stats, col_stats = output
+    ctx.mark_non_differentiable(row_stats, col_stats)
     ctx.save_for_backward(x_s, y_s, x_t, y_t, scale_s, scale_t, row_stats, col_stats)
     ctx.args = (scale_s_value, scale_t_value, rows, cols, backend, chunk_size, deterministic)
     ctx.set_materialize_grads(False)
@@ -292,8 +293,8 @@ def similarity_kl(
     chunk buffers within the workspace budget). Double backward raises.
     """
     x_s, y_s, x_t, y_t = _prepare(x_s, y_s, x_t, y_t)
-    V.check_scalar("scale_s", scale_s, device=x_s.device)
-    V.check_scalar("scale_t", scale_t, device=x_s.device)
+    scale_s = V.check_scalar("scale_s", scale_s, device=x_s.device, dtype=_out_dtype(x_s))
+    scale_t = V.check_scalar("scale_t", scale_t, device=x_s.device, dtype=_out_dtype(x_s))
     V.check_bool("rows", rows)
     V.check_bool("cols", cols)
     V.check_bool("cross_entropy", cross_entropy)

@@ -70,7 +70,11 @@ def _similarity_lse_op(
     bias_value: float, exclude: str, offset: int, x_labels: Optional[Tensor],
     y_labels: Optional[Tensor], rows: bool, cols: bool, backend: str, chunk_size: int,
     deterministic: bool,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(row_lse, col_lse, row_stats, col_stats): the LSEs (empty where not asked) and the
+    backend's unrounded statistics (2, N) / (2, M) (max and log-sum in the backend's own units),
+    which only that backend's backward reads: recomputing ``exp(L − max − logsum)`` keeps the
+    exponent exact at any logit magnitude, where one rounded fp32 LSE would lose |L|·2⁻²⁴."""
     spec = _spec(x, y, scale, scale_value, bias, bias_value, exclude, offset, x_labels, y_labels, chunk_size, deterministic)
     with no_autocast(x.device):
         return backend_module(backend).similarity_lse_forward(spec, rows, cols)
@@ -80,14 +84,16 @@ def _similarity_lse_op(
 def _(x, y, scale, scale_value, bias, bias_value, exclude, offset, x_labels, y_labels, rows, cols, backend,
       chunk_size, deterministic):
     dt = _out_dtype(x)
-    return (x.new_empty(x.shape[0] if rows else 0, dtype=dt), x.new_empty(y.shape[0] if cols else 0, dtype=dt))
+    n, m = (x.shape[0] if rows else 0), (y.shape[0] if cols else 0)
+    return (x.new_empty(n, dtype=dt), x.new_empty(m, dtype=dt), x.new_empty((2, n), dtype=dt),
+            x.new_empty((2, m), dtype=dt))
 
 
 @torch.library.custom_op("mmloss::similarity_lse_backward", mutates_args=())
 def _similarity_lse_backward_op(
     grad_row: Optional[Tensor], grad_col: Optional[Tensor], x: Tensor, y: Tensor,
     scale: Optional[Tensor], scale_value: float, bias: Optional[Tensor], bias_value: float,
-    row_lse: Tensor, col_lse: Tensor, exclude: str, offset: int, x_labels: Optional[Tensor],
+    row_stats: Tensor, col_stats: Tensor, exclude: str, offset: int, x_labels: Optional[Tensor],
     y_labels: Optional[Tensor], backend: str, chunk_size: int, deterministic: bool,
     need_x: bool, need_y: bool, need_scale: bool, need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -95,7 +101,7 @@ def _similarity_lse_backward_op(
                  deterministic)
     with no_autocast(x.device):
         grads = backend_module(backend).similarity_lse_backward(
-            spec, grad_row, grad_col, row_lse, col_lse, (need_x, need_y, need_scale, need_bias)
+            spec, grad_row, grad_col, row_stats, col_stats, (need_x, need_y, need_scale, need_bias)
         )
     return tuple(_empty_if_none(g, x) for g in grads)
 
@@ -109,7 +115,7 @@ def _fake_feature_grads(x, y, scale, bias, need_x, need_y, need_scale, need_bias
 
 
 @_similarity_lse_backward_op.register_fake
-def _(grad_row, grad_col, x, y, scale, scale_value, bias, bias_value, row_lse, col_lse, exclude,
+def _(grad_row, grad_col, x, y, scale, scale_value, bias, bias_value, row_stats, col_stats, exclude,
       offset, x_labels, y_labels, backend, chunk_size, deterministic, need_x, need_y, need_scale,
       need_bias):
     return _fake_feature_grads(x, y, scale, bias, need_x, need_y, need_scale, need_bias)
@@ -118,14 +124,15 @@ def _(grad_row, grad_col, x, y, scale, scale_value, bias, bias_value, row_lse, c
 def _lse_setup(ctx, inputs, output):
     (x, y, scale, scale_value, bias, bias_value, exclude, offset, x_labels, y_labels, rows, cols,
      backend, chunk_size, deterministic) = inputs
-    row, col = output
-    ctx.save_for_backward(x, y, scale, bias, x_labels, y_labels, row, col)
+    _, _, row_stats, col_stats = output
+    ctx.mark_non_differentiable(row_stats, col_stats)
+    ctx.save_for_backward(x, y, scale, bias, x_labels, y_labels, row_stats, col_stats)
     ctx.args = (scale_value, bias_value, exclude, offset, backend, chunk_size, deterministic, rows, cols)
     ctx.set_materialize_grads(False)
 
 
-def _lse_backward(ctx, grad_row, grad_col):
-    x, y, scale, bias, x_labels, y_labels, row, col = ctx.saved_tensors
+def _lse_backward(ctx, grad_row, grad_col, _grad_row_stats, _grad_col_stats):
+    x, y, scale, bias, x_labels, y_labels, row_stats, col_stats = ctx.saved_tensors
     scale_value, bias_value, exclude, offset, backend, chunk_size, deterministic, rows, cols = ctx.args
     grad_row = grad_row if rows else None
     grad_col = grad_col if cols else None
@@ -134,7 +141,7 @@ def _lse_backward(ctx, grad_row, grad_col):
     dx = dy = ds = db = None
     if (grad_row is not None or grad_col is not None) and any((need_x, need_y, need_scale, need_bias)):
         dx, dy, ds, db = _similarity_lse_backward_op(
-            grad_row, grad_col, x, y, scale, scale_value, bias, bias_value, row, col, exclude,
+            grad_row, grad_col, x, y, scale, scale_value, bias, bias_value, row_stats, col_stats, exclude,
             offset, x_labels, y_labels, backend, chunk_size, deterministic, need_x, need_y, need_scale,
             need_bias,
         )
@@ -304,16 +311,17 @@ def _split_scalar(value, x: Tensor) -> tuple[Optional[Tensor], float]:
     return None, float(value)
 
 
-def _check_marks(kind: str, marks: str, offset, x_labels, y_labels, n: int, m: int, device) -> None:
+def _check_marks(kind: str, marks: str, offset, x_labels, y_labels, n: int, m: int, device):
+    """Validated (x_labels, y_labels), as int64 when given."""
     V.check_choice(kind, marks, MARKS)
     V.check_int("offset", offset)
     if marks == "same_label":
         if x_labels is None or y_labels is None:
             raise ValueError(f"{kind}='same_label' needs both x_labels and y_labels")
-        V.check_labels("x_labels", x_labels, n, device)
-        V.check_labels("y_labels", y_labels, m, device)
-    elif x_labels is not None or y_labels is not None:
+        return V.check_labels("x_labels", x_labels, n, device), V.check_labels("y_labels", y_labels, m, device)
+    if x_labels is not None or y_labels is not None:
         raise ValueError(f"x_labels / y_labels are only used with {kind}='same_label', got {kind}={marks!r}")
+    return None, None
 
 
 def _check_chunk(chunk_size) -> int:
@@ -341,11 +349,13 @@ def _deterministic_default() -> bool:
 
 
 def _common(x, y, scale, bias, backend, chunk_size):
+    """Validated (x, y, scale, bias, backend name, chunk rows); numpy scalars become floats."""
     x, y = prepare_features("x", x, "y", y)
-    V.check_scalar("scale", scale, rows=x.shape[0], device=x.device)
+    dt = _out_dtype(x)
+    scale = V.check_scalar("scale", scale, rows=x.shape[0], device=x.device, dtype=dt)
     if bias is not None:
-        V.check_scalar("bias", bias, device=x.device)
-    return x, y, resolve_backend(backend, x.device, x.dtype), _check_chunk(chunk_size)
+        bias = V.check_scalar("bias", bias, device=x.device, dtype=dt)
+    return x, y, scale, bias, resolve_backend(backend, x.device, x.dtype), _check_chunk(chunk_size)
 
 
 def _scalar_args(x: Tensor, scale, bias):
@@ -385,8 +395,9 @@ def similarity_lse(
         column whose every pair is excluded gives −inf and a zero gradient. Gradients reach x, y,
         scale and bias. Memory O((N+M)·D) plus the backend's bounded workspace.
     """
-    x, y, name, chunk = _common(x, y, scale, bias, backend, chunk_size)
-    _check_marks("exclude", exclude, offset, x_labels, y_labels, x.shape[0], y.shape[0], x.device)
+    x, y, scale, bias, name, chunk = _common(x, y, scale, bias, backend, chunk_size)
+    x_labels, y_labels = _check_marks("exclude", exclude, offset, x_labels, y_labels, x.shape[0], y.shape[0],
+                                      x.device)
     V.check_bool("rows", rows)
     V.check_bool("cols", cols)
     if not (rows or cols):
@@ -398,7 +409,7 @@ def similarity_lse(
             x, y, scale, bias, exclude=exclude, offset=offset, x_labels=x_labels,
             y_labels=y_labels, rows=rows, cols=cols,
         )
-    row, col = _similarity_lse_op(
+    row, col, _, _ = _similarity_lse_op(
         x, y, *_scalar_args(x, scale, bias), exclude, offset, x_labels, y_labels, rows, cols,
         name, chunk, _resolve_deterministic(deterministic),
     )
@@ -420,8 +431,9 @@ def pairwise_sigmoid(
     (one recompute fewer). Gradients reach x, y, scale and bias. Memory O((N+M)·D) plus the
     backend's bounded workspace. LOSSES.md, primitives.
     """
-    x, y, name, chunk = _common(x, y, scale, bias, backend, chunk_size)
-    _check_marks("positives", positives, offset, x_labels, y_labels, x.shape[0], y.shape[0], x.device)
+    x, y, scale, bias, name, chunk = _common(x, y, scale, bias, backend, chunk_size)
+    x_labels, y_labels = _check_marks("positives", positives, offset, x_labels, y_labels, x.shape[0],
+                                      y.shape[0], x.device)
     V.check_choice("reduction", reduction, ("none", "sum"))
     if name == "reference":
         from .. import reference

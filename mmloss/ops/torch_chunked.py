@@ -184,11 +184,21 @@ def _empty(spec: PairSpec, dtype) -> torch.Tensor:
 
 
 def similarity_lse_forward(spec: PairSpec, rows: bool, cols: bool):
-    """Row LSE (N,) and column LSE (M,) over allowed pairs; empty tensors where not asked."""
+    """(row_lse (N,), col_lse (M,), row_stats (2, N), col_stats (2, M)) over allowed pairs.
+
+    LSEs include the bias; a direction not asked for is empty ((0,) and (2, 0)). The statistics
+    are this backend's unrounded record of each row (column) of ``S = s·x·yᵀ``: ``[shift, sum]``
+    with ``shift`` the exact maximum of the S values (0 where every pair is excluded) and
+    ``sum = Σ exp(S − shift)``. The backward recomputes S with the same chunk plan, so
+    ``exp(S − shift)/sum`` reproduces each probability to fp32 accuracy whatever |S| is — a
+    single rounded LSE would shift every exponent by up to |S|·2⁻²⁴ (docs/guarantees.md).
+    """
     ch = _ChunkedLogits(spec, exclude_marks=True)
     cdt = ch.cdt
     dev = spec.x.device
-    row = torch.empty(spec.n, dtype=cdt, device=dev) if rows else _empty(spec, cdt)
+    if rows:
+        row_stats = torch.empty((2, spec.n), dtype=cdt, device=dev)
+        row_shift, row_total = row_stats[0], row_stats[1]
     if cols:
         col_max = torch.full((spec.m,), float("-inf"), dtype=cdt, device=dev)
         col_sum = torch.zeros(spec.m, dtype=cdt, device=dev)
@@ -196,6 +206,7 @@ def similarity_lse_forward(spec: PairSpec, rows: bool, cols: bool):
         s = ch.logits(i0, i1)
         if rows:
             row_max = _finite_or_zero(s.amax(dim=1))
+            row_shift[i0:i1] = row_max
         if cols:
             new_max = torch.maximum(col_max, s.amax(dim=0))
             shift = _finite_or_zero(new_max)
@@ -203,55 +214,74 @@ def similarity_lse_forward(spec: PairSpec, rows: bool, cols: bool):
             col_max = new_max
         if rows and cols:
             # Two exponentials with different shifts: one column block at a time in scratch.
-            row_sum = torch.zeros(i1 - i0, dtype=cdt, device=dev)
+            row_sum = row_total[i0:i1].zero_()
             for j0, j1, sb, e in ch.blocks(s):
                 row_sum += torch.sub(sb, row_max[:, None], out=e).exp_().sum(dim=1)
                 col_sum[j0:j1] += torch.sub(sb, shift[None, j0:j1], out=e).exp_().sum(dim=0)
-            row[i0:i1] = row_sum.log_().add_(row_max)
         elif rows:
-            row[i0:i1] = s.sub_(row_max[:, None]).exp_().sum(dim=1).log_().add_(row_max)
+            torch.sum(s.sub_(row_max[:, None]).exp_(), dim=1, out=row_total[i0:i1])
         else:
             col_sum += s.sub_(shift[None, :]).exp_().sum(dim=0)
-    col = col_sum.log_().add_(_finite_or_zero(col_max)) if cols else _empty(spec, cdt)
+    empty_stats = spec.x.new_empty((2, 0), dtype=cdt)
     if rows:
-        row.add_(ch.bias)
+        row = row_total.log().add_(row_shift).add_(ch.bias)
+    else:
+        row, row_stats = _empty(spec, cdt), empty_stats
     if cols:
-        col.add_(ch.bias)
-    return row, col
+        col_stats = torch.stack((_finite_or_zero(col_max), col_sum))
+        col = col_sum.log().add_(col_stats[0]).add_(ch.bias)
+    else:
+        col, col_stats = _empty(spec, cdt), empty_stats
+    return row, col, row_stats, col_stats
 
 
-def _shifted(stat: torch.Tensor, bias) -> torch.Tensor:
-    return _finite_or_zero(stat - bias)
+def _probability_weights(grad: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """``grad / sum`` per row (column): the factor that turns exp(S − shift) into the upstream
+    gradient times the probability; 0 where nothing was allowed (sum 0, so 0·exp(−inf) stays 0)."""
+    total = stats[1]
+    return torch.where(total == 0, torch.zeros((), dtype=total.dtype, device=total.device), grad / total)
+
+
+def _allowed_grad_sum(grad: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """Σ grad over rows (columns) with an allowed pair; NaN/Inf statistics propagate."""
+    total = stats[1]
+    return torch.where(total == 0, torch.zeros((), dtype=total.dtype, device=total.device),
+                       grad + 0 * total).sum()
 
 
 def similarity_lse_backward(
     spec: PairSpec,
     grad_row: Optional[torch.Tensor],
     grad_col: Optional[torch.Tensor],
-    row_lse: torch.Tensor,
-    col_lse: torch.Tensor,
+    row_stats: torch.Tensor,
+    col_stats: torch.Tensor,
     needs: tuple[bool, bool, bool, bool],
 ):
-    """Gradients (dx, dy, dscale, dbias) of ⟨grad_row, row_lse⟩ + ⟨grad_col, col_lse⟩."""
+    """Gradients (dx, dy, dscale, dbias) of ⟨grad_row, row_lse⟩ + ⟨grad_col, col_lse⟩, from the
+    forward's statistics (``similarity_lse_forward``); every chunk is recomputed exactly as the
+    forward computed it (same chunk rows, same GEMM), so ``S − shift`` is exact."""
     ch = _ChunkedLogits(spec, exclude_marks=True)
     cdt = ch.cdt
-    g = grad_row.to(cdt) if grad_row is not None else None
-    h = grad_col.to(cdt) if grad_col is not None else None
-    r = _shifted(row_lse.to(cdt), ch.bias) if g is not None else None
-    c = _shifted(col_lse.to(cdt), ch.bias) if h is not None else None
+    g = h = None
+    if grad_row is not None:
+        g = grad_row.to(cdt)
+        shift_r, w_r = row_stats[0], _probability_weights(g, row_stats)
+    if grad_col is not None:
+        h = grad_col.to(cdt)
+        shift_c, w_c = col_stats[0], _probability_weights(h, col_stats)
     grads = _FeatureGrads(ch, needs)
     for i0, i1 in ch.ranges():
         s = ch.logits(i0, i1)
         if g is not None and h is not None:
-            r_c, g_c = r[i0:i1, None], g[i0:i1, None]
+            r_c, g_c = shift_r[i0:i1, None], w_r[i0:i1, None]
             for j0, j1, sb, e in ch.blocks(s):
                 torch.sub(sb, r_c, out=e).exp_().mul_(g_c)
-                sb.sub_(c[None, j0:j1]).exp_().mul_(h[None, j0:j1]).add_(e)
+                sb.sub_(shift_c[None, j0:j1]).exp_().mul_(w_c[None, j0:j1]).add_(e)
             grad = s
         elif g is not None:
-            grad = s.sub_(r[i0:i1, None]).exp_().mul_(g[i0:i1, None])
+            grad = s.sub_(shift_r[i0:i1, None]).exp_().mul_(w_r[i0:i1, None])
         elif h is not None:
-            grad = s.sub_(c[None, :]).exp_().mul_(h[None, :])
+            grad = s.sub_(shift_c[None, :]).exp_().mul_(w_c[None, :])
         else:
             grad = s.zero_()
         grads.add_chunk(i0, i1, grad)
@@ -260,9 +290,9 @@ def similarity_lse_backward(
         # Σ_ij G_ij = Σ_i g_i + Σ_j h_j over rows / columns that have an allowed pair.
         total = torch.zeros((), dtype=cdt, device=spec.x.device)
         if g is not None:
-            total = total + torch.where(torch.isfinite(row_lse), g, 0).sum()
+            total = total + _allowed_grad_sum(g, row_stats)
         if h is not None:
-            total = total + torch.where(torch.isfinite(col_lse), h, 0).sum()
+            total = total + _allowed_grad_sum(h, col_stats)
         dbias = total
     return grads.finish(dbias)
 

@@ -6,18 +6,22 @@ the op layer ``mmloss.ops._kl`` looks them up by name, e.g. in ``mmloss.ops.trit
 ``similarity_kl_forward(spec: KLSpec, rows: bool, cols: bool, cross_entropy: bool)
 -> (row, col, row_stats, col_stats)``
     ``row``: (N,) KL_i (or H_i when ``cross_entropy``), or an empty (0,) tensor when not
-    ``rows``; ``col``: (M,) likewise down the columns. ``row_stats``: (2, N) with
-    ``[LSE_j L^s_ij, LSE_j L^t_ij]`` (student first), or (2, 0) when not ``rows``;
-    ``col_stats``: (2, M) with ``[LSE_i L^s_ij, LSE_i L^t_ij]``, or (2, 0). All in
-    ``spec.compute_dtype`` (fp32; fp64 for fp64 inputs), freshly allocated (no views of inputs).
+    ``rows``; ``col``: (M,) likewise down the columns. ``row_stats``: (4, N), or (4, 0) when
+    not ``rows``, and ``col_stats``: (4, M) or (4, 0): the backend's unrounded statistics of the
+    student's and the teacher's softmax per row / column (this backend: ``[max_s, sum_s, max_t,
+    sum_t]`` with ``sum = Σ exp(L − max)``; other backends may use other units). Only the same
+    backend's backward reads them. All in ``spec.compute_dtype`` (fp32; fp64 for fp64 inputs),
+    freshly allocated (no views of inputs).
 
 ``similarity_kl_backward(spec: KLSpec, grad_row: Tensor | None, grad_col: Tensor | None,
 row_stats: Tensor, col_stats: Tensor, needs: tuple[bool, bool, bool]) -> (dx_s, dy_s, dscale_s)``
     Gradients of ``⟨grad_row, row⟩ + ⟨grad_col, col⟩`` w.r.t. the student's x_s (N, D_s),
     y_s (M, D_s) and 0-d scale_s, each ``None`` where ``needs`` (x, y, scale) is False, in the
     dtype of the corresponding input. The logit gradient is
-    ``G_ij = g_i·(exp(L^s_ij − r^s_i) − exp(L^t_ij − r^t_i)) + h_j·(exp(L^s_ij − c^s_j) −
-    exp(L^t_ij − c^t_j))`` from the saved statistics; the teacher gets nothing.
+    ``G_ij = g_i·(softmax_j(L^s_i) − softmax_j(L^t_i)) + h_j·(softmax_i(L^s_·j) −
+    softmax_i(L^t_·j))`` from the saved statistics, each probability recomputed as
+    ``exp(L − max)/sum`` on tiles computed exactly as in the forward pass (so the exponent is
+    exact at any logit magnitude); the teacher gets nothing.
 
 This module's algorithm. Forward: one pass over row chunks; each chunk computes the student
 tile ``S = s_s·x_s[c]·y_sᵀ`` and the teacher tile ``T = s_t·x_t[c]·y_tᵀ`` (C×M each, two GEMMs).
@@ -28,7 +32,8 @@ chunk order (deterministic): per column the student's running max and rescaled s
 teacher's running max with its rescaled sum, ``A_j`` and entropy sum, all rescaled together by
 ``e^{m_old − m_new}`` when the teacher's max moves. Finally ``KL = A/l_t − LSE_t + LSE_s`` and
 ``H = KL + log l_t + Σ e^{T−max}(max − T)/l_t`` (both clamped at 0 against rounding).
-Backward: recompute both tiles per chunk from the saved LSEs, form G in place, and apply it with
+Backward: recompute both tiles per chunk (same chunk plan, so bit-identical to the forward's)
+and, from the saved maxima and sums, form G in place, and apply it with
 ``_FeatureGrads`` (dx, dy, dscale: two GEMMs). Cost: 2 GEMM-equivalents forward, 4 backward.
 
 Memory: O((N+M)·(D_s+D_t)) plus four C×M compute-dtype chunk buffers (two per tile source)
@@ -72,7 +77,7 @@ def _tiles(spec: KLSpec) -> tuple[_ChunkedLogits, _ChunkedLogits]:
 
 
 def _empty_stats(spec: KLSpec, dtype) -> torch.Tensor:
-    return spec.x_s.new_empty((2, 0), dtype=dtype)
+    return spec.x_s.new_empty((4, 0), dtype=dtype)
 
 
 def _empty(spec: KLSpec, dtype) -> torch.Tensor:
@@ -133,7 +138,8 @@ class _ColumnStats:
     def finish(self):
         lse_s = self.sum_s.log().add_(self.max_s)
         lse_t = self.sum_t.log().add_(self.max_t)
-        return lse_s, lse_t, self.weighted, self.sum_t, self.entropy
+        stats = torch.stack((self.max_s, self.sum_s, self.max_t, self.sum_t))
+        return lse_s, lse_t, self.weighted, self.sum_t, self.entropy, stats
 
 
 def _divergence(weighted, sum_t, lse_s, lse_t, entropy, cross_entropy: bool) -> torch.Tensor:
@@ -151,7 +157,7 @@ def similarity_kl_forward(spec: KLSpec, rows: bool, cols: bool, cross_entropy: b
     dev = spec.x_s.device
     if rows:
         row = torch.empty(spec.n, dtype=cdt, device=dev)
-        row_stats = torch.empty(2, spec.n, dtype=cdt, device=dev)
+        row_stats = torch.empty(4, spec.n, dtype=cdt, device=dev)
     columns = _ColumnStats(spec.m, cdt, dev, cross_entropy) if cols else None
     for i0, i1 in ch_s.ranges():
         s = ch_s.logits(i0, i1)
@@ -160,7 +166,8 @@ def similarity_kl_forward(spec: KLSpec, rows: bool, cols: bool, cross_entropy: b
         f = ch_t.tmp[: i1 - i0]
         if rows:
             max_s = s.amax(dim=1)
-            lse_s = torch.sub(s, max_s[:, None], out=e).exp_().sum(dim=1).log_().add_(max_s)
+            sum_s = torch.sub(s, max_s[:, None], out=e).exp_().sum(dim=1)
+            lse_s = sum_s.log().add_(max_s)
         if columns is not None:
             columns.add_student(s, e)
         diff = torch.sub(t, s, out=s)  # the student tile is no longer needed: T − S in place
@@ -174,16 +181,14 @@ def similarity_kl_forward(spec: KLSpec, rows: bool, cols: bool, cross_entropy: b
             weighted = exp_t.mul_(diff).sum(dim=1)
             lse_t = sum_t.log().add_(max_t)
             row[i0:i1] = _divergence(weighted, sum_t, lse_s, lse_t, entropy, cross_entropy)
-            row_stats[0, i0:i1] = lse_s
-            row_stats[1, i0:i1] = lse_t
+            row_stats[:, i0:i1] = torch.stack((max_s, sum_s, max_t, sum_t))
         if columns is not None:
             columns.add_teacher(t, diff, e, f)
     if not rows:
         row, row_stats = _empty(spec, cdt), _empty_stats(spec, cdt)
     if columns is not None:
-        lse_s, lse_t, weighted, sum_t, entropy = columns.finish()
+        lse_s, lse_t, weighted, sum_t, entropy, col_stats = columns.finish()
         col = _divergence(weighted, sum_t, lse_s, lse_t, entropy, cross_entropy)
-        col_stats = torch.stack((lse_s, lse_t))
     else:
         col, col_stats = _empty(spec, cdt), _empty_stats(spec, cdt)
     return row, col, row_stats, col_stats
@@ -203,9 +208,10 @@ def similarity_kl_backward(
     g = grad_row.to(cdt) if grad_row is not None else None
     h = grad_col.to(cdt) if grad_col is not None else None
     if g is not None:
-        row_s, row_t = row_stats[0].to(cdt), row_stats[1].to(cdt)
+        # softmax = exp(L − max)·(1/sum); the upstream gradient joins the 1/sum factor
+        row_s, row_t, w_rs, w_rt = row_stats[0], row_stats[2], g / row_stats[1], g / row_stats[3]
     if h is not None:
-        col_s, col_t = col_stats[0].to(cdt), col_stats[1].to(cdt)
+        col_s, col_t, w_cs, w_ct = col_stats[0], col_stats[2], h / col_stats[1], h / col_stats[3]
     grads = _FeatureGrads(ch_s, needs + (False,))
     for i0, i1 in ch_s.ranges():
         s = ch_s.logits(i0, i1)
@@ -215,13 +221,13 @@ def similarity_kl_backward(
         grad = None
         if g is not None:
             # g_i·(softmax_j(S_i) − softmax_j(T_i)) into e
-            torch.sub(s, row_s[i0:i1, None], out=e).exp_()
-            e.sub_(torch.sub(t, row_t[i0:i1, None], out=f).exp_()).mul_(g[i0:i1, None])
+            torch.sub(s, row_s[i0:i1, None], out=e).exp_().mul_(w_rs[i0:i1, None])
+            e.sub_(torch.sub(t, row_t[i0:i1, None], out=f).exp_().mul_(w_rt[i0:i1, None]))
             grad = e
         if h is not None:
             # h_j·(softmax_i(S_j) − softmax_i(T_j)) in place into s (t is scratch)
-            s.sub_(col_s[None, :]).exp_()
-            s.sub_(t.sub_(col_t[None, :]).exp_()).mul_(h[None, :])
+            s.sub_(col_s[None, :]).exp_().mul_(w_cs[None, :])
+            s.sub_(t.sub_(col_t[None, :]).exp_().mul_(w_ct[None, :]))
             grad = s.add_(e) if grad is not None else s
         if grad is None:
             grad = s.zero_()
