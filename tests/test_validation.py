@@ -81,8 +81,15 @@ CASES = {
                                      r"text_features|image_features|texts|images|labels"),
     # ---- logit scale (losses: finite and > 0; primitives: finite)
     "clip/logit_scale-nan-float": (lambda: mmloss.clip_loss(X(), X(), NAN), ValueError, r"logit_scale"),
-    "clip/logit_scale-inf-tensor": (lambda: mmloss.clip_loss(X(), X(), torch.tensor(INF)), ValueError,
-                                    r"logit_scale"),
+    # tensors with NaN/Inf propagate (docs/guarantees.md) unless check_finite=True asks to raise
+    "clip/logit_scale-inf-tensor-checked": (lambda: mmloss.clip_loss(X(), X(), torch.tensor(INF), check_finite=True),
+                                            ValueError, r"logit_scale.*inf"),
+    "clip/features-nan-checked": (lambda: mmloss.clip_loss(X(), X().index_fill(0, L(3), NAN), 5.0,
+                                                           check_finite=True), ValueError, r"text_features\[3, 0\]"),
+    "clip/logit_scale-overflows-fp32": (lambda: mmloss.clip_loss(X(), X(), 1e39), ValueError,
+                                        r"logit_scale.*float32.*1e\+39"),
+    "siglip/logit_bias-overflows-fp32": (lambda: mmloss.siglip_loss(X(), X(), 5.0, torch.tensor(-1e39, dtype=torch.float64)),
+                                         ValueError, r"logit_bias"),
     "clip/logit_scale-zero-float": (lambda: mmloss.clip_loss(X(), X(), 0.0), ValueError, r"logit_scale"),
     "siglip/logit_scale-negative-tensor": (lambda: mmloss.siglip_loss(X(), X(), torch.tensor(-1.0)), ValueError,
                                            r"logit_scale"),
@@ -100,8 +107,9 @@ CASES = {
     "lse/scale-wrong-length": (lambda: ops.similarity_lse(X(7), X(5), torch.ones(5)), ValueError, r"scale"),
     "lse/scale-2d": (lambda: ops.similarity_lse(X(7), X(5), torch.ones(7, 1)), ValueError, r"scale"),
     "sigmoid/scale-nan-float": (lambda: ops.pairwise_sigmoid(X(), X(5), NAN), ValueError, r"scale"),
-    "lse/scale-inf-per-row": (lambda: ops.similarity_lse(X(), X(5), torch.tensor([1.0] * 6 + [INF])), ValueError,
-                              r"scale"),
+    "lse/scale-per-row-overflows-fp32": (lambda: ops.similarity_lse(X(), X(5), torch.tensor([1.0] * 6 + [1e39],
+                                                                                          dtype=torch.float64)),
+                                         ValueError, r"scale.*1e\+39"),
     "lse/scale-int-tensor": (lambda: ops.similarity_lse(X(), X(5), torch.ones(7, dtype=torch.long)), TypeError,
                              r"scale"),
     # ---- bias
@@ -280,3 +288,25 @@ def test_unavailable_mmloss_backend_env(monkeypatch):
     monkeypatch.setenv("MMLOSS_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match=r"cuda"):
         mmloss.siglip_loss(X(), X(), 5.0)
+
+
+def test_nonfinite_tensors_propagate():
+    """NaN policy (docs/guarantees.md): a NaN/Inf inside a tensor argument propagates to the
+    result, as in torch, instead of raising (or being hidden); only rows it touches are NaN."""
+    loss = mmloss.clip_loss(X(), X(), torch.tensor(INF))
+    assert torch.isnan(loss), loss
+    row, col = ops.similarity_lse(X(), X(5), torch.tensor([1.0] * 6 + [NAN]))
+    assert torch.isnan(row[6]) and torch.isfinite(row[:6]).all(), row
+    assert torch.isnan(col).all(), col  # every column meets the NaN row
+    y = X()
+    y.data[3, 0] = NAN
+    assert torch.isnan(mmloss.clip_loss(X(), y, 5.0))
+
+
+def test_numpy_scalars_are_numbers():
+    """A numpy scalar or 0-d array logit_scale is a number, like a Python float."""
+    np = pytest.importorskip("numpy")
+    want = mmloss.clip_loss(X(), X(), 10.0)
+    for value in (np.float32(10.0), np.float64(10.0), np.array(10.0), np.int64(10)):
+        got = mmloss.clip_loss(X(), X(), value)
+        assert torch.allclose(got, want), (type(value), got, want)

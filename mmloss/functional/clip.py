@@ -23,6 +23,7 @@ def clip_loss(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     backend: str = "auto",
+    check_finite: bool = False,
 ) -> Tensor:
     """Symmetric CLIP loss ½·[mean_i CE(row i) + mean_j CE(column j)] (LOSSES.md §1).
 
@@ -35,6 +36,8 @@ def clip_loss(
         labels: optional (N,) integer ids; a row's target is uniform over same-id columns.
         label_smoothing: ε in [0, 1); targets (1−ε)·q + ε/N.
         reduction: "mean" | "sum" (N × mean) | "none" ((N,) terms ½(image_i + text_i)).
+        check_finite: raise a ValueError naming the tensor when an input holds NaN/Inf (by
+            default they propagate to the loss, as in torch; a host sync on GPUs).
 
     Returns an fp32 loss (fp64 for fp64 inputs). Memory O(N·D) plus the backend's workspace;
     single-positive rows use the softplus form ``softplus(LSE_{j≠i} L_ij − L_ii)``.
@@ -46,15 +49,18 @@ def clip_loss(
             f"clip_loss needs as many texts as images: image_features has {n} rows, "
             f"text_features {y.shape[0]} (use infonce_loss for rectangular problems)"
         )
-    V.check_scalar("logit_scale", logit_scale, device=x.device, positive=True)
+    dt = compute_dtype(x)
+    logit_scale = V.check_scalar("logit_scale", logit_scale, device=x.device, positive=True, dtype=dt)
     if logit_bias is not None:
-        V.check_scalar("logit_bias", logit_bias, device=x.device)
+        logit_bias = V.check_scalar("logit_bias", logit_bias, device=x.device, dtype=dt)
     eps = V.check_fraction("label_smoothing", label_smoothing)
     V.check_reduction(reduction)
     if labels is not None:
-        V.check_labels("labels", labels, n, x.device)
+        labels = V.check_labels("labels", labels, n, x.device)
+    if V.check_bool("check_finite", check_finite):
+        V.check_all_finite(("image_features", x), ("text_features", y), ("logit_scale", logit_scale),
+                           ("logit_bias", logit_bias))
 
-    dt = compute_dtype(x)
     s = scale_as(logit_scale, dt, x.device)
     if labels is None:
         # The positive logits are formed before the primitive on purpose: autograd runs the

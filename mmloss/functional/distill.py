@@ -9,7 +9,7 @@ from .. import _validation as V
 from ..ops import similarity_kl, similarity_topk
 from ..ops._backends import _CHOICES
 from ..ops._primitives import prepare_features
-from ._common import as_compute, softplus
+from ._common import as_compute, compute_dtype, softplus
 from .clip import clip_loss
 
 Tensor = torch.Tensor
@@ -49,6 +49,7 @@ def contrastive_distill_loss(
     *,
     cross_entropy: bool = True,
     backend: str = "auto",
+    check_finite: bool = False,
 ) -> Tensor:
     """Similarity-matrix distillation, open_clip ``DistillClipLoss``'s distillation term
     (LOSSES.md §13): ``½·[mean_i H(p^t_i, p^s_i) + mean_j H(p^t_{·j}, p^s_{·j})]`` with
@@ -66,6 +67,8 @@ def contrastive_distill_loss(
             divergence KL(p_t‖p_s) (the same gradient; the value is lower by the teacher's
             entropy, and 0 when teacher = student).
         backend: primitive backend ("auto", "torch", "reference", ...).
+        check_finite: raise a ValueError naming the tensor when an input holds NaN/Inf (by
+            default they propagate, as in torch; a host sync on GPUs).
 
     Returns an fp32 scalar (fp64 for fp64 inputs). Memory O((N+M)·(D+D_t)) plus the
     ``similarity_kl`` workspace; no N×M tensor.
@@ -74,9 +77,15 @@ def contrastive_distill_loss(
     xt, yt = _prepare_pair("teacher_image_features", teacher_image_features, "teacher_text_features",
                            teacher_text_features, x.shape[0], y.shape[0], "teacher")
     V.check_same_device(("image_features", x), ("teacher_image_features", xt))
-    V.check_scalar("logit_scale", logit_scale, device=x.device, positive=True)
-    V.check_scalar("teacher_logit_scale", teacher_logit_scale, device=x.device, positive=True)
+    dt = compute_dtype(x)
+    logit_scale = V.check_scalar("logit_scale", logit_scale, device=x.device, positive=True, dtype=dt)
+    teacher_logit_scale = V.check_scalar("teacher_logit_scale", teacher_logit_scale, device=x.device,
+                                         positive=True, dtype=dt)
     V.check_bool("cross_entropy", cross_entropy)
+    if V.check_bool("check_finite", check_finite):
+        V.check_all_finite(("image_features", x), ("text_features", y), ("logit_scale", logit_scale),
+                           ("teacher_image_features", xt), ("teacher_text_features", yt),
+                           ("teacher_logit_scale", teacher_logit_scale))
     rows, cols = similarity_kl(x, y, xt, yt, logit_scale, teacher_logit_scale, cross_entropy=cross_entropy,
                                backend=backend)
     return 0.5 * (rows.mean() + cols.mean())
@@ -98,6 +107,7 @@ def modx_loss(
     alpha: float = 20.0,
     *,
     backend: str = "auto",
+    check_finite: bool = False,
 ) -> Tensor:
     """ModX off-diagonal alignment for continual CLIP training (LOSSES.md §13), as the
     authors' script computes it:
@@ -119,6 +129,8 @@ def modx_loss(
         old_image_features, old_text_features: (N, D_old) each, the previous model (constant:
             no gradient reaches it).
         alpha: weight of the distillation term (≥ 0; the authors' script passes 20).
+        check_finite: raise a ValueError naming the tensor when an input holds NaN/Inf (by
+            default they propagate, as in torch; a host sync on GPUs).
 
     Returns an fp32 scalar (fp64 for fp64 inputs). Memory O(N·(D+D_old)) plus the primitives'
     workspaces; no N×N tensor.
@@ -133,8 +145,12 @@ def modx_loss(
     xo, yo = _prepare_pair("old_image_features", old_image_features, "old_text_features", old_text_features,
                            n, n, "old-model")
     V.check_same_device(("image_features", x), ("old_image_features", xo))
-    V.check_scalar("logit_scale", logit_scale, device=x.device, positive=True)
+    logit_scale = V.check_scalar("logit_scale", logit_scale, device=x.device, positive=True,
+                                 dtype=compute_dtype(x))
     alpha = _check_weight("alpha", alpha)
+    if V.check_bool("check_finite", check_finite):
+        V.check_all_finite(("image_features", x), ("text_features", y), ("logit_scale", logit_scale),
+                           ("old_image_features", xo), ("old_text_features", yo))
     keep_rows = _diagonal_is_argmax(xo, yo)
     keep_cols = _diagonal_is_argmax(yo, xo)
     # The KL term is formed before the CLIP term on purpose: autograd runs the newest node first,
@@ -215,6 +231,7 @@ def cyclip_loss(
     lambda_cross: float = 0.25,
     *,
     backend: str = "auto",
+    check_finite: bool = False,
 ) -> Tensor:
     """CyCLIP (LOSSES.md §14): ``CLIP + λ_in·L_in + λ_cross·L_cross`` with, on the raw cosines,
     ``L_in = (1/N) Σ_ij (x_i·x_j − y_i·y_j)²`` and ``L_cross = (1/N) Σ_ij (x_i·y_j − x_j·y_i)²``
@@ -227,6 +244,8 @@ def cyclip_loss(
         image_features, text_features: (N, D) each, used as given; N ≠ M is a ValueError.
         logit_scale: positive float or 0-d tensor (CLIP term only).
         lambda_in, lambda_cross: finite weights ≥ 0 (default 0.25 each).
+        check_finite: raise a ValueError naming the tensor when an input holds NaN/Inf (by
+            default they propagate, as in torch; a host sync on GPUs).
 
     Returns an fp32 scalar (fp64 for fp64 inputs). Memory O(N·D + D²) plus the CLIP
     primitive's workspace.
@@ -240,6 +259,8 @@ def cyclip_loss(
         )
     lambda_in = _check_weight("lambda_in", lambda_in)
     lambda_cross = _check_weight("lambda_cross", lambda_cross)
+    if V.check_bool("check_finite", check_finite):
+        V.check_all_finite(("image_features", x), ("text_features", y), ("logit_scale", logit_scale))
     if lambda_in == 0.0 and lambda_cross == 0.0:
         return clip_loss(x, y, logit_scale, backend=backend)
     # Formed before the CLIP term so that its backward runs after CLIP's (newest node first):
@@ -265,9 +286,9 @@ def _check_scores(name: str, t) -> Tensor:
 def _positive_targets(positive_index, b: int, c: int, device) -> Tensor:
     """(B,) int64 column of each row's positive."""
     if isinstance(positive_index, Tensor):
-        V.check_labels("positive_index", positive_index, b, device)
+        positive_index = V.check_labels("positive_index", positive_index, b, device)
         V.check_index_range("positive_index", positive_index, c)
-        return positive_index.long()
+        return positive_index
     index = V.check_int("positive_index", positive_index)
     if not 0 <= index < c:
         raise ValueError(f"positive_index must lie in [0, {c}) (the C candidates), got {index}")
@@ -281,6 +302,7 @@ def score_distill_loss(
     alpha: float = 0.2,
     *,
     backend: str = "auto",
+    check_finite: bool = False,
 ) -> Tensor:
     """Score distillation (DCD, LOSSES.md §15) over a small candidate set per query:
 
@@ -297,6 +319,8 @@ def score_distill_loss(
         alpha: in [0, 1] (default 0.2).
         backend: accepted for a uniform call style; this loss is O(B·C) plain torch (no N×M
             similarity, no fused kernel).
+        check_finite: raise a ValueError naming the tensor when an input holds NaN/Inf (by
+            default they propagate, as in torch; a host sync on GPUs).
 
     Returns an fp32 scalar (fp64 for fp64 inputs). Memory: O(B) plus chunk temporaries of
     ≤ 2^16 elements beyond the inputs and the student's gradient.
@@ -309,6 +333,8 @@ def score_distill_loss(
     V.check_choice("backend", backend, _CHOICES)
     b, c = u.shape
     target = _positive_targets(positive_index, b, c, u.device)
+    if V.check_bool("check_finite", check_finite):
+        V.check_all_finite(("student_scores", u), ("teacher_scores", t))
     return _ScoreDistill.apply(u, t.detach(), target, alpha)
 
 

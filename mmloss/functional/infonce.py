@@ -24,6 +24,7 @@ def infonce_loss(
     soft_targets: Optional[Tensor] = None,
     reduction: str = "mean",
     backend: str = "auto",
+    check_finite: bool = False,
 ) -> Tensor:
     """InfoNCE of queries (N, D) against keys (M, D): mean_i (LSE_j L_ij − L_{i,t_i}) (LOSSES.md §2).
 
@@ -32,15 +33,18 @@ def infonce_loss(
         targets: (N,) integer key index of each query's positive.
         query_labels (N,) + key_labels (M,): every same-label key is a positive; the target is
             uniform over them. Computed with class sums: no N×M tensor.
-        soft_targets: (N, M) dense target distribution q (rows should sum to 1):
-            mean_i (LSE_j L_ij − Σ_j q_ij L_ij).
+        soft_targets: (N, M) dense target distribution q (non-negative rows summing to 1,
+            checked on CPU tensors to 1e-3 relative): mean_i (LSE_j L_ij − Σ_j q_ij L_ij).
+    Integer targets and labels of any integer dtype are accepted.
     ``logit_scale`` is a positive float or 0-d tensor. ``reduction``: "mean" | "sum" | "none"
-    ((N,) per-query terms). Returns fp32 (fp64 for fp64 inputs); memory O((N+M)·D) plus the
+    ((N,) per-query terms). ``check_finite``: raise a ValueError naming the tensor when an input
+    holds NaN/Inf (by default they propagate, as in torch; a host sync on GPUs). Returns fp32 (fp64 for fp64 inputs); memory O((N+M)·D) plus the
     backend's workspace (and the N×M soft targets when given).
     """
     x, y = prepare_features("query", query, "keys", keys)
     n, m = x.shape[0], y.shape[0]
-    V.check_scalar("logit_scale", logit_scale, device=x.device, positive=True)
+    dt = compute_dtype(x)
+    logit_scale = V.check_scalar("logit_scale", logit_scale, device=x.device, positive=True, dtype=dt)
     V.check_reduction(reduction)
     if (query_labels is None) != (key_labels is None):
         raise ValueError("query_labels and key_labels must be given together")
@@ -48,8 +52,10 @@ def infonce_loss(
                                   ("soft_targets", soft_targets)) if v is not None]
     if len(given) > 1:
         raise ValueError(f"give at most one of targets, query/key labels, soft_targets; got {given}")
+    if V.check_bool("check_finite", check_finite):
+        V.check_all_finite(("query", x), ("keys", y), ("logit_scale", logit_scale),
+                           ("soft_targets", soft_targets))
 
-    dt = compute_dtype(x)
     s = scale_as(logit_scale, dt, x.device)
     if soft_targets is not None:
         V.check_tensor("soft_targets", soft_targets)
@@ -58,18 +64,19 @@ def infonce_loss(
         if tuple(soft_targets.shape) != (n, m):
             raise ValueError(f"soft_targets must have shape ({n}, {m}), got {tuple(soft_targets.shape)}")
         V.check_same_device(("query", x), ("soft_targets", soft_targets))
+        _check_distribution_rows(soft_targets)
         row_lse, _ = similarity_lse(x, y, logit_scale, cols=False, backend=backend)
         target_keys = as_compute(soft_targets, dt) @ as_compute(y, dt)  # (N, D) = q·k
         terms = row_lse - s * torch.linalg.vecdot(as_compute(x, dt), target_keys)
     elif query_labels is not None:
-        V.check_labels("query_labels", query_labels, n, x.device)
-        V.check_labels("key_labels", key_labels, m, x.device)
+        query_labels = V.check_labels("query_labels", query_labels, n, x.device)
+        key_labels = V.check_labels("key_labels", key_labels, m, x.device)
         classes = LabelClasses(y, key_labels, dt)
         classes.has(query_labels, "query_labels")
         row_lse, _ = similarity_lse(x, y, logit_scale, cols=False, backend=backend)
         terms = row_lse - s * classes.mean_dot(x, query_labels)
     elif targets is not None:
-        V.check_labels("targets", targets, n, x.device)
+        targets = V.check_labels("targets", targets, n, x.device)
         V.check_index_range("targets", targets, m)
         keys_index = torch.arange(m, device=x.device)
         # Excluding pairs with targets[i] == j leaves the negatives: softplus form.
@@ -85,3 +92,21 @@ def infonce_loss(
         row_lse, _ = similarity_lse(x, y, logit_scale, exclude="diagonal", cols=False, backend=backend)
         terms = softplus(row_lse - s * rowwise_dot(x, y[:n]))
     return reduce(terms, reduction)
+
+
+def _check_distribution_rows(q: Tensor) -> None:
+    """Value check (CPU, eager): soft targets are non-negative and each row sums to 1 (1e-3
+    relative, loose enough for half-precision targets). NaN entries propagate (NaN policy)."""
+    if q.numel() == 0 or not V.value_checks_enabled(q):
+        return
+    q = q.detach()
+    finite = torch.isfinite(q)
+    negative = (q < 0) & finite
+    if bool(negative.any()):
+        i, j = (int(v) for v in negative.nonzero()[0])
+        raise ValueError(f"soft_targets must be non-negative, got soft_targets[{i}, {j}] = {float(q[i, j])}")
+    sums = q.double().sum(dim=1)
+    off = finite.all(dim=1) & ((sums - 1).abs() > 1e-3)
+    if bool(off.any()):
+        i = int(off.nonzero()[0, 0])
+        raise ValueError(f"soft_targets rows must sum to 1, got row {i} summing to {float(sums[i]):.6g}")

@@ -19,6 +19,7 @@ def siglip_loss(
     labels=None,
     reduction: str = "mean",
     backend: str = "auto",
+    check_finite: bool = False,
 ) -> Tensor:
     """Sigmoid loss −(1/N) Σ_i Σ_j log sigmoid(z_ij·L_ij), L = s·x·yᵀ + b (LOSSES.md §3).
 
@@ -29,15 +30,21 @@ def siglip_loss(
         labels: None (positives on the diagonal), (N,) integer ids shared by both sides, or a
             pair ``(image_labels (N,), text_labels (M,))``; same ids are positives (z = +1).
         reduction: "mean" (sum over columns, mean over rows) | "sum" | "none" ((N,) row sums).
+        check_finite: raise a ValueError naming the tensor when an input holds NaN/Inf (by
+            default they propagate to the loss, as in torch; a host sync on GPUs).
 
     Returns fp32 (fp64 for fp64 inputs). Memory O((N+M)·D) plus the backend's workspace.
     """
     x, y = prepare_features("image_features", image_features, "text_features", text_features)
     n, m = x.shape[0], y.shape[0]
-    V.check_scalar("logit_scale", logit_scale, device=x.device, positive=True)
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    logit_scale = V.check_scalar("logit_scale", logit_scale, device=x.device, positive=True, dtype=dt)
     if logit_bias is not None:
-        V.check_scalar("logit_bias", logit_bias, device=x.device)
+        logit_bias = V.check_scalar("logit_bias", logit_bias, device=x.device, dtype=dt)
     V.check_reduction(reduction)
+    if V.check_bool("check_finite", check_finite):
+        V.check_all_finite(("image_features", x), ("text_features", y), ("logit_scale", logit_scale),
+                           ("logit_bias", logit_bias))
     if labels is None or isinstance(labels, torch.Tensor):
         if n != m:
             raise ValueError(

@@ -17,7 +17,12 @@ class ClipLoss(LossModule):
     ``cache_labels`` are accepted for compatibility (labels are never materialised, and
     cross-rank gathering is governed by ``distributed``). ``use_horovod=True`` raises.
     Extra keywords: ``label_smoothing`` (LOSSES.md §1), ``distributed`` ("auto" | None |
-    "gather" | "ring"), ``group``, ``backend``.
+    "gather" | "ring"), ``group``, ``backend``, ``check_finite``.
+
+    Distributed default: "auto", like open_clip's loss, which gathers across ranks. Until
+    mmloss gathers, a call under a process group of world size > 1 (or with ``world_size > 1``)
+    raises instead of silently returning a rank-local loss; ``distributed=None`` computes the
+    loss on the given (rank-local) tensors.
 
     ``forward(image_features (N, D), text_features (N, D), logit_scale, logit_bias=None,
     output_dict=False, labels=None)`` returns the scalar loss, or ``{"contrastive_loss": loss}``.
@@ -36,8 +41,10 @@ class ClipLoss(LossModule):
         distributed="auto",
         group=None,
         backend: str = "auto",
+        check_finite: bool = False,
     ):
-        super().__init__(backend=backend, distributed=distributed, group=group, world_size=world_size)
+        super().__init__(backend=backend, distributed=distributed, group=group, world_size=world_size,
+                         check_finite=check_finite)
         if use_horovod:
             raise ValueError("ClipLoss: Horovod is not supported by mmloss (use torch.distributed)")
         self.local_loss = local_loss
@@ -58,6 +65,6 @@ class ClipLoss(LossModule):
         self._require_local()
         loss = clip_loss(
             image_features, text_features, logit_scale, logit_bias, labels=labels,
-            label_smoothing=self.label_smoothing, backend=self.backend,
+            label_smoothing=self.label_smoothing, backend=self.backend, check_finite=self.check_finite,
         )
         return {"contrastive_loss": loss} if output_dict else loss

@@ -27,8 +27,9 @@ class ContrastiveDistillLoss(LossModule):
     defaults to None: the loss never gathers).
     """
 
-    def __init__(self, *, cross_entropy: bool = True, distributed=None, group=None, backend: str = "auto"):
-        super().__init__(backend=backend, distributed=distributed, group=group)
+    def __init__(self, *, cross_entropy: bool = True, distributed=None, group=None, backend: str = "auto",
+                 check_finite: bool = False):
+        super().__init__(backend=backend, distributed=distributed, group=group, check_finite=check_finite)
         self.cross_entropy = V.check_bool("cross_entropy", cross_entropy)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, teacher_image_features: Tensor,
@@ -37,6 +38,7 @@ class ContrastiveDistillLoss(LossModule):
         return contrastive_distill_loss(
             image_features, text_features, logit_scale, teacher_image_features, teacher_text_features,
             teacher_logit_scale, cross_entropy=self.cross_entropy, backend=self.backend,
+            check_finite=self.check_finite,
         )
 
     def extra_repr(self) -> str:
@@ -61,10 +63,11 @@ class DistillClipLoss(ClipLoss):
         # the other term's partial gradients are never live together (see torch_kl's memory note).
         distill = contrastive_distill_loss(
             image_features, text_features, logit_scale, dist_image_features, dist_text_features,
-            dist_logit_scale, backend=self.backend,
+            dist_logit_scale, backend=self.backend, check_finite=self.check_finite,
         )
         contrastive = clip_loss(image_features, text_features, logit_scale,
-                                label_smoothing=self.label_smoothing, backend=self.backend)
+                                label_smoothing=self.label_smoothing, backend=self.backend,
+                                check_finite=self.check_finite)
         if output_dict:
             return {"contrastive_loss": contrastive, "distill_loss": distill}
         return contrastive, distill
@@ -79,15 +82,16 @@ class ModXLoss(LossModule):
     Σ kept-column KL) on unscaled cosines; see ``mmloss.functional.modx_loss``. Rank-local.
     """
 
-    def __init__(self, alpha: float = 20.0, *, distributed=None, group=None, backend: str = "auto"):
-        super().__init__(backend=backend, distributed=distributed, group=group)
+    def __init__(self, alpha: float = 20.0, *, distributed=None, group=None, backend: str = "auto",
+                 check_finite: bool = False):
+        super().__init__(backend=backend, distributed=distributed, group=group, check_finite=check_finite)
         self.alpha = _check_weight("alpha", alpha)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, old_image_features: Tensor,
                 old_text_features: Tensor) -> Tensor:
         self._require_local()
         return modx_loss(image_features, text_features, logit_scale, old_image_features, old_text_features,
-                         self.alpha, backend=self.backend)
+                         self.alpha, backend=self.backend, check_finite=self.check_finite)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, backend={self.backend!r}"
@@ -102,15 +106,15 @@ class CyCLIPLoss(LossModule):
     """
 
     def __init__(self, lambda_in: float = 0.25, lambda_cross: float = 0.25, *, distributed=None, group=None,
-                 backend: str = "auto"):
-        super().__init__(backend=backend, distributed=distributed, group=group)
+                 backend: str = "auto", check_finite: bool = False):
+        super().__init__(backend=backend, distributed=distributed, group=group, check_finite=check_finite)
         self.lambda_in = _check_weight("lambda_in", lambda_in)
         self.lambda_cross = _check_weight("lambda_cross", lambda_cross)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale) -> Tensor:
         self._require_local()
         return cyclip_loss(image_features, text_features, logit_scale, self.lambda_in, self.lambda_cross,
-                           backend=self.backend)
+                           backend=self.backend, check_finite=self.check_finite)
 
     def extra_repr(self) -> str:
         return f"lambda_in={self.lambda_in}, lambda_cross={self.lambda_cross}, backend={self.backend!r}"
@@ -124,13 +128,15 @@ class ScoreDistillLoss(LossModule):
     ``mmloss.functional.score_distill_loss``. Rank-local.
     """
 
-    def __init__(self, alpha: float = 0.2, *, distributed=None, group=None, backend: str = "auto"):
-        super().__init__(backend=backend, distributed=distributed, group=group)
+    def __init__(self, alpha: float = 0.2, *, distributed=None, group=None, backend: str = "auto",
+                 check_finite: bool = False):
+        super().__init__(backend=backend, distributed=distributed, group=group, check_finite=check_finite)
         self.alpha = V.check_fraction("alpha", alpha, upper_open=False)
 
     def forward(self, student_scores: Tensor, teacher_scores: Tensor, positive_index=0) -> Tensor:
         self._require_local()
-        return score_distill_loss(student_scores, teacher_scores, positive_index, self.alpha, backend=self.backend)
+        return score_distill_loss(student_scores, teacher_scores, positive_index, self.alpha, backend=self.backend,
+                                  check_finite=self.check_finite)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, backend={self.backend!r}"

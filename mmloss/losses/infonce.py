@@ -15,10 +15,13 @@ class InfoNCELoss(LossModule):
 
     ``forward(query (N, D), keys (M, D), logit_scale, targets=None, query_labels=None,
     key_labels=None, soft_targets=None)``; see ``mmloss.functional.infonce_loss``.
+    Rank-local by default (``distributed=None``): it has no gathering peer, and its keys often
+    hold a queue that every rank already shares.
     """
 
-    def __init__(self, *, reduction: str = "mean", distributed="auto", group=None, backend: str = "auto"):
-        super().__init__(backend=backend, distributed=distributed, group=group)
+    def __init__(self, *, reduction: str = "mean", distributed=None, group=None, backend: str = "auto",
+                 check_finite: bool = False):
+        super().__init__(backend=backend, distributed=distributed, group=group, check_finite=check_finite)
         self.reduction = V.check_reduction(reduction)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, logit_scale,
@@ -27,4 +30,5 @@ class InfoNCELoss(LossModule):
         self._require_local()
         return infonce_loss(query, keys, logit_scale, targets=targets, query_labels=query_labels,
                             key_labels=key_labels, soft_targets=soft_targets,
-                            reduction=self.reduction, backend=self.backend)
+                            reduction=self.reduction, backend=self.backend,
+                            check_finite=self.check_finite)

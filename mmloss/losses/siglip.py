@@ -15,7 +15,9 @@ class SigLipLoss(LossModule):
     ``dist_impl`` "bidir"/"shift" will map to the ring and "gather"/"reduce" to gathering once
     distributed support lands; ``cache_labels`` is accepted for compatibility (labels are never
     materialised). ``forward(image_features, text_features, logit_scale, logit_bias=None,
-    output_dict=False, labels=None)``; ``labels`` as in ``siglip_loss``.
+    output_dict=False, labels=None)``; ``labels`` as in ``siglip_loss``. ``distributed`` defaults
+    to "auto" as in ``ClipLoss`` (open_clip's losses gather): under a process group of world
+    size > 1 it raises until gathering lands; None computes the rank-local loss.
     """
 
     def __init__(
@@ -28,8 +30,10 @@ class SigLipLoss(LossModule):
         distributed="auto",
         group=None,
         backend: str = "auto",
+        check_finite: bool = False,
     ):
-        super().__init__(backend=backend, distributed=distributed, group=group, world_size=world_size)
+        super().__init__(backend=backend, distributed=distributed, group=group, world_size=world_size,
+                         check_finite=check_finite)
         if dist_impl not in _DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {list(_DIST_IMPLS)}, got {dist_impl!r}")
         self.cache_labels = cache_labels
@@ -40,5 +44,5 @@ class SigLipLoss(LossModule):
                 logit_bias=None, output_dict: bool = False, labels=None):
         self._require_local()
         loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, labels=labels,
-                           backend=self.backend)
+                           backend=self.backend, check_finite=self.check_finite)
         return {"contrastive_loss": loss} if output_dict else loss
