@@ -169,7 +169,14 @@ _CHUNK_ELEMENTS = 1 << 16
 
 
 def _row_chunks(rows: int, cols: int):
-    """Row ranges of at most ``_CHUNK_ELEMENTS`` elements (at least one row each)."""
+    """Row ranges of at most ``_CHUNK_ELEMENTS`` elements (at least one row each).
+
+    While compiling, one range covers every row: a loop over a symbolic row count would
+    specialise the graph on the batch size (a recompile per size); the compiled graph's
+    temporaries are then O(rows·cols), still within the losses' O(N·D) memory."""
+    if torch.compiler.is_compiling():
+        yield 0, rows
+        return
     step = max(1, _CHUNK_ELEMENTS // cols)
     for i0 in range(0, rows, step):
         yield i0, min(rows, i0 + step)

@@ -57,21 +57,29 @@ def similarity_topk(x: Tensor, y: Tensor, k: int, *, scale=1.0, chunk: Optional[
     k = V.check_int("k", k)
     if k < 1 or k > m:
         raise ValueError(f"k must satisfy 1 ≤ k ≤ M = {m} (the rows of y), got k={k}")
-    V.check_scalar("scale", scale, rows=n, device=x.device)
+    scale = V.check_scalar("scale", scale, rows=n, device=x.device)
     if chunk is not None:
         chunk = V.check_int("chunk", chunk)
         if chunk < 1:
             raise ValueError(f"chunk must be ≥ 1 rows, got {chunk}")
+    scale = scale.detach() if isinstance(scale, Tensor) else scale
+    scale_t, scale_v = _split_scalar(scale, x)
+    return _similarity_topk_op(x.detach(), y.detach(), k, scale_t, scale_v, 0 if chunk is None else chunk)
+
+
+@torch.library.custom_op("mmloss::similarity_topk", mutates_args=())
+def _similarity_topk_op(x: Tensor, y: Tensor, k: int, scale: Optional[Tensor], scale_value: float,
+                        chunk: int) -> tuple[Tensor, Tensor]:
+    """The chunk loop as one custom op, so torch.compile sees one node (no specialisation on
+    N from the loop) and no gradient: it has no autograd formula."""
+    n, m = x.shape[0], y.shape[0]
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rows = _chunk_rows(n, m, k, x.device, cdt, chunk or None)
+    spec = PairSpec(x, y, scale, scale_value, None, 0.0, "none", 0, None, None, rows)
+    tiles = _ChunkedLogits(spec, exclude_marks=False)
+    values = torch.empty(n, k, dtype=cdt, device=x.device)
+    indices = torch.empty(n, k, dtype=torch.long, device=x.device)
     with torch.no_grad():
-        x, y = x.detach(), y.detach()
-        scale = scale.detach() if isinstance(scale, Tensor) else scale
-        scale_t, scale_v = _split_scalar(scale, x)
-        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        rows = _chunk_rows(n, m, k, x.device, cdt, chunk)
-        spec = PairSpec(x, y, scale_t, scale_v, None, 0.0, "none", 0, None, None, rows)
-        tiles = _ChunkedLogits(spec, exclude_marks=False)
-        values = torch.empty(n, k, dtype=cdt, device=x.device)
-        indices = torch.empty(n, k, dtype=torch.long, device=x.device)
         for i0, i1 in tiles.ranges():
             logits = tiles.logits(i0, i1)
             if k == 1:
@@ -83,6 +91,12 @@ def similarity_topk(x: Tensor, y: Tensor, k: int, *, scale=1.0, chunk: Optional[
                 indices[i0:i1] = where[:, :k]
                 del top, where
     return values, indices
+
+
+@_similarity_topk_op.register_fake
+def _(x, y, k, scale, scale_value, chunk):
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((x.shape[0], k), dtype=cdt), x.new_empty((x.shape[0], k), dtype=torch.long)
 
 
 __all__ = ["similarity_topk"]
