@@ -36,7 +36,8 @@ def value_checks_enabled(*values) -> bool:
 
 
 def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    """The shape as Python prints a tuple: (7,) for one dimension."""
+    return str(tuple(int(s) for s in t.shape))
 
 
 def check_tensor(name: str, t) -> torch.Tensor:

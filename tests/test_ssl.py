@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -138,9 +139,22 @@ TWO_VIEW = ["dcl", "dclw", "dhel", "hcl", "ntxent"]
 NEEDS_NEGATIVES = ["dcl", "dclw", "dhel", "hcl", "mv_dhel"]   # N = 1 is a ValueError
 
 
+# LOSSES.md defaults of the temperature (and HCL's β), for the logit bound of the oracle rule.
+DEFAULT_TEMPERATURE = {"ntxent": 0.5, "supcon2d": 0.1, "supcon3d": 0.1, "dcl": 0.1, "dclw": 0.1, "dhel": 0.3,
+                       "mv_infonce": 0.1, "mv_dhel": 0.1, "hcl": 0.5}
+
+
+def logit_bound_of(name: str, opts=None) -> float:
+    """DESIGN.md's L (the largest |logit|) of a call: the losses normalise their rows, so a
+    logit is at most 1/τ in magnitude — (1+β)/τ in HCL's first block."""
+    opts = opts or {}
+    tau = opts.get("temperature", DEFAULT_TEMPERATURE[name])
+    return (1.0 + opts.get("beta", 1.0)) / tau if name == "hcl" else 1.0 / tau
+
+
 def check(loss: Loss, inputs, dtype, backend="torch", weights=None, **opts):
     return compare(lambda *t: loss.run(t, backend, **opts), lambda *t: loss.oracle(t, **opts),
-                   inputs, dtype, what=loss.name, weights=weights)
+                   inputs, dtype, what=loss.name, weights=weights, logit_bound=logit_bound_of(loss.name, opts))
 
 
 @pytest.fixture
@@ -201,7 +215,7 @@ def test_one_dimensional_features(name):
     loss = LOSSES[name]
     inputs = loss.build(8, 1, seed=4)
     out = loss.run(inputs, "torch")
-    assert_loss_close(out, loss.oracle([oracle(t) for t in inputs]), torch.float32)
+    assert_loss_close(out, loss.oracle([oracle(t) for t in inputs]), torch.float32, logit_bound=logit_bound_of(name))
     for g in torch.autograd.grad(out, inputs):
         assert float(g.abs().max()) <= 1e-5
 
@@ -213,7 +227,8 @@ def test_without_grad_matches(name):
     inputs = loss.build(10, 6, seed=8)
     with torch.no_grad():
         quiet = loss.run(inputs, "torch")
-    assert_loss_close(quiet, loss.oracle([oracle(t) for t in inputs]), torch.float32)
+    assert_loss_close(quiet, loss.oracle([oracle(t) for t in inputs]), torch.float32,
+                      logit_bound=logit_bound_of(name))
 
 
 @pytest.mark.parametrize("name", TWO_VIEW)
@@ -230,7 +245,7 @@ def test_ntxent_reductions():
     terms, _ = check(loss, [out0, out1], torch.float32, weights=upstream(22, 7), reduction="none")
     assert terms.shape == (22,)
     total, _ = check(loss, [out0, out1], torch.float32, reduction="sum")
-    assert_loss_close(total, 22 * F.ntxent_loss(out0, out1), torch.float32)
+    assert_loss_close(total, 22 * F.ntxent_loss(out0, out1), torch.float32, logit_bound=22 * logit_bound_of("ntxent"))
 
 
 @pytest.mark.parametrize("kind", ["list", "tuple", "stacked"])
@@ -245,7 +260,7 @@ def test_multiview_input_forms(name, kind):
         return t[0] if kind == "stacked" else (list(t) if kind == "list" else tuple(t))
 
     compare(lambda *t: fast(pack(*t), backend="torch"), lambda *t: reference(pack(*t)), inputs,
-            torch.float32, what=name)
+            torch.float32, what=name, logit_bound=logit_bound_of(name))
 
 
 def test_multiview_promotes_mixed_dtypes():
@@ -253,7 +268,7 @@ def test_multiview_promotes_mixed_dtypes():
     out = F.mv_infonce_loss([a.to(torch.float16), b], backend="torch")
     expected = ref.mv_infonce_loss([oracle(a.to(torch.float16)), oracle(b)])
     assert out.dtype == torch.float32
-    assert_loss_close(out, expected, torch.float32)
+    assert_loss_close(out, expected, torch.float32, logit_bound=logit_bound_of("mv_infonce"))
 
 
 def test_autocast_bf16():
@@ -262,7 +277,7 @@ def test_autocast_bf16():
         out = F.ntxent_loss(out0, out1, backend="torch")
     expected = ref.ntxent_loss(oracle(out0.to(torch.bfloat16)), oracle(out1.to(torch.bfloat16)))
     assert out.dtype == torch.float32
-    assert_loss_close(out, expected, torch.bfloat16)
+    assert_loss_close(out, expected, torch.bfloat16, logit_bound=logit_bound_of("ntxent"))
 
 
 # ----------------------------------------------------------------------------- closed forms
@@ -346,7 +361,7 @@ def test_swapping_views_is_a_symmetry(name):
     fast = LOSSES[name].fast
     a = fast(out0, out1, backend="torch")
     b = fast(out1, out0, backend="torch")
-    assert_loss_close(a, b.double(), torch.float32)
+    assert_loss_close(a, b.double(), torch.float32, logit_bound=logit_bound_of(name))
     ga = torch.autograd.grad(a, [out0, out1])
     gb = torch.autograd.grad(b, [out0, out1])
     for x, y in zip(ga, gb):
@@ -366,7 +381,8 @@ def test_permuting_views_and_instances_is_a_symmetry(name):
     (u,) = LOSSES[name].build(8, 5, seed=23)
     fast = LOSSES[name].fast
     permuted = u.detach()[[2, 0, 1]][:, torch.randperm(8, generator=torch.Generator().manual_seed(0))]
-    assert_loss_close(fast(u, backend="torch"), fast(permuted, backend="torch").double(), torch.float32)
+    assert_loss_close(fast(u, backend="torch"), fast(permuted, backend="torch").double(), torch.float32,
+                      logit_bound=logit_bound_of(name))
 
 
 def test_supcon_row_permutation_is_a_symmetry():
@@ -375,7 +391,7 @@ def test_supcon_row_permutation_is_a_symmetry():
     perm = torch.randperm(15, generator=torch.Generator().manual_seed(1))
     a = F.supcon_loss(x, labels)
     b = F.supcon_loss(x.detach()[perm], labels[perm])
-    assert_loss_close(a, b.double(), torch.float32)
+    assert_loss_close(a, b.double(), torch.float32, logit_bound=logit_bound_of("supcon2d"))
 
 
 # ----------------------------------------------------------------------------- relations between losses
@@ -385,7 +401,7 @@ def test_hcl_with_beta_0_and_tau_plus_0_is_ntxent():
     out0, out1 = views(2, 13, 8, seed=31)
     hcl = F.hcl_loss(out0, out1, 0.4, 0.0, 0.0)
     ntx = F.ntxent_loss(out0, out1, 0.4)
-    assert_loss_close(hcl, ntx.double(), torch.float32)
+    assert_loss_close(hcl, ntx.double(), torch.float32, logit_bound=1 / 0.4)
     for a, b in zip(torch.autograd.grad(hcl, [out0, out1]), torch.autograd.grad(ntx, [out0, out1])):
         assert_grad_close(a, b.double(), torch.float32)
 
@@ -406,7 +422,8 @@ def test_hcl_floor_branch():
     assert bool((math.log(tau_plus) + p > log_e).all()), "the inputs must put every anchor on the floor"
     check(LOSSES["hcl"], [out0, out1], torch.float32, temperature=tau, tau_plus=tau_plus, beta=beta)
     floor = torch.nn.functional.softplus(math.log(2 * n - 2) - 1 / tau - p).mean()
-    assert_loss_close(F.hcl_loss(out0, out1, tau, tau_plus, beta), floor, torch.float32)
+    assert_loss_close(F.hcl_loss(out0, out1, tau, tau_plus, beta), floor, torch.float32,
+                      logit_bound=(1 + beta) / tau)
 
 
 @pytest.mark.parametrize("tau", [0.1, 0.5])
@@ -414,7 +431,7 @@ def test_supcon_two_views_without_labels_is_ntxent(tau):
     out0, out1 = views(2, 11, 7, seed=33)
     stacked = torch.stack([out0, out1], dim=1)                   # (B, 2, D)
     assert_loss_close(F.supcon_loss(stacked, temperature=tau),
-                      F.ntxent_loss(out0, out1, tau).double(), torch.float32)
+                      F.ntxent_loss(out0, out1, tau).double(), torch.float32, logit_bound=1 / tau)
     assert_loss_close(ref.supcon_loss(oracle(stacked), temperature=tau),
                       ref.ntxent_loss(oracle(out0), oracle(out1), tau), torch.float64)
 
@@ -425,10 +442,11 @@ def test_supcon_views_are_flattened_view_major_like_hobbitlong():
     x = views(3, 8, 5, seed=34, stacked=True).detach().transpose(0, 1).contiguous().requires_grad_()
     labels = torch.tensor([0, 1, 0, 2, 1, 3, 3, 0])
     flat = torch.cat(torch.unbind(x, dim=1), dim=0)
-    assert_loss_close(F.supcon_loss(x, labels), F.supcon_loss(flat, labels.repeat(3)).double(), torch.float32)
+    assert_loss_close(F.supcon_loss(x, labels), F.supcon_loss(flat, labels.repeat(3)).double(), torch.float32,
+                      logit_bound=logit_bound_of("supcon3d"))
     check(LOSSES["supcon3d"], [x], torch.float32)
     compare(lambda t: F.supcon_loss(t, labels, backend="torch"), lambda t: ref.supcon_loss(t, labels), [x],
-            torch.float32, what="supcon (B,V,D) with labels")
+            torch.float32, what="supcon (B,V,D) with labels", logit_bound=logit_bound_of("supcon3d"))
 
 
 def test_supcon_anchors_without_positive_are_skipped():
@@ -437,14 +455,15 @@ def test_supcon_anchors_without_positive_are_skipped():
     labels = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4])
     kept = torch.tensor([0, 1, 3, 4, 5, 7, 8])
     compare(lambda t: F.supcon_loss(t, labels, backend="torch"), lambda t: ref.supcon_loss(t, labels), [x],
-            torch.float32, what="supcon singletons")
+            torch.float32, what="supcon singletons", logit_bound=logit_bound_of("supcon2d"))
     # Removing the singleton rows changes every normaliser, so compare through the reference's terms.
     z = torch.nn.functional.normalize(x.detach().double(), dim=1)
     L = z @ z.T / 0.1
     L.fill_diagonal_(float("-inf"))
     same = (labels[:, None] == labels[None, :]) & ~torch.eye(9, dtype=torch.bool)
     terms = torch.logsumexp(L, 1) - torch.where(same, L, 0.0).sum(1) / same.sum(1).clamp(min=1)
-    assert_loss_close(F.supcon_loss(x, labels), terms[kept].mean(), torch.float32)
+    assert_loss_close(F.supcon_loss(x, labels), terms[kept].mean(), torch.float32,
+                      logit_bound=logit_bound_of("supcon2d"))
 
 
 @pytest.mark.parametrize("shape", ["2d-distinct-labels", "3d-one-view", "2d-one-row"])
@@ -484,7 +503,7 @@ def test_dcl_weight_fn_is_called_like_lightly():
     torch.testing.assert_close(calls[1][1], u0)
     scalar = F.dcl_loss(out0, out1, weight_fn=lambda a, b: 2.0)
     assert_loss_close(scalar, ref.dcl_loss(oracle(out0), oracle(out1), weight_fn=lambda a, b: 2.0),
-                      torch.float32)
+                      torch.float32, logit_bound=2 * logit_bound_of("dcl"))
 
 
 def test_mv_infonce_two_views_is_not_ntxent():
@@ -550,19 +569,19 @@ def _lightly_file(relative: str, module_name: str):
 def test_lightly_dcl_and_dclw():
     lightly = _lightly_file("loss/dcl_loss.py", "_mmloss_tests_lightly_dcl")
     out0, out1 = views(2, 10, 8, seed=51)
-    cases = [
-        (lightly.DCLLoss(temperature=0.2), lambda a, b: F.dcl_loss(a, b, 0.2)),
-        (lightly.DCLLoss(), lambda a, b: mmloss.DCLLoss()(a, b)),
+    cases = [  # (lightly, ours, L: 1/τ, times the largest weight; DCLW's weights are < 2)
+        (lightly.DCLLoss(temperature=0.2), lambda a, b: F.dcl_loss(a, b, 0.2), 1 / 0.2),
+        (lightly.DCLLoss(), lambda a, b: mmloss.DCLLoss()(a, b), 1 / 0.1),
         (lightly.DCLLoss(0.3, weight_fn=_weights_by_distance),
-         lambda a, b: F.dcl_loss(a, b, 0.3, _weights_by_distance)),
-        (lightly.DCLWLoss(temperature=0.2, sigma=0.7), lambda a, b: F.dclw_loss(a, b, 0.2, 0.7)),
-        (lightly.DCLWLoss(), lambda a, b: mmloss.DCLWLoss()(a, b)),
+         lambda a, b: F.dcl_loss(a, b, 0.3, _weights_by_distance), 4 / 0.3),
+        (lightly.DCLWLoss(temperature=0.2, sigma=0.7), lambda a, b: F.dclw_loss(a, b, 0.2, 0.7), 2 / 0.2),
+        (lightly.DCLWLoss(), lambda a, b: mmloss.DCLWLoss()(a, b), 2 / 0.1),
     ]
-    for theirs, ours in cases:
+    for theirs, ours, bound in cases:
         a0, a1 = out0.detach().double().requires_grad_(), out1.detach().double().requires_grad_()
         expected = theirs(a0, a1)
         got = ours(out0, out1)
-        assert_loss_close(got, expected, torch.float32)
+        assert_loss_close(got, expected, torch.float32, logit_bound=bound)
         for g, e in zip(torch.autograd.grad(got, [out0, out1]), torch.autograd.grad(expected, [a0, a1])):
             assert_grad_close(g, e, torch.float32)
 
@@ -577,7 +596,7 @@ def test_lightly_ntxent():
     ntxent_cls, _ = load_peer("lightly")
     out0, out1 = views(2, 10, 8, seed=52)
     expected = ntxent_cls(temperature=0.3)(oracle(out0), oracle(out1))
-    assert_loss_close(mmloss.NTXentLoss(0.3)(out0, out1), expected, torch.float32)
+    assert_loss_close(mmloss.NTXentLoss(0.3)(out0, out1), expected, torch.float32, logit_bound=1 / 0.3)
 
 
 def _pml_losses():
@@ -596,7 +615,7 @@ def test_pytorch_metric_learning_ntxent():
     a0, a1 = oracle(out0), oracle(out1)
     expected = pml.NTXentLoss(temperature=0.3)(torch.cat([a0, a1]), labels)
     got = F.ntxent_loss(out0, out1, 0.3)
-    assert_loss_close(got, expected, torch.float32)
+    assert_loss_close(got, expected, torch.float32, logit_bound=1 / 0.3)
     for g, e in zip(torch.autograd.grad(got, [out0, out1]), torch.autograd.grad(expected, [a0, a1])):
         assert_grad_close(g, e, torch.float32)
 
@@ -610,8 +629,157 @@ def test_pytorch_metric_learning_supcon():
     a = oracle(x)
     expected = pml.SupConLoss(temperature=0.2)(a, labels)
     got = mmloss.SupConLoss(temperature=0.2)(x, labels)
-    assert_loss_close(got, expected, torch.float32)
+    assert_loss_close(got, expected, torch.float32, logit_bound=1 / 0.2)
     assert_grad_close(torch.autograd.grad(got, [x])[0], torch.autograd.grad(expected, [a])[0], torch.float32)
+
+
+# ----------------------------------------------------------------------------- numerics and NaN policy (issue 8)
+
+
+def _scale_rows(t: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(every other row of ``t`` times ``factor``, as a new leaf; the (…, 1) multiplier used).
+    A row is a vector along the last dimension, whatever the leading dimensions are."""
+    mult = torch.ones(t.shape[:-1], dtype=t.dtype).flatten()
+    mult[::2] = factor
+    mult = mult.reshape(*t.shape[:-1], 1)
+    return (t.detach() * mult).requires_grad_(), mult
+
+
+# Powers of two (exact scaling): ‖x‖² overflows fp32 from ‖x‖ ≈ 1.8e19 on, fp64 from ≈ 1.3e154.
+LONG_ROWS = [("fp32", 2.0 ** 70), ("fp32", 2.0 ** 120), ("fp64", 2.0 ** 600)]
+
+
+@pytest.mark.parametrize("dtype,factor", LONG_ROWS, ids=[f"{d}-2^{int(math.log2(f))}" for d, f in LONG_ROWS])
+@pytest.mark.parametrize("name", NAMES)
+def test_long_rows_are_normalised_without_overflow(name, dtype, factor):
+    """Issue 8 item 7: every loss is invariant under a positive per-row scale, so rows whose
+    squared norm overflows the compute dtype give the loss of the unscaled rows (the float64
+    reference of the unscaled inputs) and gradients scaled by 1/factor; the fast path and the
+    reference itself (run in the inputs' dtype) both."""
+    loss = LOSSES[name]
+    dt = DTYPES[dtype]
+    inputs = loss.build(7, 5, dtype=dt, seed=92)
+    long_rows = [_scale_rows(t, factor) for t in inputs]
+    scaled = [t for t, _ in long_rows]
+    ref_inputs = [oracle(t) for t in inputs]
+    expected = loss.oracle(ref_inputs)
+    expected_grads = torch.autograd.grad(expected, ref_inputs)
+    bound = logit_bound_of(name)
+    for what, fn in (("fast", lambda t: loss.run(t, "torch")), ("reference", loss.oracle)):
+        got = fn(scaled)
+        assert_loss_close(got, expected, dt, f"{what} {name}", logit_bound=bound)
+        got_grads = torch.autograd.grad(got, scaled)
+        for k, (g, e, (_, mult)) in enumerate(zip(got_grads, expected_grads, long_rows)):
+            assert_grad_close(g * mult, e, dt, f"{what} {name}: grad of input {k} × factor")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_short_and_zero_rows_are_normalised_like_f_normalize(name):
+    """Rows shorter than eps = 1e-12 become x/eps (F.normalize), zero rows stay zero: the fast
+    path gives the reference's values and gradients (one row of norm ~1e-30, one of zeros)."""
+    loss = LOSSES[name]
+    inputs = [t.detach().clone() for t in loss.build(7, 5, seed=93)]
+    for t in inputs:
+        rows = t.view(-1, t.shape[-1])
+        rows[1] *= 1e-30
+        rows[4] = 0.0
+    check(loss, [t.requires_grad_() for t in inputs], torch.float32)
+
+
+def _with_bad_entry(name: str, value: float) -> list[torch.Tensor]:
+    inputs = [t.detach().clone() for t in LOSSES[name].build(6, 4, seed=94)]
+    inputs[0].view(-1, inputs[0].shape[-1])[2, 1] = value
+    return inputs
+
+
+# The user's name of each loss's first input (the one given a NaN/Inf entry).
+FIRST_INPUT = {"ntxent": "out0", "dcl": "out0", "dclw": "out0", "dhel": "out0", "hcl": "out0",
+               "supcon2d": "embeddings", "supcon3d": "embeddings", "mv_infonce": "views", "mv_dhel": "views"}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", NAMES)
+def test_non_finite_features_propagate_unless_check_finite(name, value):
+    """Issue 8 item 8: NaN/±inf in a feature give a NaN loss (torch's convention, no error
+    naming an internal argument); ``check_finite=True`` raises a ValueError naming the tensor."""
+    loss = LOSSES[name]
+    inputs = _with_bad_entry(name, value)
+    assert bool(torch.isnan(loss.run(inputs, "torch")))
+    with pytest.raises(ValueError, match=rf"{FIRST_INPUT[name]}\b.*non-finite"):
+        loss.run(inputs, "torch", check_finite=True)
+    assert bool(torch.isfinite(loss.run(LOSSES[name].build(6, 4, seed=94), "torch", check_finite=True)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reference_propagates_non_finite_features(name):
+    assert bool(torch.isnan(LOSSES[name].oracle([oracle(t) for t in _with_bad_entry(name, float("inf"))])))
+
+
+def test_multiview_list_check_finite_names_the_view():
+    parts = [t.detach() for t in views(3, 5, 4, seed=95)]
+    parts[2][1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"views\[2\]"):
+        F.mv_dhel_loss(parts, check_finite=True)
+
+
+def _tau_floor(factor: float = 1.0) -> float:
+    """The smallest accepted temperature in fp32: (factor)/(τ·1e-12) must be finite."""
+    return 1.01 * factor / (1e-12 * torch.finfo(torch.float32).max)
+
+
+def test_smallest_accepted_hyperparameters_give_finite_losses():
+    """Issue 8 item 7: values that pass validation do not give NaN — at the smallest accepted
+    τ (and σ, τ_base) a zero row and a short row still give finite losses, NaN-free gradients."""
+    out0, out1 = [t.detach().clone() for t in views(2, 6, 4, seed=96)]
+    out0[1] = 0.0
+    out1[3] *= 1e-20
+    calls = {
+        "ntxent": lambda a, b: F.ntxent_loss(a, b, _tau_floor()),
+        "dcl": lambda a, b: F.dcl_loss(a, b, _tau_floor()),
+        "dclw": lambda a, b: F.dclw_loss(a, b, _tau_floor(), sigma=1.01 / torch.finfo(torch.float32).max),
+        "dhel": lambda a, b: F.dhel_loss(a, b, _tau_floor()),
+        "hcl": lambda a, b: F.hcl_loss(a, b, _tau_floor(1.5), beta=0.5),
+        "supcon": lambda a, b: F.supcon_loss(torch.stack([a, b], 1), temperature=_tau_floor()),
+        "supcon_base": lambda a, b: F.supcon_loss(torch.stack([a, b], 1), temperature=0.5, base_temperature=1e-37),
+        "mv_infonce": lambda a, b: F.mv_infonce_loss([a, b], _tau_floor()),
+        "mv_dhel": lambda a, b: F.mv_dhel_loss([a, b], _tau_floor()),
+    }
+    for name, call in calls.items():
+        a, b = out0.clone().requires_grad_(), out1.clone().requires_grad_()
+        loss = call(a, b)
+        assert bool(torch.isfinite(loss)), (name, float(loss))
+        if name == "supcon_base":  # the zero row's true gradient, ~(τ/τ_base)/eps = 5e48, exceeds fp32
+            continue
+        for g in torch.autograd.grad(loss, [a, b]):
+            assert not bool(torch.isnan(g).any()), name
+
+
+REFUSED_HYPERPARAMETERS = {
+    "dclw-sigma-1e-45": (lambda x, y: F.dclw_loss(x, y, sigma=1e-45), "sigma"),
+    "supcon-base-1e-45": (lambda x, y: F.supcon_loss(torch.stack([x, y], 1), base_temperature=1e-45),
+                          "base_temperature"),
+    "supcon-tau-1e-45": (lambda x, y: F.supcon_loss(torch.stack([x, y], 1), temperature=1e-45), "temperature"),
+    "supcon-ratio": (lambda x, y: F.supcon_loss(torch.stack([x, y], 1), temperature=1e3, base_temperature=1e-36),
+                     "temperature / base_temperature"),
+    "ntxent-tau-1e-45": (lambda x, y: F.ntxent_loss(x, y, 1e-45), "temperature"),
+    "ntxent-short-row-scale": (lambda x, y: F.ntxent_loss(x, y, _tau_floor() / 2), "temperature"),
+    "dcl-tau-1e-45": (lambda x, y: F.dcl_loss(x, y, 1e-45), "temperature"),
+    "dhel-tau-1e-45": (lambda x, y: F.dhel_loss(x, y, 1e-45), "temperature"),
+    "hcl-beta": (lambda x, y: F.hcl_loss(x, y, 0.5, beta=1e30), "beta"),
+    "mv_infonce-tau-1e-45": (lambda x, y: F.mv_infonce_loss([x, y], 1e-45), "temperature"),
+    "mv_dhel-tau-1e-45": (lambda x, y: F.mv_dhel_loss([x, y], 1e-45), "temperature"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_HYPERPARAMETERS))
+def test_hyperparameters_that_would_overflow_fp32_are_refused(case):
+    """Issue 8 item 7: σ = 1e-45, τ_base = 1e-45 (and τ) passed a float64 check and gave NaN in
+    fp32; now a ValueError names the argument. fp64 features accept the same values."""
+    call, argument = REFUSED_HYPERPARAMETERS[case]
+    x, y = views(2, 5, 4, seed=97)
+    with pytest.raises(ValueError, match=re.escape(argument)):
+        call(x, y)
+    assert bool(torch.isfinite(call(x.double(), y.double())))
 
 
 # ----------------------------------------------------------------------------- modules
@@ -642,10 +810,22 @@ def test_module_defaults_and_value(name):
     assert list(module.parameters()) == [] and module.state_dict() == {}
     loss = LOSSES[loss_name]
     inputs = loss.build(7, 6, seed=61)
+    bound = logit_bound_of(loss_name, defaults)
     if loss_name == "supcon3d":
-        compare(lambda *t: module(*t), lambda *t: ref.supcon_loss(*t), inputs, torch.float32)
+        compare(lambda *t: module(*t), lambda *t: ref.supcon_loss(*t), inputs, torch.float32, logit_bound=bound)
     else:
-        compare(lambda *t: module(*t), lambda *t: loss.oracle(t), inputs, torch.float32)
+        compare(lambda *t: module(*t), lambda *t: loss.oracle(t), inputs, torch.float32, logit_bound=bound)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_module_check_finite(name):
+    """Issue 8 item 8: a constructor keyword, stored and passed on; off by default (NaN out)."""
+    cls, _, loss_name = MODULES[name]
+    inputs = _with_bad_entry(loss_name, float("nan"))
+    assert cls().check_finite is False
+    assert bool(torch.isnan(cls(backend="torch")(*inputs)))
+    with pytest.raises(ValueError, match=rf"{FIRST_INPUT[loss_name]}\b.*non-finite"):
+        cls(backend="torch", check_finite=True)(*inputs)
 
 
 def test_module_positional_arguments_follow_losses_md():
@@ -846,6 +1026,30 @@ def test_mv_infonce_same_view_negatives_not_bool():
         F.mv_infonce_loss(torch.randn(2, 5, 3), same_view_negatives="yes")
 
 
+def test_supcon_embeddings_without_views():
+    """Issue 8 item 9: (B, 0, D) was an IndexError."""
+    with pytest.raises(ValueError, match=r"embeddings.*\(4, 0, 3\)"):
+        F.supcon_loss(torch.randn(4, 0, 3))
+
+
+@pytest.mark.parametrize("name", TWO_VIEW)
+def test_two_view_loss_called_with_embeddings_and_labels(name):
+    """Issue 8 item 9: PML's (embeddings, labels) call style on a two-view loss says why it
+    fails and where labels belong."""
+    with pytest.raises(TypeError, match=r"two views out0, out1.*supcon_loss\(embeddings, labels\)"):
+        LOSSES[name].fast(torch.randn(6, 4), torch.arange(6))
+
+
+def test_module_called_with_embeddings_and_labels():
+    with pytest.raises(TypeError, match=r"ntxent_loss takes two views.*supcon_loss"):
+        mmloss.NTXentLoss()(torch.randn(6, 4), torch.arange(6) % 2)
+
+
+def test_check_finite_must_be_bool():
+    with pytest.raises(TypeError, match="check_finite"):
+        F.ntxent_loss(*views(2, 4, 3), check_finite=1)
+
+
 # ----------------------------------------------------------------------------- memory
 
 
@@ -898,6 +1102,6 @@ def test_traces_in_one_graph(name):
     compiled = torch.compile(lambda *t: loss.run(t, "torch"), fullgraph=True, backend="eager")
     got = compiled(*inputs)
     expected = loss.run(inputs, "torch")
-    assert_loss_close(got, expected.detach().double(), torch.float32)
+    assert_loss_close(got, expected.detach().double(), torch.float32, logit_bound=logit_bound_of(name))
     for a, b in zip(torch.autograd.grad(got, inputs), torch.autograd.grad(expected, inputs)):
         assert_grad_close(a, b.double(), torch.float32)

@@ -48,8 +48,8 @@ def siglip_loss(
     if labels is None or isinstance(labels, torch.Tensor):
         if n != m:
             raise ValueError(
-                f"siglip_loss needs as many texts as images ({n} vs {m}) unless labels is a "
-                "pair (image_labels, text_labels)"
+                f"siglip_loss needs as many texts as images: image_features has {n} rows, "
+                f"text_features {m} (or pass labels as a pair (image_labels, text_labels))"
             )
     # A scalar loss lets the primitive form its gradients during the forward pass.
     kind = "none" if reduction == "none" else "sum"

@@ -17,14 +17,29 @@ anchor with O(V·N) ops.
 * Cross-view block (views l < m): rows give view-l anchors against view-m rows, columns give
   view-m anchors against view-l rows; positives excluded by ``exclude="diagonal"`` where a loss
   keeps them out of the normaliser (NT-Xent, DCL, HCL).
-* Positive logits ``⟨x_l,i, x_m,i⟩/(τ·‖x_l,i‖·‖x_m,i‖)`` are O(N·D) row-wise dots of the raw rows;
-  class-summed positives (SupCon) use per-class sums of unit rows.
+* Positive logits ``⟨u_l,i, u_m,i⟩/τ`` are O(N·D) row-wise dots of the raw rows, formed as
+  ``⟨x_l,i/‖x_l,i‖, x_m,i⟩/‖x_m,i‖`` (``_CosineGradFirst``/``_CosineGradSecond``, whose backward
+  includes the normalisation), so no product leaves the dtype's range; class-summed positives
+  (SupCon) use per-class sums of unit rows.
 
 Cost per pair of views: 10 N×N×D GEMMs (forward and backward) against 12 for one 2N×2N
 self-similarity call. Memory: O(V·N·D) plus the backend's workspace of one N×N block; at the
 peak, for two views, the two unit copies, one cross-view y-gradient and one x-gradient before
 it joins the input's gradient (tests/test_ssl.py pins these bounds per loss).
 Temperatures are positive Python floats (learnable temperatures are not supported here).
+
+Numerics: row norms never square a long row (``_row_norms`` scales each row by a power of two
+first), so any finite row whose norm is finite in the compute dtype is normalised exactly like
+``F.normalize`` (short rows, below eps, as ``x/eps``; zero rows stay zero). Temperatures must
+keep the largest per-row logit scale 1/(τ·eps) finite in the compute dtype (``_temperature``).
+NaN/Inf features propagate to a NaN loss (torch's convention) unless ``check_finite=True``,
+which raises naming the tensor.
+
+torch.compile: no autograd.Function here reads a module-level Python float. Under
+``dynamic=True`` dynamo makes such a float a symbolic graph input; realised inside one
+Function's forward it crashes the next Function that reads it (torch 2.13,
+``lift_tracked_freevar_to_input should not be called on root SubgraphTracer``; pinned in
+tests/compile/test_compile_ssl.py). Constants the Functions need arrive as tensors.
 """
 from __future__ import annotations
 
@@ -38,11 +53,15 @@ import torch
 from .. import _validation as V
 from ..ops import similarity_lse
 from ..ops._primitives import _autocast_dtype, prepare_features
-from ._common import as_compute, class_slots, compute_dtype, reduce, rowwise_dot, softplus
+from ._common import as_compute, class_slots, compute_dtype, reduce, softplus
 
 Tensor = torch.Tensor
 
-_NORM_EPS = 1e-12  # F.normalize's eps: zero rows stay zero
+
+def _norm_eps() -> float:
+    """F.normalize's eps (zero rows stay zero). A literal behind a function, not a module-level
+    float, so that torch.compile(dynamic=True) keeps it a constant (module docstring)."""
+    return 1e-12
 
 
 # ----------------------------------------------------------------------------- validation
@@ -57,25 +76,64 @@ def _exact_math(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _temperature(name: str, value) -> float:
-    """A positive, finite Python float (TypeError for tensors: no learnable temperature here)."""
+def _temperature(name: str, value, dtype: Optional[torch.dtype] = None, *, beta: Optional[float] = None) -> float:
+    """A positive, finite Python float τ (TypeError for tensors: no learnable temperature here).
+
+    With the compute ``dtype`` (at call time; constructors pass none) also: 1/τ is finite in
+    ``dtype``, and so is the largest per-row logit scale ``(1+β)/(τ·eps)`` the blocks hand to
+    the primitive (a short row x has scale (1+β)/(τ·max(‖x‖, eps)); an infinite one would turn a
+    zero row's 0 logits into NaN). ``beta``: HCL's β (None elsewhere: factor 1).
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a positive Python float, got {type(value).__name__}")
-    V.check_scalar(name, value, positive=True)
-    return float(value)
+    value = float(V.check_scalar(name, value, positive=True, dtype=dtype, reciprocal=dtype is not None))
+    if dtype is not None and V.value_checks_enabled():
+        largest = torch.finfo(dtype).max
+        eps = _norm_eps()
+        factor = 1.0 if beta is None else 1.0 + beta
+        if factor / value / eps > largest:
+            given = f"{name} = {value:g}" + ("" if beta is None else f" with beta = {beta:g}")
+            numerator = "1" if beta is None else "(1+beta)"
+            raise ValueError(
+                f"{given} overflows {dtype} in the logit scale {numerator}/({name}·max(‖x‖, {eps:g})) "
+                f"of a short row x: need {numerator}/{name} ≤ {largest * eps:.3g} (or float64 features)"
+            )
+    return value
+
+
+def _positive_float(name: str, value, dtype: Optional[torch.dtype] = None) -> float:
+    """A positive, finite Python float that divides (σ, τ_base): with the compute ``dtype``,
+    it and its reciprocal must also be finite and nonzero in that dtype."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive Python float, got {type(value).__name__}")
+    return float(V.check_scalar(name, value, positive=True, dtype=dtype, reciprocal=dtype is not None))
 
 
 def _concentration(beta) -> float:
     """HCL's β: a finite Python float ≥ 0."""
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
         raise TypeError(f"beta must be a Python float, got {type(beta).__name__}")
-    if not (math.isfinite(beta) and beta >= 0.0):
+    # Value checks on Python numbers only outside torch.compile (a module attribute may be a
+    # symbolic float there, as in V.check_scalar).
+    if V.value_checks_enabled() and not (math.isfinite(beta) and beta >= 0.0):
         raise ValueError(f"beta must be finite and ≥ 0, got {beta}")
     return float(beta)
 
 
-def _two_views(out0, out1, min_rows: int, loss: str) -> tuple[Tensor, Tensor]:
-    """Validated (N, D) views of one shape, promoted to one dtype; N ≥ ``min_rows``."""
+def _two_views(out0, out1, min_rows: int, loss: str, check_finite: bool) -> tuple[Tensor, Tensor]:
+    """Validated (N, D) views of one shape, promoted to one dtype; N ≥ ``min_rows``.
+
+    A non-floating ``out1`` is most likely pytorch-metric-learning's ``(embeddings, labels)``
+    call: the TypeError says which call style this loss has and where labels belong.
+    """
+    if isinstance(out1, Tensor) and not (out1.is_floating_point() or out1.is_complex()):
+        shape = tuple(out1.shape)
+        raise TypeError(
+            f"{loss} takes two views out0, out1 of shape (N, D) (lightly's call style, "
+            f"{loss}(out0, out1)); out1 must be float16, bfloat16, float32 or float64, got "
+            f"{out1.dtype} of shape {shape}. (embeddings, labels) is SupCon's call style "
+            f"(pytorch-metric-learning): use mmloss.supcon_loss(embeddings, labels)"
+        )
     x0, x1 = prepare_features("out0", out0, "out1", out1)
     V.check_same_shape("out0", x0, "out1", x1)
     if x0.shape[0] < min_rows:
@@ -83,10 +141,12 @@ def _two_views(out0, out1, min_rows: int, loss: str) -> tuple[Tensor, Tensor]:
             f"{loss} needs at least {min_rows} rows per view (negatives come from the other "
             f"rows), got out0 of shape {tuple(x0.shape)}"
         )
+    if V.check_bool("check_finite", check_finite):
+        V.check_all_finite(("out0", x0), ("out1", x1))
     return x0, x1
 
 
-def _view_list(views, min_instances: int, loss: str) -> list[Tensor]:
+def _view_list(views, min_instances: int, loss: str, check_finite: bool) -> list[Tensor]:
     """V ≥ 2 views of M instances from a (V, M, D) tensor or a list/tuple of (M, D) tensors,
     promoted to one dtype (autocast honoured, as the primitives do)."""
     if isinstance(views, Tensor):
@@ -114,7 +174,12 @@ def _view_list(views, min_instances: int, loss: str) -> list[Tensor]:
     cast = _autocast_dtype(parts[0].device)
     if cast is not None and dtype != torch.float64:
         dtype = cast
-    return [t.to(dtype) for t in parts]
+    parts = [t.to(dtype) for t in parts]
+    if V.check_bool("check_finite", check_finite):
+        if isinstance(views, Tensor):
+            V.check_all_finite(("views", views))
+        V.check_all_finite(*((f"views[{k}]", t) for k, t in enumerate(parts)))
+    return parts
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -137,40 +202,106 @@ class _RowWithMirroredGrad(torch.autograd.Function):
         return grad, grad
 
 
+def _row_norms(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Detached (inv, unclamped) of (N, D) rows: inv (N,) = 1/max(‖x_i‖, eps) and unclamped (N,)
+    bool = ‖x_i‖ > eps, without overflow or underflow of ‖x_i‖².
+
+    ‖x‖² overflows fp32 from ‖x‖ ≈ 1.8e19 on, so each row is first multiplied by a power of two
+    c_i ≤ 1 (exact) that brings its largest |entry| below 2: inv_i = c_i / ‖c_i·x_i‖. Rows whose
+    largest |entry| is below 2 keep c_i = 1 and are normalised exactly as ``F.normalize`` (below
+    eps: x/eps; zero rows stay zero). A NaN or ±inf entry makes the row's inv NaN (NaN policy).
+    One transient N×D product; O(N) kept.
+    """
+    eps = _norm_eps()
+    with torch.no_grad():
+        peak = torch.linalg.vector_norm(x, ord=float("inf"), dim=1)
+        down = torch.exp2(-torch.floor(torch.log2(peak)).clamp_min(0.0))
+        scaled = torch.linalg.vector_norm(x * down[:, None], dim=1)
+        return down / scaled.clamp_min(eps), scaled > eps
+
+
 class _InverseNorm(torch.autograd.Function):
-    """(N,) 1/max(‖x_i‖, eps); backward forms one N×D temporary (−g·inv³·x on unclamped rows)."""
+    """(N,) ``inv`` = 1/max(‖x_i‖, eps) of ``_row_norms`` as a function of x.
+
+    Backward: −g·inv³·x_i on unclamped rows (0 on clamped ones), formed as ((−g·inv)·inv)·(x·inv)
+    so that no factor leaves the dtype's range for long rows; one N×D temporary.
+    """
 
     @staticmethod
-    def forward(ctx, x):
-        norm = torch.linalg.vector_norm(x, dim=1)
-        inv = 1.0 / norm.clamp_min(_NORM_EPS)
-        ctx.save_for_backward(x, inv, norm)
-        return inv
+    def forward(ctx, x, inv, unclamped):
+        ctx.save_for_backward(x, inv, unclamped)
+        return inv.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        x, inv, norm = ctx.saved_tensors
-        coef = torch.where(norm > _NORM_EPS, -grad * inv ** 3, 0.0)
-        return x * coef[:, None]
+        x, inv, unclamped = ctx.saved_tensors
+        coef = torch.where(unclamped, (-grad * inv) * inv, 0.0)
+        return (x * inv[:, None]).mul_(coef[:, None]), None, None
 
 
 class _Normalize(torch.autograd.Function):
-    """(N, D) x_i / max(‖x_i‖, eps) (``F.normalize``); backward forms one N×D temporary,
-    ``(g − u·⟨g, u⟩)/‖x‖`` (just ``g/eps`` on clamped rows)."""
+    """(N, D) x_i·inv_i = x_i / max(‖x_i‖, eps) (``F.normalize``; inv, unclamped from
+    ``_row_norms``); backward forms one N×D temporary, ``(g − u·⟨g, u⟩)·inv`` (just ``g·inv``
+    on clamped rows)."""
 
     @staticmethod
-    def forward(ctx, x):
-        norm = torch.linalg.vector_norm(x, dim=1)
-        inv = 1.0 / norm.clamp_min(_NORM_EPS)
+    def forward(ctx, x, inv, unclamped):
         unit = x * inv[:, None]
-        ctx.save_for_backward(unit, inv, norm)
+        ctx.save_for_backward(unit, inv, unclamped)
         return unit
 
     @staticmethod
     def backward(ctx, grad):
-        unit, inv, norm = ctx.saved_tensors
-        radial = torch.where(norm > _NORM_EPS, torch.linalg.vecdot(grad, unit), 0.0)
-        return torch.addcmul(grad, unit, -radial[:, None]).mul_(inv[:, None])
+        unit, inv, unclamped = ctx.saved_tensors
+        radial = torch.where(unclamped, torch.linalg.vecdot(grad, unit), 0.0)
+        return torch.addcmul(grad, unit, -radial[:, None]).mul_(inv[:, None]), None, None
+
+
+def _cosine_value(a: Tensor, b: Tensor, inv_a: Tensor, inv_b: Tensor) -> Tensor:
+    """(N,) ⟨u_a,i, u_b,i⟩ of the unit rows u = x·inv, as ⟨a·inv_a, b⟩·inv_b: every factor stays
+    in range for long rows (⟨a, b⟩ itself overflows fp32 once ‖a‖·‖b‖ > 3.4e38)."""
+    return torch.linalg.vecdot(a * inv_a[:, None], b) * inv_b
+
+
+def _cosine_grad(a: Tensor, b: Tensor, inv_a: Tensor, inv_b: Tensor, unclamped_a: Tensor, cos: Tensor,
+                 grad: Tensor) -> Tensor:
+    """(N, D) g_i·∂⟨u_a,i, u_b,i⟩/∂a_i = g_i·inv_a,i·(u_b,i − cos_i·u_a,i) (no radial term on
+    clamped rows of a); one N×D temporary, every factor in range."""
+    out = b * inv_b[:, None]
+    out.addcmul_(a, torch.where(unclamped_a, -cos * inv_a, 0.0)[:, None])
+    return out.mul_((grad * inv_a)[:, None])
+
+
+class _CosineGradFirst(torch.autograd.Function):
+    """(N,) ⟨u_a,i, u_b,i⟩ (unit rows u = x·inv); the gradient reaches ``a`` only (through its
+    normalisation too). Paired with ``_CosineGradSecond`` so a backward forms one N×D gradient
+    at a time."""
+
+    @staticmethod
+    def forward(ctx, a, b, inv_a, inv_b, unclamped_a):
+        cos = _cosine_value(a, b, inv_a, inv_b)
+        ctx.save_for_backward(a, b, inv_a, inv_b, unclamped_a, cos)
+        return cos
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, inv_a, inv_b, unclamped_a, cos = ctx.saved_tensors
+        return _cosine_grad(a, b, inv_a, inv_b, unclamped_a, cos, grad), None, None, None, None
+
+
+class _CosineGradSecond(torch.autograd.Function):
+    """Zero in value; carries the ``b`` half of the gradient of ⟨u_a,i, u_b,i⟩ (``cos`` is that
+    value, detached)."""
+
+    @staticmethod
+    def forward(ctx, a, b, inv_a, inv_b, unclamped_b, cos):
+        ctx.save_for_backward(a, b, inv_a, inv_b, unclamped_b, cos)
+        return torch.zeros_like(cos)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, inv_a, inv_b, unclamped_b, cos = ctx.saved_tensors
+        return None, _cosine_grad(b, a, inv_b, inv_a, unclamped_b, cos, grad), None, None, None, None
 
 
 class _SquaredNorms(torch.autograd.Function):
@@ -206,7 +337,11 @@ class _Views:
     def __init__(self, tensors: Sequence[Tensor], temperature: float):
         self.dtype = compute_dtype(tensors[0])
         self.raw = [as_compute(t, self.dtype) for t in tensors]
-        self.inv_norm = [_InverseNorm.apply(r) for r in self.raw]
+        norms = [_row_norms(r) for r in self.raw]
+        self._inv = [inv for inv, _ in norms]                 # detached (N,) 1/max(‖x‖, eps)
+        self._unclamped = [ok for _, ok in norms]             # (N,) bool ‖x‖ > eps
+        self.inv_norm = [_InverseNorm.apply(r, inv, ok) for r, (inv, ok) in zip(self.raw, norms)]
+        self.temperature = temperature
         self.scale = [inv / temperature for inv in self.inv_norm]
         self._unit: dict[int, Tensor] = {}
         self.count = len(tensors)
@@ -215,28 +350,43 @@ class _Views:
     def needs_grad(self, l: int) -> bool:
         return torch.is_grad_enabled() and self.raw[l].requires_grad
 
+    def _normalize(self, l: int) -> Tensor:
+        return _Normalize.apply(self.raw[l], self._inv[l], self._unclamped[l])
+
     def unit(self, l: int) -> Tensor:
         cached = self._unit.get(l)
         if cached is None or (self.needs_grad(l) and not cached.requires_grad):
-            cached = self._unit[l] = _Normalize.apply(self.raw[l])
+            cached = self._unit[l] = self._normalize(l)
         return cached
 
     def unit_value(self, l: int) -> Tensor:
         cached = self._unit.get(l)
         if cached is None:
             with torch.no_grad():
-                cached = self._unit[l] = _Normalize.apply(self.raw[l])
+                cached = self._unit[l] = self._normalize(l)
         return cached.detach()
 
     def squared_unit_norm(self, l: int) -> Tensor:
-        """(N,) ‖u_l,i‖², detached: 1 for every row longer than eps (0 for a zero row), a
-        constant whose gradient through the normalisation is zero."""
+        """(N,) ‖u_l,i‖² of the unit rows in use, detached: 1 up to rounding for every row longer
+        than eps (0 for a zero row), a constant whose gradient through the normalisation is zero."""
+        unit = self.unit_value(l)
+        return torch.linalg.vecdot(unit, unit)
+
+    def cosine(self, l: int, m: int) -> Tensor:
+        """(N,) ⟨u_l,i, u_m,i⟩ from the raw rows (gradients land on the inputs directly)."""
+        a, b = self.raw[l], self.raw[m]
+        first = _CosineGradFirst.apply(a, b, self._inv[l], self._inv[m], self._unclamped[l])
+        second = _CosineGradSecond.apply(a, b, self._inv[l], self._inv[m], self._unclamped[m], first.detach())
+        return first + second
+
+    def cosine_value(self, l: int, m: int) -> Tensor:
+        """(N,) ⟨u_l,i, u_m,i⟩, detached."""
         with torch.no_grad():
-            return (torch.linalg.vector_norm(self.raw[l], dim=1) * self.inv_norm[l]) ** 2
+            return _cosine_value(self.raw[l], self.raw[m], self._inv[l], self._inv[m])
 
     def positive(self, l: int, m: int) -> Tensor:
-        """(N,) ⟨u_l,i, u_m,i⟩/τ from the raw rows (gradients land on the inputs directly)."""
-        return self.scale[l] * self.inv_norm[m] * rowwise_dot(self.raw[l], self.raw[m])
+        """(N,) ⟨u_l,i, u_m,i⟩/τ."""
+        return self.cosine(l, m) / self.temperature
 
     def within(self, l: int, factor: float, backend: str) -> Tensor:
         """(N,) LSE_{j≠i} factor·⟨u_l,i, u_l,j⟩/τ (−∞ for N = 1)."""
@@ -291,7 +441,7 @@ def _nt_xent_terms(views: _Views, backend: str) -> tuple[Tensor, Tensor, Tensor]
 
 
 def ntxent_loss(out0: Tensor, out1: Tensor, temperature: float = 0.5, *, reduction: str = "mean",
-                backend: str = "auto") -> Tensor:
+                backend: str = "auto", check_finite: bool = False) -> Tensor:
     """NT-Xent / SimCLR (LOSSES.md §4), lightly's ``NTXentLoss`` without a memory bank.
 
     ``L = (1/2N) Σ_a [LSE_{b≠a} ℓ_ab − ℓ_{a,p(a)}]`` over Z = [u0; u1] (2N anchors), ℓ = ⟨u_a, u_b⟩/τ,
@@ -304,12 +454,14 @@ def ntxent_loss(out0: Tensor, out1: Tensor, temperature: float = 0.5, *, reducti
             of identical rows at N = 1); the result stays in the graph with a zero gradient.
         temperature: τ > 0 (Python float), default 0.5 (lightly).
         reduction: "mean" | "sum" (2N × mean) | "none" ((2N,) terms, view-0 anchors first).
+        check_finite: True raises a ValueError naming the input tensor that holds NaN/Inf
+            (default False: they propagate to a NaN loss, as in torch; a host sync on GPUs).
 
     Returns fp32 (fp64 for fp64 inputs). Primitives: two within-view blocks and one cross-view
     block (``exclude="diagonal"``), each N×N. Memory O(N·D) plus one block's workspace.
     """
-    x0, x1 = _two_views(out0, out1, 1, "ntxent_loss")
-    tau = _temperature("temperature", temperature)
+    x0, x1 = _two_views(out0, out1, 1, "ntxent_loss", check_finite)
+    tau = _temperature("temperature", temperature, compute_dtype(x0))
     V.check_reduction(reduction)
     with _exact_math(x0.device):
         views = _Views([x0, x1], tau)
@@ -326,12 +478,17 @@ def ntxent_loss(out0: Tensor, out1: Tensor, temperature: float = 0.5, *, reducti
 # ----------------------------------------------------------------------------- §5 SupCon
 
 
-def _supcon_views(embeddings, labels) -> tuple[list[Tensor], Tensor]:
+def _supcon_views(embeddings, labels, check_finite: bool) -> tuple[list[Tensor], Tensor]:
     """The views (each (B, D)) and the (B,) labels shared by every view."""
     if not isinstance(embeddings, Tensor):
         raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
     if embeddings.dim() == 3:
         V.check_features("embeddings", embeddings, ndim=3)
+        if embeddings.shape[1] < 1:
+            raise ValueError(
+                f"embeddings (B, V, D) must hold at least one view per sample (V ≥ 1), got shape "
+                f"{tuple(embeddings.shape)}"
+            )
         b = embeddings.shape[0]
         if labels is None:
             labels = torch.arange(b, device=embeddings.device)
@@ -351,6 +508,8 @@ def _supcon_views(embeddings, labels) -> tuple[list[Tensor], Tensor]:
         raise ValueError(
             f"embeddings must be (n, D) with labels or (B, V, D), got shape {tuple(embeddings.shape)}"
         )
+    if V.check_bool("check_finite", check_finite):
+        V.check_all_finite(("embeddings", embeddings))
     cast = _autocast_dtype(embeddings.device)
     if cast is not None and embeddings.dtype != torch.float64:
         parts = [t.to(cast) for t in parts]
@@ -358,7 +517,8 @@ def _supcon_views(embeddings, labels) -> tuple[list[Tensor], Tensor]:
 
 
 def supcon_loss(embeddings: Tensor, labels: Optional[Tensor] = None, temperature: float = 0.1,
-                base_temperature: Optional[float] = None, *, backend: str = "auto") -> Tensor:
+                base_temperature: Optional[float] = None, *, backend: str = "auto",
+                check_finite: bool = False) -> Tensor:
     """Supervised contrastive loss, "L_out" (LOSSES.md §5; Khosla et al. 2020).
 
     ``L = (τ/τ_base)·mean_{a: |P(a)|>0} [LSE_{b≠a} ℓ_ab − (1/|P(a)|) Σ_{p∈P(a)} ℓ_ap]``, positives
@@ -370,7 +530,10 @@ def supcon_loss(embeddings: Tensor, labels: Optional[Tensor] = None, temperature
             the sample index; the anchors are ordered view-major (all samples of view 0, then view
             1, …) as HobbitLong's ``cat(unbind(features, 1))``. L2-normalised inside.
             2-D embeddings without labels are a ValueError.
-        temperature: τ > 0, default 0.1. base_temperature: τ_base > 0, default τ.
+        temperature: τ > 0, default 0.1. base_temperature: τ_base > 0, default τ; τ/τ_base must
+            be finite in the compute dtype.
+        check_finite: True raises a ValueError naming the input tensor that holds NaN/Inf
+            (default False: they propagate to a NaN loss, as in torch; a host sync on GPUs).
 
     Anchors without a positive are skipped; when none has one the loss is 0 and still
     backpropagates (zero gradient). (B, 2, D) without labels equals ``ntxent_loss`` at the same τ.
@@ -378,9 +541,11 @@ def supcon_loss(embeddings: Tensor, labels: Optional[Tensor] = None, temperature
     positives: Σ_{a∈c} Σ_{p∈P(a)} ⟨u_a, u_p⟩ = ‖S_c‖² − Σ_{a∈c} ‖u_a‖² with S_c the class sum of
     unit rows. Memory O(n·D) plus one block's workspace. Returns fp32 (fp64 for fp64 inputs).
     """
-    parts, labels = _supcon_views(embeddings, labels)
-    tau = _temperature("temperature", temperature)
-    base = tau if base_temperature is None else _temperature("base_temperature", base_temperature)
+    parts, labels = _supcon_views(embeddings, labels, check_finite)
+    dt = compute_dtype(parts[0])
+    tau = _temperature("temperature", temperature, dt)
+    base = tau if base_temperature is None else _positive_float("base_temperature", base_temperature, dt)
+    ratio = float(V.check_scalar("temperature / base_temperature", tau / base, positive=True, dtype=dt))
     with _exact_math(parts[0].device):
         views = _Views(parts, tau)
         dt, device = views.dtype, views.raw[0].device
@@ -407,7 +572,7 @@ def supcon_loss(embeddings: Tensor, labels: Optional[Tensor] = None, temperature
         normalisers, = views.normalisers(within=True, across="none", backend=backend)
         lse_total = sum(torch.where(anchor_ok, r, 0.0).sum() for r in normalisers)
         anchors = anchor_ok.sum() * views.count
-        return (tau / base) * (lse_total - positive_total) / anchors.clamp_min(1).to(dt)
+        return ratio * ((lse_total - positive_total) / anchors.clamp_min(1).to(dt))
 
 
 # ----------------------------------------------------------------------------- §6 DCL / DCLW
@@ -430,7 +595,7 @@ def _dcl(views: _Views, w0, w1, backend: str) -> Tensor:
 
 def dcl_loss(out0: Tensor, out1: Tensor, temperature: float = 0.1,
              weight_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None, *,
-             backend: str = "auto") -> Tensor:
+             backend: str = "auto", check_finite: bool = False) -> Tensor:
     """Decoupled contrastive loss (LOSSES.md §6; Yeh et al. 2022), lightly's ``DCLLoss``.
 
     ``ℓ_i^k = −w_i^k·⟨u_i^0, u_i^1⟩/τ + LSE over the 2N−2 negatives of anchor (k, i)`` (the positive
@@ -441,11 +606,13 @@ def dcl_loss(out0: Tensor, out1: Tensor, temperature: float = 0.1,
         weight_fn: None (w = 1) or a callable ``weight_fn(a, b)`` returning a scalar or (N,)
             weights, called as lightly does with the normalised views: w^0 = weight_fn(u0, u1),
             w^1 = weight_fn(u1, u0). Its output is used as returned (detach inside it if needed).
+        check_finite: True raises a ValueError naming the input tensor that holds NaN/Inf
+            (default False: they propagate to a NaN loss, as in torch; a host sync on GPUs).
 
     Primitives: as ``ntxent_loss``. Memory O(N·D) plus one block's workspace.
     """
-    x0, x1 = _two_views(out0, out1, 2, "dcl_loss")
-    tau = _temperature("temperature", temperature)
+    x0, x1 = _two_views(out0, out1, 2, "dcl_loss", check_finite)
+    tau = _temperature("temperature", temperature, compute_dtype(x0))
     if weight_fn is not None and not callable(weight_fn):
         raise TypeError(f"weight_fn must be callable or None, got {type(weight_fn).__name__}")
     with _exact_math(x0.device):
@@ -459,18 +626,18 @@ def dcl_loss(out0: Tensor, out1: Tensor, temperature: float = 0.1,
 
 
 def dclw_loss(out0: Tensor, out1: Tensor, temperature: float = 0.1, sigma: float = 0.5, *,
-              backend: str = "auto") -> Tensor:
+              backend: str = "auto", check_finite: bool = False) -> Tensor:
     """Weighted DCL (LOSSES.md §6), lightly's ``DCLWLoss``: DCL with the negative von Mises–Fisher
-    weights ``w_i = 2 − N·softmax_i(⟨u_i^0, u_i^1⟩/σ)``, detached; σ > 0, default 0.5; τ default 0.1."""
-    x0, x1 = _two_views(out0, out1, 2, "dclw_loss")
-    tau = _temperature("temperature", temperature)
-    sig = _temperature("sigma", sigma)
+    weights ``w_i = 2 − N·softmax_i(⟨u_i^0, u_i^1⟩/σ)``, detached; σ > 0 with 1/σ finite in the
+    compute dtype, default 0.5; τ default 0.1. ``check_finite`` as in ``dcl_loss``."""
+    x0, x1 = _two_views(out0, out1, 2, "dclw_loss", check_finite)
+    dt = compute_dtype(x0)
+    tau = _temperature("temperature", temperature, dt)
+    sig = _positive_float("sigma", sigma, dt)
     with _exact_math(x0.device):
         views = _Views([x0, x1], tau)
         with torch.no_grad():
-            cosine = (views.inv_norm[0] * views.inv_norm[1]
-                      * torch.linalg.vecdot(views.raw[0], views.raw[1]))
-            w = 2.0 - views.rows * torch.softmax(cosine / sig, dim=0)
+            w = 2.0 - views.rows * torch.softmax(views.cosine_value(0, 1) / sig, dim=0)
         return _dcl(views, w, w, backend)
 
 
@@ -478,16 +645,17 @@ def dclw_loss(out0: Tensor, out1: Tensor, temperature: float = 0.1, sigma: float
 
 
 def dhel_loss(out0: Tensor, out1: Tensor, temperature: float = 0.3, include_augs: bool = True, *,
-              backend: str = "auto") -> Tensor:
+              backend: str = "auto", check_finite: bool = False) -> Tensor:
     """Decoupled hyperspherical energy loss (LOSSES.md §7; Koromilas et al. 2024).
 
     ``L = mean_i [LSE_{j≠i} ⟨u_i,u_j⟩/τ − ⟨u_i,v_i⟩/τ]`` plus, with ``include_augs`` (default True,
     the authors' code), ``mean_i LSE_{j≠i} ⟨v_i,v_j⟩/τ``. out0 = u, out1 = v: (N, D), N ≥ 2,
-    L2-normalised inside; τ default 0.3. Primitives: the within-view blocks only (one or two N×N
-    calls). Memory O(N·D) plus one block's workspace.
+    L2-normalised inside; τ default 0.3. ``check_finite=True`` raises a ValueError naming an
+    input holding NaN/Inf (default: they propagate). Primitives: the within-view blocks only (one
+    or two N×N calls). Memory O(N·D) plus one block's workspace.
     """
-    x0, x1 = _two_views(out0, out1, 2, "dhel_loss")
-    tau = _temperature("temperature", temperature)
+    x0, x1 = _two_views(out0, out1, 2, "dhel_loss", check_finite)
+    tau = _temperature("temperature", temperature, compute_dtype(x0))
     V.check_bool("include_augs", include_augs)
     with _exact_math(x0.device):
         views = _Views([x0, x1], tau)
@@ -509,7 +677,7 @@ def _pair_lse(views: _Views, ordered: bool) -> Tensor:
 
 
 def mv_infonce_loss(views, temperature: float = 0.1, same_view_negatives: bool = True, *,
-                    backend: str = "auto") -> Tensor:
+                    backend: str = "auto", check_finite: bool = False) -> Tensor:
     """Multi-view InfoNCE (LOSSES.md §8; Koromilas et al. 2025).
 
     ``L = (1/M) Σ_i [LSE_l LSE_{(j,m)≠(i,l)} u_il·u_jm/τ − LSE_{l≠l'} u_il·u_il'/τ]``: the V row LSEs
@@ -520,13 +688,15 @@ def mv_infonce_loss(views, temperature: float = 0.1, same_view_negatives: bool =
         temperature: τ > 0, default 0.1.
         same_view_negatives: True (the authors' code) keeps the pairs (j≠i, m=l) in the
             normaliser; False drops them (the paper's printed form).
+        check_finite: True raises a ValueError naming the input tensor that holds NaN/Inf
+            (default False: they propagate to a NaN loss, as in torch; a host sync on GPUs).
 
     Primitives: V(V−1)/2 cross-view blocks (nothing excluded: the other views of the instance
     are in the normaliser) and, with ``same_view_negatives``, V within-view blocks. Positives:
     V(V−1)/2 row-wise dots, O(M·V²·D). Memory O(V·M·D) plus one block's workspace.
     """
-    parts = _view_list(views, 1, "mv_infonce_loss")
-    tau = _temperature("temperature", temperature)
+    parts = _view_list(views, 1, "mv_infonce_loss", check_finite)
+    tau = _temperature("temperature", temperature, compute_dtype(parts[0]))
     V.check_bool("same_view_negatives", same_view_negatives)
     with _exact_math(parts[0].device):
         vs = _Views(parts, tau)
@@ -536,16 +706,16 @@ def mv_infonce_loss(views, temperature: float = 0.1, same_view_negatives: bool =
         return (grouped - positive).mean()
 
 
-def mv_dhel_loss(views, temperature: float = 0.1, *, backend: str = "auto") -> Tensor:
+def mv_dhel_loss(views, temperature: float = 0.1, *, backend: str = "auto", check_finite: bool = False) -> Tensor:
     """Multi-view DHEL (LOSSES.md §8; Koromilas et al. 2025).
 
     ``L = (1/M) Σ_i [Σ_l LSE_{j≠i} u_il·u_jl/τ − LSE_{l<l'} u_il·u_il'/τ]``: uniformity within each
     view only. views: (V, M, D) or a list of V (M, D); V ≥ 2, M ≥ 2 (negatives); normalised
-    inside; τ default 0.1. Primitives: V within-view blocks. Memory O(V·M·D) plus one block's
-    workspace.
+    inside; τ default 0.1; ``check_finite`` as in ``mv_infonce_loss``. Primitives: V within-view
+    blocks. Memory O(V·M·D) plus one block's workspace.
     """
-    parts = _view_list(views, 2, "mv_dhel_loss")
-    tau = _temperature("temperature", temperature)
+    parts = _view_list(views, 2, "mv_dhel_loss", check_finite)
+    tau = _temperature("temperature", temperature, compute_dtype(parts[0]))
     with _exact_math(parts[0].device):
         vs = _Views(parts, tau)
         positive = _pair_lse(vs, ordered=False)
@@ -562,7 +732,7 @@ def _log1mexp(t: Tensor) -> Tensor:
 
 
 def hcl_loss(out0: Tensor, out1: Tensor, temperature: float = 0.5, tau_plus: float = 0.1,
-             beta: float = 1.0, *, backend: str = "auto") -> Tensor:
+             beta: float = 1.0, *, backend: str = "auto", check_finite: bool = False) -> Tensor:
     """Hard-negative, debiased contrastive loss (LOSSES.md §12; Robinson et al. 2021).
 
     In the NT-Xent layout (2N anchors, positive logit p_a, negatives n_aj = ℓ over the 2N−2 others):
@@ -573,18 +743,22 @@ def hcl_loss(out0: Tensor, out1: Tensor, temperature: float = 0.5, tau_plus: flo
     branch is −∞ when τ⁺·e^p ≥ E) and the term is ``softplus(log Ng − p)``.
 
     Args: out0, out1 (N, D), N ≥ 2, normalised inside; temperature τ > 0 (default 0.5);
-    tau_plus τ⁺ ∈ [0, 1) (default 0.1); beta β ≥ 0 (default 1.0). β = 0, τ⁺ = 0 is NT-Xent.
+    tau_plus τ⁺ ∈ [0, 1) (default 0.1); beta β ≥ 0 (default 1.0), with (1+β)/τ·1e12 finite in
+    the compute dtype (the largest per-row logit scale). β = 0, τ⁺ = 0 is NT-Xent.
+    ``check_finite=True`` raises a ValueError naming an input holding NaN/Inf (default: they
+    propagate).
     Primitives: the NT-Xent blocks at scale (1+β)/τ and, when β ≠ 0, again at β/τ (β = 0 gives
     LSE(0·n) = log Ñ without a call). Memory O(N·D) plus one block's workspace.
     """
-    x0, x1 = _two_views(out0, out1, 2, "hcl_loss")
-    tau = _temperature("temperature", temperature)
-    tp = V.check_fraction("tau_plus", tau_plus)
+    x0, x1 = _two_views(out0, out1, 2, "hcl_loss", check_finite)
     beta = _concentration(beta)
+    tau = _temperature("temperature", temperature, compute_dtype(x0), beta=beta)
+    tp = V.check_fraction("tau_plus", tau_plus)
     with _exact_math(x0.device):
         views = _Views([x0, x1], tau)
-        count = 2 * views.rows - 2
-        log_count = math.log(count)
+        # log Ñ as a tensor: math.log of the (symbolic) row count would make torch.compile
+        # specialise on the batch size.
+        log_count = torch.log(torch.full((), 2 * views.rows - 2, dtype=views.dtype, device=x0.device))
         positive = views.positive(0, 1)
         positive = torch.cat([positive, positive])
         factors = (1.0 + beta,) if beta == 0.0 else (1.0 + beta, beta)

@@ -1,7 +1,8 @@
 """Dense references of the self-supervised family: LOSSES.md §4–§8 and §12.
 
 Each function is a literal transcription of its LOSSES.md section: it L2-normalises the inputs
-(``F.normalize``, eps 1e-12, as lightly and the authors' code do), materialises the whole
+(``F.normalize``, eps 1e-12, as lightly and the authors' code do, with long rows scaled down
+first so that ‖x‖² cannot overflow), materialises the whole
 similarity matrix and masks it, and lets autograd do the rest. Memory O((V·N)²): small inputs
 only. Computation runs in float64 when an input is float64, else float32. Names and arguments
 match ``mmloss.functional`` minus ``backend``; the fast paths never call into this module.
@@ -20,7 +21,17 @@ Tensor = torch.Tensor
 
 
 def _unit(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return F.normalize(t.to(dtype), p=2.0, dim=-1, eps=1e-12)
+    """``F.normalize(t, eps=1e-12)`` along the last dimension without squaring long rows.
+
+    A row whose largest |entry| m exceeds 1 is divided by m first (a constant: t/‖t‖ does not
+    depend on it), so ‖t‖² cannot overflow (it does in fp32 from ‖t‖ ≈ 1.8e19 on); such a row is
+    longer than eps and the clamp cannot act. Other rows go through ``F.normalize`` unchanged
+    (short rows become t/eps, zero rows stay zero). NaN/Inf entries give NaN rows.
+    """
+    t = t.to(dtype)
+    peak = torch.linalg.vector_norm(t.detach(), ord=float("inf"), dim=-1, keepdim=True)
+    down = torch.where(peak > 1, peak, torch.ones_like(peak))
+    return F.normalize(t / down, p=2.0, dim=-1, eps=1e-12)
 
 
 def _two_views(out0: Tensor, out1: Tensor, min_rows: int, name: str):
@@ -71,6 +82,8 @@ def supcon_rows(embeddings: Tensor, labels: Optional[Tensor]):
     """
     if embeddings.dim() == 3:
         b, v, _ = embeddings.shape
+        if v < 1:
+            raise ValueError(f"supcon_loss needs at least one view, got embeddings of shape {tuple(embeddings.shape)}")
         rows = torch.cat(torch.unbind(embeddings, dim=1), dim=0)
         if labels is None:
             labels = torch.arange(b, device=embeddings.device)
