@@ -130,15 +130,16 @@ def meta_spec(n, m, d, dtype, *, marks="diagonal", scale="tensor", bias=True, de
 
 def production_launches(arch: str, dtype: torch.dtype, *, n=32768, m=32768, d=768) -> list[Launch]:
     """Every distinct launch of the CLIP (LSE) and SigLIP (sigmoid) paths at a production size:
-    statistics + combine, row/column owners, the atomic fast mode, the fused SigLIP pass, the
+    statistics + combine (both directions, and columns only), row/column owners, the atomic fast mode, the fused SigLIP pass, the
     sigmoid forward."""
     needs = (True, True, True, True)
     with capturing(arch) as rec:
         spec = meta_spec(n, m, d, dtype)
-        row, col = backend.similarity_lse_forward(spec, True, True)
-        backend.similarity_lse_backward(spec, row, col, row, col, needs)
+        row, col, row_stats, col_stats = backend.similarity_lse_forward(spec, True, True)
+        backend.similarity_lse_forward(spec, False, True)  # columns only: the swapped problem, x·yᵀ tiles
+        backend.similarity_lse_backward(spec, row, col, row_stats, col_stats, needs)
         fast = meta_spec(n, m, d, dtype, deterministic=False, scale="rows")
-        backend.similarity_lse_backward(fast, row, col, row, col, needs)
+        backend.similarity_lse_backward(fast, row, col, row_stats, col_stats, needs)
         sig = meta_spec(n, m, d, dtype, marks="same_label", labels=True)
         backend.pairwise_sigmoid_sum(sig, needs)
         backend.pairwise_sigmoid_forward(meta_spec(n, m, d, dtype, scale="float", bias=False))

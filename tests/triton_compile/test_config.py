@@ -1,4 +1,6 @@
 """The tile table and the grid plans (pure Python: no compiler, no device)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -29,8 +31,32 @@ def test_table_rows_are_consistent(key):
 
 def test_autotune_candidates_keep_the_split_alignment():
     for kind, cands in _config.AUTOTUNE_CANDIDATES.items():
-        for block_b, block_k, warps, stages in cands:
-            assert SPLIT_ALIGN % block_b == 0 and block_k >= 16 and warps in (4, 8, 16), (kind, block_b)
+        for block_b, warps, stages in cands:
+            assert SPLIT_ALIGN % block_b == 0 and warps in (4, 8, 16) and stages >= 1, (kind, block_b)
+
+
+@pytest.mark.parametrize("key", list(_config.TABLE))
+def test_statistics_and_owner_kernels_share_block_k(key):
+    # the backward recomputes the forward's logit tiles bit for bit (issue 8, item 1): the K-chunk
+    # (the order in which D is summed) must be the same for every matrix kind of a table row
+    row = _config.TABLE[key]
+    ks = {kind: row[kind].block_k for kind in _config.TILE_KINDS}
+    assert len(set(ks.values())) == 1, (key, ks)
+    assert _config.shared_block_k(row) == row["stats"].block_k
+
+
+def test_a_row_with_mixed_block_k_is_refused():
+    bad = dict(_config.TABLE[("sm90", "half")])
+    bad["owner"] = dataclasses.replace(bad["owner"], block_k=bad["owner"].block_k // 2)
+    with pytest.raises(AssertionError, match="share block_k"):
+        _config.shared_block_k(bad)
+
+
+def test_autotuning_never_changes_block_k():
+    # the autotuner's configurations name BLOCK_B only; BLOCK_K is always the table's
+    from mmloss.ops.triton import _autotune
+
+    assert _autotune._TUNED_PARAMS == ("BLOCK_B",)
 
 
 @pytest.mark.parametrize("width,max_dv,expected", [

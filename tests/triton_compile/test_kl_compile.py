@@ -118,6 +118,11 @@ def test_kl_kernels_compile(arch, dtype, tf32):
         if name == "_kl_combine_kernel" and dtype != "fp32":
             continue  # fp32 partials whatever the features: one compile per architecture
         _check(_heaviest(launches, name, label), arch, expect_mma=name != "_kl_combine_kernel")
+    # the column owner (A = y_s) forms x·yᵀ tiles and transposes them in registers, so that it
+    # reproduces the forward's tiles bit for bit: its own layout conversions, its own compile
+    columns = [r for r in launches if r.name == "_kl_owner_kernel" and not r.constexprs["A_IS_X"]]
+    assert columns, "no column-owner launch captured"
+    _check(max(columns, key=lambda r: (r.constexprs["NUM_DV"], r.kwargs["dim"])), arch)
 
 
 def test_kl_workspace_is_bounded_and_grids_are_persistent():

@@ -183,3 +183,39 @@ def test_float64_is_refused():
     x = features(4, 3, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64"):
         ops.similarity_lse(x, x, 1.0, backend="triton")
+
+
+@pytest.mark.parametrize("rows,cols", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("empty", ["row", "column"])
+def test_saved_statistics_layout(rows, cols, empty):
+    # the backend contract (issue 8, item 1): (row LSE, col LSE, row stats (2, N), col stats
+    # (2, M)); stats[0] = max of t2 = log2(e)·s·⟨x, y⟩ over allowed pairs (no bias), stats[1] =
+    # log2 Σ 2^(t2 − max); (−inf, −inf) for a row / column with no allowed pair
+    from mmloss.ops import triton as backend
+    from mmloss.ops._spec import PairSpec
+
+    x = features(7, 3, seed=71, requires_grad=False)
+    y = features(9, 3, seed=72, requires_grad=False)
+    if empty == "row":   # x row 6 shares its label with every y
+        x_labels, y_labels = torch.tensor([0, 1, 1, 2, 0, 1, 5]), torch.full((9,), 5)
+    else:                # y row 8 shares its label with every x
+        x_labels, y_labels = torch.full((7,), 5), torch.tensor([0, 1, 1, 2, 0, 1, 3, 4, 5])
+    spec = PairSpec(x, y, torch.tensor(4.0), 0.0, torch.tensor(-0.5), 0.0, "same_label", 0, x_labels,
+                    y_labels, 0, True)
+    row, col, row_stats, col_stats = backend.similarity_lse_forward(spec, rows, cols)
+    ln2 = torch.log(torch.tensor(2.0, dtype=torch.float64))
+    t2 = (x.double() @ y.double().T) * 4.0 / ln2
+    allowed = x_labels[:, None] != y_labels[None, :]
+    for on, lse, stats, axis, n in ((rows, row, row_stats, 1, 7), (cols, col, col_stats, 0, 9)):
+        if not on:
+            assert lse.shape == (0,) and stats.shape == (2, 0)
+            continue
+        assert lse.shape == (n,) and stats.shape == (2, n) and stats.dtype == F32
+        masked = t2.masked_fill(~allowed, float("-inf"))
+        some = allowed.any(dim=axis)
+        m2 = masked.amax(dim=axis)
+        lg2 = torch.log2(torch.exp2(masked - torch.where(some, m2, 0.0).unsqueeze(axis)).sum(dim=axis))
+        assert bool((stats[:, ~some] == float("-inf")).all()) and bool((lse[~some] == float("-inf")).all())
+        assert torch.allclose(stats[0][some].double(), m2[some], rtol=1e-6, atol=1e-6)
+        assert torch.allclose(stats[1][some].double(), lg2[some], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(lse[some].double(), ((m2 + lg2) * ln2 - 0.5)[some], rtol=1e-6, atol=1e-6)

@@ -12,7 +12,8 @@ helpers), ``_launch.py`` (host helpers, grid plans), ``_config.py`` (per-archite
 ``_autotune.py`` (``MMLOSS_TRITON_AUTOTUNE=1``).
 
 Contract: x (N, D), y (M, D) of one dtype among fp32/fp16/bf16 (fp64 raises TypeError: use the
-torch or reference backend), any strides, any D ≥ 1; outputs fp32, gradients in the dtypes of
+torch or reference backend; so does bf16 under TRITON_INTERPRET=1, whose tl.dot multiplies
+bf16 bit patterns as integers), any strides, any D ≥ 1; outputs fp32, gradients in the dtypes of
 the inputs they belong to. CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. No launch
 reads a device value (no host synchronisation). GEMM-equivalents (2·N·M·D FLOPs each), with s
 the D slices of an owner pass (1 while D fits one program's accumulators: 512 columns for
@@ -56,19 +57,24 @@ __all__ = [
 
 
 def similarity_lse_forward(spec: PairSpec, rows: bool, cols: bool):
-    """(row LSE (N,) fp32 or empty, column LSE (M,) fp32 or empty) over allowed pairs; −inf for
-    a row/column with none. One pass for both; O(P·(N + M)) fp32 workspace."""
+    """(row LSE (N,) | (0,), column LSE (M,) | (0,), row stats (2, N) | (2, 0), column stats
+    (2, M) | (2, 0)), fp32. LSEs over allowed pairs with the bias, −inf for a row/column with
+    none. Stats, for this backend's backward only: ``[0]`` the max m2 of
+    t2 = log2(e)·s·⟨x_i, y_j⟩ over allowed pairs (log2 units, no bias), ``[1]``
+    lg2 = log2 Σ 2^(t2 − m2); (−inf, −inf) with no allowed pair; NaN propagates (lse_forward.py).
+    One pass for both; O(P·(N + M)) fp32 workspace."""
     check_supported(spec)
     with device_guard(spec.x.device):
         return lse_statistics(spec, rows, cols)
 
 
 def similarity_lse_backward(spec: PairSpec, grad_row: Optional[torch.Tensor], grad_col: Optional[torch.Tensor],
-                            row_lse: torch.Tensor, col_lse: torch.Tensor, needs):
-    """(dx, dy, dscale, dbias) of ⟨grad_row, row_lse⟩ + ⟨grad_col, col_lse⟩; None where not needed."""
+                            row_stats: torch.Tensor, col_stats: torch.Tensor, needs):
+    """(dx, dy, dscale, dbias) of ⟨grad_row, row LSE⟩ + ⟨grad_col, col LSE⟩ from the forward's
+    stats (recomputing every tile bit for bit as the forward formed it); None where not needed."""
     check_supported(spec)
     with device_guard(spec.x.device):
-        return lse_gradients(spec, grad_row, grad_col, row_lse, col_lse, needs)
+        return lse_gradients(spec, grad_row, grad_col, row_stats, col_stats, needs)
 
 
 def pairwise_sigmoid_forward(spec: PairSpec) -> torch.Tensor:
@@ -101,9 +107,11 @@ def _check_kl_supported(spec: KLSpec) -> None:
 
 
 def similarity_kl_forward(spec: KLSpec, rows: bool, cols: bool, cross_entropy: bool):
-    """(row (N,) | (0,), col (M,) | (0,), row_stats (2, N) | (2, 0), col_stats (2, M) | (2, 0)),
+    """(row (N,) | (0,), col (M,) | (0,), row_stats (4, N) | (4, 0), col_stats (4, M) | (4, 0)),
     fp32: per-row / per-column KL(p_t‖p_s) (H(p_t, p_s) with ``cross_entropy``) and the saved
-    [student, teacher] LSEs. One pass for both directions; O(P·(N + M)) fp32 workspace."""
+    statistics ``[m_s, lg_s, m_t, lg_t]``: the student's and the teacher's max of
+    log2(e)·s·⟨a, b⟩ and log2 Σ 2^(· − max), log2 units (kl_forward.py). One pass for both
+    directions; O(P·(N + M)) fp32 workspace."""
     _check_kl_supported(spec)
     with device_guard(spec.x_s.device):
         return kl_statistics(spec, rows, cols, cross_entropy)
@@ -111,8 +119,8 @@ def similarity_kl_forward(spec: KLSpec, rows: bool, cols: bool, cross_entropy: b
 
 def similarity_kl_backward(spec: KLSpec, grad_row: Optional[torch.Tensor], grad_col: Optional[torch.Tensor],
                            row_stats: torch.Tensor, col_stats: torch.Tensor, needs):
-    """(dx_s, dy_s, dscale_s) of ⟨grad_row, row⟩ + ⟨grad_col, col⟩; None where not needed; the
-    teacher gets no gradient."""
+    """(dx_s, dy_s, dscale_s) of ⟨grad_row, row⟩ + ⟨grad_col, col⟩ from the forward's (4, ·)
+    stats; None where not needed; the teacher gets no gradient."""
     _check_kl_supported(spec)
     with device_guard(spec.x_s.device):
         return kl_gradients(spec, grad_row, grad_col, row_stats, col_stats, needs)

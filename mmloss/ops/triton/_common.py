@@ -8,6 +8,19 @@ so every exponential is one ``exp2``), bias added where a formula needs it. All 
 int64 before they meet a stride, so N·D ≥ 2³¹ is addressed correctly; every load on a ragged edge
 is masked.
 
+Exactness across passes (issue 8, item 1): the statistics the forward saves are the row /
+column max ``m2`` of t2 and ``lg2 = log2 Σ 2^(t2 − m2)`` (log2 units, bias excluded), kept apart,
+and every backward pass recomputes each t2 bit for bit as the forward did — x is always the
+MMA's left operand (``pair_logits``: a pass that owns y rows forms the x·yᵀ tile and transposes
+it in registers), the same ``BLOCK_K`` (``_config`` asserts the kinds of one table row share it)
+and the same K order, the scale applied by the same ``scaled_log2``. A probability is then
+``2^(t2 − m2)·2^(−lg2)``: exactly ``2^(−lg2)`` at the argmax, whatever |L| is.
+
+NaN/Inf (issue 8, item 2): NaN propagates as in torch — whatever a max does with a NaN
+(``tl.max`` ignores it on GPUs, numpy's propagates it), ``2^(NaN − shift)`` makes the sum NaN,
+and the LSE, value and gradients follow; a +inf logit gives a +inf LSE (``finite_shift`` maps
+±inf to 0, as ``torch.logsumexp`` does). Clamps are written with ``tl.where`` so NaN passes.
+
 Scale modes (constexpr ``SCALE_MODE``): 0 a Python float, 1 a 0-d tensor, 2 one value per A row,
 3 one value per B row (per-row scales of x when A is y). Mark modes (``MARKS``): 0 none,
 1 diagonal ``b == a + offset``, 2 same label ``a_labels[a] == b_labels[b]``.
@@ -71,6 +84,24 @@ def logit_tile(a_ptr, b_ptr, a_idx, a_ok, b_idx, b_ok, dim, stride_a0, stride_a1
 
 
 @triton.jit
+def pair_logits(a_ptr, b_ptr, a_idx, a_ok, b_idx, b_ok, dim, stride_a0, stride_a1, stride_b0,
+                stride_b1, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+                PRECISION: tl.constexpr, A_LEFT: tl.constexpr):
+    """``logit_tile`` (BLOCK_A, BLOCK_B) with a chosen MMA orientation: A_LEFT True is A·Bᵀ;
+    False forms the (BLOCK_B, BLOCK_A) tile B·Aᵀ and transposes it in registers. Kernels pass
+    A_LEFT = "A is x", so x is always the left operand and a pass that owns y rows gets bit for
+    bit the values of a pass that owns x rows (operand roles change an MMA's rounding; the
+    transposition costs one layout conversion per tile)."""
+    if A_LEFT:
+        acc = logit_tile(a_ptr, b_ptr, a_idx, a_ok, b_idx, b_ok, dim, stride_a0, stride_a1, stride_b0,
+                         stride_b1, BLOCK_A, BLOCK_B, BLOCK_K, PRECISION)
+    else:
+        acc = tl.trans(logit_tile(b_ptr, a_ptr, b_idx, b_ok, a_idx, a_ok, dim, stride_b0, stride_b1,
+                                  stride_a0, stride_a1, BLOCK_B, BLOCK_A, BLOCK_K, PRECISION))
+    return acc
+
+
+@triton.jit
 def scaled_log2(acc, s_a, s_b, SCALE_MODE: tl.constexpr):
     """t2 = log2(e)·s·acc with the scale of the right side, in fp32."""
     if SCALE_MODE == 2:
@@ -95,15 +126,56 @@ def marked_pairs(a_idx, b_idx, b_ok, a_lab, b_lab_ptr, stride_blab, offset, MARK
 
 @triton.jit
 def finite_shift(m):
-    """The shift for an online sum: the running max, or 0 where nothing was allowed yet."""
-    return tl.where(m == float("-inf"), 0.0, m)
+    """The shift for an online sum: the running max, or 0 where it is infinite — −inf (nothing
+    allowed yet: the sum stays 0) or +inf (a +inf logit: the sum becomes +inf, the LSE +inf, as
+    ``torch.logsumexp`` gives). NaN stays NaN."""
+    return tl.where((m == float("-inf")) | (m == float("inf")), 0.0, m)
 
 
 @triton.jit
-def lse_from_stats(m2, l, bias):
-    """Natural-log LSE from a log2-domain max and sum; −inf where no pair was allowed."""
+def log2_sum(l):
+    """log2 of an online sum: −inf for 0 (no allowed pair), NaN stays NaN (never the −inf of an
+    empty row: ``NaN > 0`` is false, so the test is ``== 0``), +inf stays +inf."""
     some = l > 0.0
-    return tl.where(some, (m2 + tl.log2(tl.where(some, l, 1.0))) * 0.6931471805599453 + bias, float("-inf"))
+    return tl.where(some, tl.log2(tl.where(some, l, 1.0)), tl.where(l == 0.0, float("-inf"), l))
+
+
+@triton.jit
+def lse_from_stats(m2, lg2, bias):
+    """Natural-log LSE from the log2-domain max and log-sum (+ bias); −inf for a row with no
+    allowed pair (lg2 −inf), NaN where either statistic is NaN, +inf for a +inf logit."""
+    return tl.where(lg2 == float("-inf"), float("-inf"), (m2 + lg2) * 0.6931471805599453 + bias)
+
+
+@triton.jit
+def store_stats(out_ptr, stat_ptr, stride_stat, idx, ok, m2, l, bias):
+    """Write the LSE (``out``) and the saved statistics ``stat[0] = m2``, ``stat[1] = lg2`` of the
+    rows ``idx`` from the log2-domain running max and sum."""
+    lg2 = log2_sum(l)
+    tl.store(out_ptr + idx, lse_from_stats(m2, lg2, bias), mask=ok)
+    tl.store(stat_ptr + idx, m2, mask=ok)
+    tl.store(stat_ptr + stride_stat + idx, lg2, mask=ok)
+
+
+@triton.jit
+def load_weighted_shift(stat_ptr, stride_stat, idx, ok):
+    """(m2, w) of the rows ``idx`` from ``_launch.weighted_shifts`` (rows 0 and 1 at
+    ``stat_ptr``): ``grad·p = w·2^(t2 − m2)``. Padded rows read (+inf, 0): probability 0."""
+    m2 = tl.load(stat_ptr + idx, mask=ok, other=float("inf"))
+    w = tl.load(stat_ptr + stride_stat + idx, mask=ok, other=0.0)
+    return m2, w
+
+
+@triton.jit
+def weighted_probabilities(t2, m2, w, AXIS: tl.constexpr):
+    """``w·2^(t2 − m2)`` with per-row (AXIS 1: m2, w indexed by tile rows) or per-column
+    (AXIS 0) weights from ``load_weighted_shift``; ``t2 − m2`` is exact near the max, so the
+    argmax gets exactly ``w = grad·2^(−lg2)``."""
+    if AXIS == 1:
+        p = w[:, None] * tl.exp2(t2 - m2[:, None])
+    else:
+        p = w[None, :] * tl.exp2(t2 - m2[None, :])
+    return p
 
 
 @triton.jit

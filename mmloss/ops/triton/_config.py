@@ -24,8 +24,14 @@ one program holds in registers — wider D is split into slices that each recomp
 split grids. The sm_90 and sm_80 entries were chosen to compile without register spills and
 within the shared-memory budget (tests/triton_compile checks both); their speed is tuned on the
 GPU (benchmarks/gpu/README.md says what to try first). ``MMLOSS_TRITON_AUTOTUNE=1`` lets the
-autotuner re-pick ``block_b``, ``block_k``, ``num_warps`` and ``num_stages`` (never the sizes
-that shape the grid or the workspaces) from the candidates below.
+autotuner re-pick ``block_b``, ``num_warps`` and ``num_stages`` (never the sizes that shape the
+grid or the workspaces, nor ``block_k``) from the candidates below.
+
+Invariant (checked at import): within one (architecture, operand class) row, the statistics
+kinds (``"stats"``, ``"kl_stats"``) and the owner kinds (``"owner"``, ``"atomic"``) share one
+``block_k``. The backward recomputes each logit tile bit for bit as the forward formed it (the
+saved max/log-sum statistics are only exact against the forward's own rounding); a different
+K-chunk sums D in a different order.
 """
 from __future__ import annotations
 
@@ -73,7 +79,9 @@ TABLE: dict[tuple[str, str], dict[str, Tiles]] = {
     ("sm80", "half"): {
         "stats": _t(128, 64, 32, 8, 3, per_sm=1),
         "owner": _t(64, 64, 32, 8, 3, dv=128, width=256, per_sm=1),
-        "atomic": _t(64, 64, 32, 8, 3, dv=32, width=128, per_sm=1),
+        # 2 stages: the similarity_kl atomic owner holds two (max, weight) pairs per row since
+        # the statistics stay unrounded, and at 3 stages it needs 8 B of stack at 255 registers
+        "atomic": _t(64, 64, 32, 8, 2, dv=32, width=128, per_sm=1),
         "combine": _t(256, 1, 1, 4, 1),
         "kl_stats": _t(64, 64, 32, 8, 3, per_sm=1),
     },
@@ -111,12 +119,29 @@ TABLE: dict[tuple[str, str], dict[str, Tiles]] = {
 # shapes of a few dozen rows already need persistent loops and column splits.
 INTERPRET_PROGRAMS = 3
 
-# Autotuning candidates (only with MMLOSS_TRITON_AUTOTUNE=1): (block_b, block_k, warps, stages).
+# Kinds whose logit tiles must agree bit for bit (the forward statistics and the backward passes).
+TILE_KINDS = ("stats", "owner", "atomic", "kl_stats")
+
+
+def shared_block_k(row: dict) -> int:
+    """The one ``block_k`` of a table row's matrix kinds; AssertionError if they differ."""
+    ks = {kind: row[kind].block_k for kind in TILE_KINDS}
+    assert len(set(ks.values())) == 1, (
+        f"the forward statistics and the backward owner kernels must share block_k (the backward "
+        f"recomputes the forward's logit tiles bit for bit), got {ks}")
+    return next(iter(ks.values()))
+
+
+for _row in TABLE.values():
+    shared_block_k(_row)
+
+# Autotuning candidates (only with MMLOSS_TRITON_AUTOTUNE=1): (block_b, warps, stages). block_k
+# stays the table's (see shared_block_k).
 AUTOTUNE_CANDIDATES = {
-    "stats": [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 8, 4), (256, 64, 8, 3)],
-    "owner": [(64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3), (64, 32, 4, 4), (32, 64, 4, 3)],
-    "atomic": [(64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
-    "kl_stats": [(64, 64, 8, 3), (64, 64, 8, 4), (32, 64, 4, 3), (64, 32, 8, 3)],
+    "stats": [(128, 8, 3), (128, 8, 4), (64, 4, 3), (256, 8, 3)],
+    "owner": [(64, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 4), (32, 4, 3)],
+    "atomic": [(64, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 4)],
+    "kl_stats": [(64, 8, 3), (64, 8, 4), (32, 4, 3)],
 }
 
 
@@ -161,5 +186,5 @@ def tiles(kind: str, device: torch.device, dtype: torch.dtype) -> Tiles:
     return table_tiles(arch_key(device), dtype, kind)
 
 
-def with_candidate(t: Tiles, block_b: int, block_k: int, warps: int, stages: int) -> Tiles:
-    return replace(t, block_b=block_b, block_k=block_k, num_warps=warps, num_stages=stages)
+def with_candidate(t: Tiles, block_b: int, warps: int, stages: int) -> Tiles:
+    return replace(t, block_b=block_b, num_warps=warps, num_stages=stages)

@@ -15,7 +15,7 @@ import torch
 import triton
 
 from .._spec import PairSpec
-from ._config import INTERPRET_PROGRAMS, Tiles
+from ._config import INTERPRET_PROGRAMS, Tiles, interpreting
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MARK_CODES = {"none": 0, "diagonal": 1, "same_label": 2}
@@ -36,6 +36,16 @@ def check_supported(spec: PairSpec, names: tuple[str, str] = ("x", "y")) -> None
             )
     if spec.x.dtype != spec.y.dtype:
         raise TypeError(f"{names[0]} and {names[1]} must share a dtype, got {spec.x.dtype} and {spec.y.dtype}")
+    if spec.x.dtype == torch.bfloat16 and interpreting():
+        # Triton's interpreter hands tl.dot the raw bfloat16 bit patterns (numpy has no bfloat16):
+        # products come out 1e11–1e13× off, silently. Refuse instead (issue 8, item 10).
+        raise TypeError(
+            f"the triton backend cannot take {names[0]}/{names[1]} of dtype {spec.x.dtype} under "
+            "TRITON_INTERPRET=1: "
+            "the Triton interpreter multiplies bfloat16 bit patterns as integers (results 1e11–1e13× "
+            "off); use float16 or float32 under the interpreter, bfloat16 on a CUDA GPU, or "
+            "backend='torch'"
+        )
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -112,7 +122,7 @@ class Pair:
             offset=self.offset, a_lab_ptr=self.a_labels, b_lab_ptr=self.b_labels,
             stride_alab=self.a_labels.stride(0), stride_blab=self.b_labels.stride(0),
             MARKS=self.marks, SCALE_MODE=self.scale_mode, BIAS_MODE=self.bias_mode,
-            PRECISION=dot_precision(self.a.dtype),
+            PRECISION=dot_precision(self.a.dtype), A_IS_X=self.a_is_x,
         )
 
 
@@ -227,6 +237,26 @@ def owner_plan(n_a: int, n_b: int, dim: int, tiles: Tiles, accumulate: bool, ali
 
 def launch_options(t: Tiles) -> dict:
     return dict(num_warps=t.num_warps, num_stages=t.num_stages)
+
+
+def weighted_shifts(stats: torch.Tensor, grad: torch.Tensor, poison: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """What the softmax-family owner kernels read (``_common.load_weighted_shift``): for each
+    (max m2, log-sum lg2) row pair of the forward's (2k, n) fp32 ``stats``, the pair
+    ``[m2', w]`` with ``grad·2^((t2 − m2) − lg2) = w·2^(t2 − m2')``: ``w = grad·2^(−lg2)`` (the
+    upstream gradient ``grad`` (n,) folded in), and for a row with no allowed pair (lg2 −inf)
+    ``m2' = +inf``, ``w = grad`` (every probability exactly 0). ``poison`` (0-d: 0, or NaN for
+    a non-finite bias, which the statistics leave out) joins lg2 of the other rows, so their
+    gradients turn NaN as torch's do. Returns a (2k, n) fp32 contiguous tensor; O(k·n) work on
+    the device, no host synchronisation. Precomputing this keeps two per-row vectors live in the
+    kernels instead of three and an exp2 per row out of every tile (no register spills)."""
+    stats = stats.detach().to(torch.float32)
+    m2, lg2 = stats[0::2], stats[1::2]
+    empty = lg2 == float("-inf")
+    if poison is not None:
+        lg2 = lg2 + poison
+    w = grad[None, :] * torch.exp2(-torch.where(empty, 0.0, lg2))
+    m2 = torch.where(empty, float("inf"), m2)
+    return torch.stack((m2, w), dim=1).reshape(stats.shape).contiguous()
 
 
 def optional(t: Optional[torch.Tensor], device: torch.device, dtype=torch.float32) -> torch.Tensor:

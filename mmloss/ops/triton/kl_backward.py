@@ -1,12 +1,14 @@
-"""``similarity_kl`` backward (student only) from the saved fp32 LSEs (KERNELS.md,
+"""``similarity_kl`` backward (student only) from the forward's saved statistics (KERNELS.md,
 "similarity_kl" and "Backward").
 
 The gradient of ``⟨g, row⟩ + ⟨h, col⟩`` with respect to the student logit ``S_ij`` is
 
-    G_ij = g_i·(2^(S_ij − r^s_i) − 2^(T_ij − r^t_i)) + h_j·(2^(S_ij − c^s_j) − 2^(T_ij − c^t_j))
+    G_ij = g_i·(p^s_ij − p^t_ij) + h_j·(q^s_ij − q^t_ij),   p^s_ij = 2^((S_ij − m^s_i) − lg^s_i)
 
-(log2 units; r, c the saved row / column LSEs of student s and teacher t), the same for KL and
-cross-entropy. ``_kl_owner_kernel`` recomputes both tiles (student over D_s, teacher over D_t),
+(log2 units; (m, lg) the saved row / column [max, log-sum] statistics of student s and teacher t,
+``kl_forward``; q with the column statistics), the same for KL and cross-entropy. Both tiles are
+recomputed bit for bit as the forward formed them (x the MMA's left operand, the same BLOCK_K and
+scale products), so every exponent is exact near its max at any logit magnitude. ``_kl_owner_kernel`` recomputes both tiles (student over D_s, teacher over D_t),
 forms G in fp32, casts it to the student dtype as the MMA operand and accumulates the owned
 operand's gradient ``s_s·(G·B)`` in fp32 registers, written once, exactly like the
 ``similarity_lse`` owner kernels (``owner.py``: ``NUM_DV`` ≤ 4 accumulators of ``BLOCK_DV``
@@ -37,23 +39,38 @@ import triton.language as tl
 
 from .._kl import KLSpec
 from . import _autotune
-from ._common import finish_slices, load_scalar, logit_tile, row_indices, slice_accumulators, step_slices
+from ._common import (finish_slices, load_scalar, load_weighted_shift, pair_logits, row_indices,
+                      slice_accumulators, step_slices, weighted_probabilities)
 from ._config import tiles
-from ._launch import Pair, dummy, make_pair, optional, owner_plan, split_align, target_programs
+from ._launch import Pair, dummy, make_pair, optional, owner_plan, split_align, target_programs, weighted_shifts
 from .kl_forward import operand_args, table_dtype
 
 
 @triton.jit
-def _weighted_probabilities(l2, g_a, r2_a, g_b, r2_b, HAS_A_GRAD: tl.constexpr, HAS_B_GRAD: tl.constexpr,
+def _weighted_probabilities(l2, m2_a, w_a, m2_b, w_b, HAS_A_GRAD: tl.constexpr, HAS_B_GRAD: tl.constexpr,
                             BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
-    """g_a·2^(L − r_a) + g_b·2^(L − r_b) for a log2-unit logit tile (row and column softmaxes
-    from the saved LSEs, each weighted by its upstream gradient)."""
+    """g_a·p_row + g_b·p_col for a log2-unit logit tile, from ``load_weighted_shift``'s per-row
+    (m2, g·2^(−lg2)) of the rows (a) and the columns (b)."""
     p = tl.zeros((BLOCK_A, BLOCK_B), tl.float32)
     if HAS_A_GRAD:
-        p += g_a[:, None] * tl.exp2(l2 - r2_a[:, None])
+        p += weighted_probabilities(l2, m2_a, w_a, 1)
     if HAS_B_GRAD:
-        p += g_b[None, :] * tl.exp2(l2 - r2_b[None, :])
+        p += weighted_probabilities(l2, m2_b, w_b, 0)
     return p
+
+
+@triton.jit
+def _side_weights(stat_ptr, stride_stat, idx, ok, FIELD: tl.constexpr, HAS_GRAD: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """``load_weighted_shift`` of the rows ``idx`` (owned or streamed) from rows FIELD,
+    FIELD + 1 of their ``weighted_shifts`` (0: student, 2: teacher), or unused zeros without
+    that side's gradient."""
+    if HAS_GRAD:
+        m2, w = load_weighted_shift(stat_ptr + FIELD * stride_stat, stride_stat, idx, ok)
+    else:
+        m2 = tl.zeros((BLOCK,), tl.float32)
+        w = m2
+    return m2, w
 
 
 @triton.jit
@@ -61,11 +78,11 @@ def _kl_owner_kernel(
     a_ptr, b_ptr, n_a, n_b, dim, stride_a0, stride_a1, stride_b0, stride_b1,
     ta_ptr, tb_ptr, dim_t, stride_ta0, stride_ta1, stride_tb0, stride_tb1,
     scale_ptr, scale_value, t_scale_ptr, t_scale_value,
-    a_grad_ptr, a_lse_s_ptr, a_lse_t_ptr, b_grad_ptr, b_lse_s_ptr, b_lse_t_ptr,
+    a_stat_ptr, stride_astat, b_stat_ptr, stride_bstat,
     out_ptr, stride_oc, stride_o0, stride_o1, dscale_ptr, out_b_ptr, stride_ob0, stride_ob1,
     cols_per_split, slices,
     SCALE_MODE: tl.constexpr, T_SCALE_MODE: tl.constexpr, PRECISION: tl.constexpr,
-    T_PRECISION: tl.constexpr, HAS_A_GRAD: tl.constexpr, HAS_B_GRAD: tl.constexpr,
+    T_PRECISION: tl.constexpr, A_IS_X: tl.constexpr, HAS_A_GRAD: tl.constexpr, HAS_B_GRAD: tl.constexpr,
     STORE_OUT: tl.constexpr, NEED_DSCALE: tl.constexpr, ATOMIC_B: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
@@ -82,35 +99,25 @@ def _kl_owner_kernel(
     s_a = load_scalar(scale_ptr, scale_value, SCALE_MODE)
     s2 = s_a * 1.4426950408889634
     t2_scale = load_scalar(t_scale_ptr, t_scale_value, T_SCALE_MODE) * 1.4426950408889634
-    # Per-A-row inputs of the gradient tile, loaded once; LSEs to log2 units.
-    if HAS_A_GRAD:
-        g_a = tl.load(a_grad_ptr + a_idx, mask=a_ok, other=0.0)
-        rs_a = tl.load(a_lse_s_ptr + a_idx, mask=a_ok, other=0.0) * 1.4426950408889634
-        rt_a = tl.load(a_lse_t_ptr + a_idx, mask=a_ok, other=0.0) * 1.4426950408889634
-    else:  # unused placeholders (the helper skips them)
-        g_a = s_a
-        rs_a = s_a
-        rt_a = s_a
+    # Per-A-row inputs of the gradient tile, loaded once: (max, g·2^(−log-sum)) of the student
+    # (rows 0, 1 of the weighted shifts) and of the teacher (rows 2, 3).
+    ms_a, ws_a = _side_weights(a_stat_ptr, stride_astat, a_idx, a_ok, 0, HAS_A_GRAD, BLOCK_A)
+    mt_a, wt_a = _side_weights(a_stat_ptr, stride_astat, a_idx, a_ok, 2, HAS_A_GRAD, BLOCK_A)
     acc0, acc1, acc2, acc3 = slice_accumulators(BLOCK_A, BLOCK_DV, NUM_DV)
     for j0 in range(col_start, col_end, BLOCK_B):
         b_idx = tl.cast(j0, tl.int64) + tl.arange(0, BLOCK_B).to(tl.int64)
         b_ok = b_idx < col_end
-        if HAS_B_GRAD:
-            g_b = tl.load(b_grad_ptr + b_idx, mask=b_ok, other=0.0)
-            rs_b = tl.load(b_lse_s_ptr + b_idx, mask=b_ok, other=0.0) * 1.4426950408889634
-            rt_b = tl.load(b_lse_t_ptr + b_idx, mask=b_ok, other=0.0) * 1.4426950408889634
-        else:
-            g_b = s_a
-            rs_b = s_a
-            rt_b = s_a
         # The student's probabilities first, then the teacher's subtracted: only G stays live
-        # across the teacher's GEMM (fewer registers than keeping both logit tiles).
-        acc = logit_tile(a_ptr, b_ptr, a_idx, a_ok, b_idx, b_ok, dim, stride_a0, stride_a1,
-                         stride_b0, stride_b1, BLOCK_A, BLOCK_B, BLOCK_K, PRECISION)
-        g = _weighted_probabilities(acc * s2, g_a, rs_a, g_b, rs_b, HAS_A_GRAD, HAS_B_GRAD, BLOCK_A, BLOCK_B)
-        acc_t = logit_tile(ta_ptr, tb_ptr, a_idx, a_ok, b_idx, b_ok, dim_t, stride_ta0, stride_ta1,
-                           stride_tb0, stride_tb1, BLOCK_A, BLOCK_B, BLOCK_K, T_PRECISION)
-        g -= _weighted_probabilities(acc_t * t2_scale, g_a, rt_a, g_b, rt_b, HAS_A_GRAD, HAS_B_GRAD,
+        # across the teacher's GEMM (fewer registers than keeping both logit tiles); each side's
+        # column statistics are loaded right where they are used, for the same reason.
+        acc = pair_logits(a_ptr, b_ptr, a_idx, a_ok, b_idx, b_ok, dim, stride_a0, stride_a1,
+                          stride_b0, stride_b1, BLOCK_A, BLOCK_B, BLOCK_K, PRECISION, A_IS_X)
+        ms_b, ws_b = _side_weights(b_stat_ptr, stride_bstat, b_idx, b_ok, 0, HAS_B_GRAD, BLOCK_B)
+        g = _weighted_probabilities(acc * s2, ms_a, ws_a, ms_b, ws_b, HAS_A_GRAD, HAS_B_GRAD, BLOCK_A, BLOCK_B)
+        acc_t = pair_logits(ta_ptr, tb_ptr, a_idx, a_ok, b_idx, b_ok, dim_t, stride_ta0, stride_ta1,
+                            stride_tb0, stride_tb1, BLOCK_A, BLOCK_B, BLOCK_K, T_PRECISION, A_IS_X)
+        mt_b, wt_b = _side_weights(b_stat_ptr, stride_bstat, b_idx, b_ok, 2, HAS_B_GRAD, BLOCK_B)
+        g -= _weighted_probabilities(acc_t * t2_scale, mt_a, wt_a, mt_b, wt_b, HAS_A_GRAD, HAS_B_GRAD,
                                      BLOCK_A, BLOCK_B)
         # padded pairs contribute nothing (whatever their exponentials were)
         g = tl.where(a_ok[:, None] & b_ok[None, :], g, 0.0)
@@ -134,23 +141,25 @@ def _kl_owner_kernel(
 
 
 def _vector(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    # upstream gradients may be expanded (stride 0) or half; LSE rows are views: O(N) fp32 copies
+    # upstream gradients may be expanded (stride 0) or half: O(N) fp32 contiguous copies
     return None if t is None else t.detach().to(torch.float32).contiguous()
 
 
 @dataclass
 class _Side:
-    """Upstream gradient and saved (student, teacher) LSEs of one side's rows, or None."""
+    """Upstream gradient of one side's rows and its (4, n) ``weighted_shifts`` of the saved
+    statistics ``[m_s, lg_s, m_t, lg_t]`` (fp32, contiguous: the kernel reads row k at ``k·n``),
+    or None."""
 
     grad: Optional[torch.Tensor]
-    lse_s: Optional[torch.Tensor]
-    lse_t: Optional[torch.Tensor]
+    stats: Optional[torch.Tensor]
 
     @staticmethod
     def of(grad, stats) -> "_Side":
         if grad is None:
-            return _Side(None, None, None)
-        return _Side(_vector(grad), _vector(stats[0]), _vector(stats[1]))
+            return _Side(None, None)
+        grad = _vector(grad)
+        return _Side(grad, weighted_shifts(stats, grad))
 
 
 def _operand_dtype(student: Pair, teacher: Pair) -> torch.dtype:
@@ -199,9 +208,10 @@ def run_kl_owner(student: Pair, teacher: Pair, a_side: _Side, b_side: _Side, *, 
     _autotune.launch(
         _kl_owner_kernel, kind, t, (plan.blocks_a, plan.slices, plan.splits),
         dict(operand_args(student, teacher),
-             a_grad_ptr=optional(a_side.grad, dev), a_lse_s_ptr=optional(a_side.lse_s, dev),
-             a_lse_t_ptr=optional(a_side.lse_t, dev), b_grad_ptr=optional(b_side.grad, dev),
-             b_lse_s_ptr=optional(b_side.lse_s, dev), b_lse_t_ptr=optional(b_side.lse_t, dev),
+             a_stat_ptr=optional(a_side.stats, dev),
+             stride_astat=a_side.stats.stride(0) if a_side.stats is not None else 0,
+             b_stat_ptr=optional(b_side.stats, dev),
+             stride_bstat=b_side.stats.stride(0) if b_side.stats is not None else 0,
              out_ptr=out, stride_oc=out_strides[0], stride_o0=out_strides[1], stride_o1=out_strides[2],
              dscale_ptr=dscale, out_b_ptr=out_b, stride_ob0=out_b.stride(0) if atomic_b else 0,
              stride_ob1=out_b.stride(1) if atomic_b else 0,

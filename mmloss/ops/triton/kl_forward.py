@@ -14,7 +14,11 @@ folded into both scales, every exponential is one ``exp2``):
 
 Then ``KL = ln 2·[w/l_t + (m_s − m_t) + log2 l_s − log2 l_t]`` (exactly 0 when teacher and
 student tiles are bit-identical) and ``H = KL + ln 2·[log2 l_t + e/l_t]``, clamped at 0 against
-rounding; the saved statistics are the natural-log LSEs ``[LSE S, LSE T]`` per row / column.
+rounding (a NaN passes: NaN inputs give NaN, as in torch). The saved statistics, per row / column,
+are unrounded and in log2 units: ``stats = [m_s, log2 l_s, m_t, log2 l_t]`` (4, n) fp32 — the
+student's and the teacher's max of ``log2(e)·s·⟨a, b⟩`` and log-sum; ``kl_backward`` recomputes
+both tiles bit for bit (x always the MMA's left operand, ``_common.pair_logits``; the same
+BLOCK_K) and forms ``2^((S − m_s) − log2 l_s)``, exact near the max at any |L|.
 
 Kernels:
 - ``_kl_stats_kernel``: the persistent grid of ``lse_forward`` (``progs_a × splits`` programs,
@@ -44,7 +48,7 @@ import triton.language as tl
 
 from .._kl import KLSpec
 from . import _autotune
-from ._common import finite_shift, load_scalar, logit_tile, row_indices
+from ._common import finite_shift, load_scalar, log2_sum, pair_logits, row_indices
 from ._config import tiles
 from ._launch import Pair, dot_precision, make_pair, split_align, stats_plan, target_programs
 
@@ -111,18 +115,19 @@ def _tile_teacher(tt, t_fin, diff, AXIS: tl.constexpr, CROSS_ENTROPY: tl.constex
 
 @triton.jit
 def _finish(m_s, l_s, m_t, l_t, w, e, CROSS_ENTROPY: tl.constexpr):
-    """(KL or H, LSE_s, LSE_t) in natural-log units from log2-domain states. Every real row
-    or column has a finite max and sums ≥ 1; padded ones (never stored) are kept finite."""
-    m_s = finite_shift(m_s)
-    m_t = finite_shift(m_t)
-    l_t = tl.where(l_t > 0.0, l_t, 1.0)
-    log_ls = tl.log2(tl.where(l_s > 0.0, l_s, 1.0))
-    log_lt = tl.log2(l_t)
-    value = w / l_t + (m_s - m_t) + (log_ls - log_lt)
+    """(KL or H, log2 l_s, log2 l_t) in natural-log units (the value) and log2 units (the
+    log-sums) from log2-domain states. Every real row or column has a finite max and sums ≥ 1
+    unless its inputs are non-finite, and then the value is NaN or ±inf (never a clamped 0:
+    the guards below only touch exact zeros, of padded rows, which are never stored)."""
+    l_s1 = tl.where(l_s == 0.0, 1.0, l_s)
+    l_t1 = tl.where(l_t == 0.0, 1.0, l_t)
+    log_ls1 = log2_sum(l_s1)
+    log_lt1 = log2_sum(l_t1)
+    value = w / l_t1 + (finite_shift(m_s) - finite_shift(m_t)) + (log_ls1 - log_lt1)
     if CROSS_ENTROPY:
-        value += log_lt + e / l_t
-    ln2 = 0.6931471805599453
-    return tl.maximum(value * ln2, 0.0), (m_s + log_ls) * ln2, (m_t + log_lt) * ln2
+        value += log_lt1 + e / l_t1
+    value = value * 0.6931471805599453
+    return tl.where(value < 0.0, 0.0, value), log2_sum(l_s), log2_sum(l_t)
 
 
 @triton.jit
@@ -166,10 +171,13 @@ def _store_teacher(part_ptr, field, at, ok, m_t, l_t, w, e, CROSS_ENTROPY: tl.co
 @triton.jit
 def _store_result(out_ptr, stat_ptr, stride_stat, idx, ok, m_s, l_s, m_t, l_t, w, e,
                   CROSS_ENTROPY: tl.constexpr):
-    value, lse_s, lse_t = _finish(m_s, l_s, m_t, l_t, w, e, CROSS_ENTROPY)
+    """The value and the saved statistics ``[m_s, log2 l_s, m_t, log2 l_t]`` of the rows ``idx``."""
+    value, log_ls, log_lt = _finish(m_s, l_s, m_t, l_t, w, e, CROSS_ENTROPY)
     tl.store(out_ptr + idx, value, mask=ok)
-    tl.store(stat_ptr + idx, lse_s, mask=ok)
-    tl.store(stat_ptr + stride_stat + idx, lse_t, mask=ok)
+    tl.store(stat_ptr + idx, m_s, mask=ok)
+    tl.store(stat_ptr + stride_stat + idx, log_ls, mask=ok)
+    tl.store(stat_ptr + 2 * stride_stat + idx, m_t, mask=ok)
+    tl.store(stat_ptr + 3 * stride_stat + idx, log_lt, mask=ok)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -182,7 +190,8 @@ def _kl_stats_kernel(
     scale_ptr, scale_value, t_scale_ptr, t_scale_value,
     a_out_ptr, a_stat_ptr, stride_stat, a_part_ptr, a_field, b_part_ptr, b_field, progs_a, cols_per_split,
     SCALE_MODE: tl.constexpr, T_SCALE_MODE: tl.constexpr, PRECISION: tl.constexpr,
-    T_PRECISION: tl.constexpr, CROSS_ENTROPY: tl.constexpr, COLS: tl.constexpr, SPLIT: tl.constexpr,
+    T_PRECISION: tl.constexpr, A_IS_X: tl.constexpr, CROSS_ENTROPY: tl.constexpr, COLS: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
@@ -214,8 +223,8 @@ def _kl_stats_kernel(
             # Student first: its statistics are done before the teacher's GEMM, so only the
             # finite student logits stay live across it (fewer registers: no spills at the
             # table's tiles, tests/triton_compile/test_kl_compile.py).
-            acc = logit_tile(a_ptr, b_ptr, a_idx, a_ok, b_idx, b_ok, dim, stride_a0, stride_a1,
-                             stride_b0, stride_b1, BLOCK_A, BLOCK_B, BLOCK_K, PRECISION)
+            acc = pair_logits(a_ptr, b_ptr, a_idx, a_ok, b_idx, b_ok, dim, stride_a0, stride_a1,
+                              stride_b0, stride_b1, BLOCK_A, BLOCK_B, BLOCK_K, PRECISION, A_IS_X)
             # Padded pairs loaded zeros: their logits are exactly 0 (finite) before padding.
             s_fin = acc * s2
             st = s_fin + a_pad[:, None] + b_pad[None, :]
@@ -229,8 +238,8 @@ def _kl_stats_kernel(
                     pm_s, pl_s = _load_student(b_part_ptr, b_field, part, b_ok)
                     cm_s, cl_s = _merge_student(pm_s, pl_s, cm_s, cl_s)
                 _store_student(b_part_ptr, b_field, part, b_ok, cm_s, cl_s)
-            acc_t = logit_tile(ta_ptr, tb_ptr, a_idx, a_ok, b_idx, b_ok, dim_t, stride_ta0, stride_ta1,
-                               stride_tb0, stride_tb1, BLOCK_A, BLOCK_B, BLOCK_K, T_PRECISION)
+            acc_t = pair_logits(ta_ptr, tb_ptr, a_idx, a_ok, b_idx, b_ok, dim_t, stride_ta0, stride_ta1,
+                                stride_tb0, stride_tb1, BLOCK_A, BLOCK_B, BLOCK_K, T_PRECISION, A_IS_X)
             t_fin = acc_t * t2_scale
             # T − S from the finite tiles (0 on padded pairs), teacher logits padded with −inf
             diff = t_fin - s_fin
@@ -290,6 +299,7 @@ def operand_args(student: Pair, teacher: Pair) -> dict:
         t_scale_ptr=teacher.scale, t_scale_value=teacher.scale_value,
         SCALE_MODE=student.scale_mode, T_SCALE_MODE=teacher.scale_mode,
         PRECISION=dot_precision(student.a.dtype), T_PRECISION=dot_precision(teacher.a.dtype),
+        A_IS_X=student.a_is_x,
     )
 
 
@@ -305,10 +315,12 @@ def _combine(part: torch.Tensor, out: torch.Tensor, stats: torch.Tensor, cross_e
 
 
 def kl_statistics(spec: KLSpec, rows: bool, cols: bool, cross_entropy: bool):
-    """(row (N,) | (0,), col (M,) | (0,), row_stats (2, N) | (2, 0), col_stats (2, M) | (2, 0)),
-    fp32: the ``similarity_kl_forward`` contract of ``mmloss.ops.torch_kl``."""
+    """(row (N,) | (0,), col (M,) | (0,), row_stats (4, N) | (4, 0), col_stats (4, M) | (4, 0)),
+    fp32: the ``similarity_kl_forward`` contract of ``mmloss.ops.torch_kl``; stats are
+    ``[m_s, log2 l_s, m_t, log2 l_t]`` in log2 units (module docstring)."""
     dev = spec.x_s.device
-    # Columns only: the rows of the swapped problem (no column workspace).
+    # Columns only: the rows of the swapped problem (no column workspace); its tiles are still
+    # formed as x·yᵀ (A_IS_X False in pair_logits), so the backward reproduces them.
     student = make_pair(spec.student(), a_is_x=rows)
     teacher = make_pair(spec.teacher(), a_is_x=rows)
     want_cols = rows and cols
@@ -318,7 +330,7 @@ def kl_statistics(spec: KLSpec, rows: bool, cols: bool, cross_entropy: bool):
                       target_programs(dev, t.programs_per_sm))
     f32 = dict(dtype=torch.float32, device=dev)
     a_out = torch.empty(student.n_a, **f32)
-    a_stats = torch.empty((2, student.n_a), **f32)
+    a_stats = torch.empty((4, student.n_a), **f32)
     split = plan.splits > 1
     a_part = torch.empty((fields, plan.splits, student.n_a), **f32) if split else a_out
     b_part = torch.empty((fields, plan.progs_a, student.n_b), **f32) if want_cols else a_out
@@ -333,12 +345,12 @@ def kl_statistics(spec: KLSpec, rows: bool, cols: bool, cross_entropy: bool):
     )
     if split:
         _combine(a_part, a_out, a_stats, cross_entropy)
-    empty, empty_stats = torch.empty(0, **f32), torch.empty((2, 0), **f32)
+    empty, empty_stats = torch.empty(0, **f32), torch.empty((4, 0), **f32)
     if not rows:
         return empty, a_out, empty_stats, a_stats
     if want_cols:
         b_out = torch.empty(student.n_b, **f32)
-        b_stats = torch.empty((2, student.n_b), **f32)
+        b_stats = torch.empty((4, student.n_b), **f32)
         _combine(b_part, b_out, b_stats, cross_entropy)
         return a_out, b_out, a_stats, b_stats
     return a_out, empty, a_stats, empty_stats

@@ -1,12 +1,16 @@
-"""``similarity_lse`` backward from the saved fp32 LSEs (KERNELS.md, "Backward").
+"""``similarity_lse`` backward from the forward's saved statistics (KERNELS.md, "Backward").
 
-``dL/dL_ij = g_i·exp(L_ij − r_i) + h_j·exp(L_ij − c_j)`` on allowed pairs. Default
+``dL/dL_ij = g_i·exp(L_ij − r_i) + h_j·exp(L_ij − c_j)`` on allowed pairs, formed in log2 units
+as ``g_i·2^((t2_ij − m2_i) − lg2_i) + h_j·2^((t2_ij − m2_j) − lg2_j)`` from the (2, ·) fp32
+statistics ``[max, log-sum]`` of ``lse_forward`` and tiles recomputed bit for bit as the forward
+formed them (``owner.py``): exact exponents at any logit magnitude. Default
 (deterministic): the row-owner pass writes dx (and the scale-gradient rows ⟨x_i, (G·y)_i⟩), the
 column-owner pass writes dy; no atomics, every gradient written once — 2 recomputes + 2 gradient
 GEMMs (more recomputes when D is sliced, see ``owner.py``). ``deterministic=False`` with both dx
 and dy wanted: one row-owner pass that adds dy with fp32 atomics — 1 recompute + 2 GEMMs.
 The bias gradient needs no kernel: Σ_ij G_ij = Σ_i g_i + Σ_j h_j over the rows / columns that
-have an allowed pair (finite LSE).
+have an allowed pair (finite LSE); a row or column whose LSE is NaN or +inf adds NaN (its
+probabilities are NaN, as in torch).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Optional
 import torch
 
 from .._spec import PairSpec
-from ._launch import make_pair
+from ._launch import make_pair, weighted_shifts
 from .owner import KIND_LSE, atomic_pays, run_owner
 
 
@@ -24,18 +28,37 @@ def _vector(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach().to(torch.float32).contiguous()
 
 
-def lse_gradients(spec: PairSpec, grad_row, grad_col, row_lse, col_lse, needs):
+def _stats(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # (2, n) [max, log-sum] rows the kernels read with one row stride
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def _bias_weights(stats: torch.Tensor) -> torch.Tensor:
+    """Σ_j of a row's probabilities: 0 with no allowed pair (log-sum −inf), 1 for a finite LSE,
+    NaN for a NaN or +inf one (torch's softmax of such a row is NaN)."""
+    lse2 = stats[0] + stats[1]
+    empty = stats[1] == float("-inf")
+    return torch.where(empty, 0.0, torch.where(torch.isfinite(lse2), 1.0, float("nan")))
+
+
+def lse_gradients(spec: PairSpec, grad_row, grad_col, row_stats, col_stats, needs):
+    """(dx, dy, dscale, dbias) of ⟨grad_row, row LSE⟩ + ⟨grad_col, col LSE⟩ from the (2, N) /
+    (2, M) statistics of ``lse_statistics``; None where ``needs`` is False."""
     need_x, need_y, need_scale, need_bias = needs
     g, h = _vector(grad_row), _vector(grad_col)
-    r = _vector(row_lse) if g is not None else None
-    c = _vector(col_lse) if h is not None else None
+    r = _stats(row_stats) if g is not None else None
+    c = _stats(col_stats) if h is not None else None
+    # NaN/±inf bias → NaN gradients (the statistics leave the bias out)
+    poison = None if spec.bias is None else spec.bias.detach().to(torch.float32) * 0.0
+    wr = weighted_shifts(r, g, poison) if g is not None else None
+    wc = weighted_shifts(c, h, poison) if h is not None else None
     dx = dy = dscale = dbias = None
     if g is not None or h is not None:
         run_rows = need_x or need_scale
         rows_pair = make_pair(spec, a_is_x=True)
         atomic = run_rows and need_y and not spec.deterministic and atomic_pays(rows_pair)
         if run_rows:
-            res = run_owner(rows_pair, KIND_LSE, a_grad=g, a_stat=r, b_grad=h, b_stat=c,
+            res = run_owner(rows_pair, KIND_LSE, a_grad=g, a_stat=wr, b_grad=h, b_stat=wc,
                             store_out=need_x, need_dscale=need_scale, atomic_b=atomic)
             dx = res.out
             if need_scale:
@@ -43,7 +66,7 @@ def lse_gradients(spec: PairSpec, grad_row, grad_col, row_lse, col_lse, needs):
             if atomic:
                 dy = res.out_b.to(spec.y.dtype)
         if need_y and not atomic:
-            dy = run_owner(make_pair(spec, a_is_x=False), KIND_LSE, a_grad=h, a_stat=c, b_grad=g, b_stat=r,
+            dy = run_owner(make_pair(spec, a_is_x=False), KIND_LSE, a_grad=h, a_stat=wc, b_grad=g, b_stat=wr,
                            store_out=True).out
     if need_x and dx is None:
         dx = torch.zeros(spec.x.shape, dtype=spec.x.dtype, device=spec.x.device)
@@ -56,8 +79,10 @@ def lse_gradients(spec: PairSpec, grad_row, grad_col, row_lse, col_lse, needs):
     if need_bias:
         total = torch.zeros((), dtype=torch.float32, device=spec.x.device)
         if g is not None:
-            total = total + torch.where(torch.isfinite(row_lse), g, 0.0).sum()
+            total = total + (g * _bias_weights(r)).sum()
         if h is not None:
-            total = total + torch.where(torch.isfinite(col_lse), h, 0.0).sum()
+            total = total + (h * _bias_weights(c)).sum()
+        if spec.bias is not None:
+            total = total + (spec.bias.detach().to(torch.float32) * 0.0)  # NaN/±inf bias → NaN, as torch
         dbias = total.to(spec.bias.dtype) if spec.bias is not None else total
     return dx, dy, dscale, dbias

@@ -7,11 +7,16 @@ operand's gradient ``out_a = s ∘ (G·B)`` in registers, written once (KERNELS.
   with ``ATOMIC_B`` it also adds dy with fp32 atomics (the ``deterministic=False`` mode: one
   recompute instead of two);
 - the column owner (A = y, B = x, the x-side per-row scale folded into G in fp32 before the
-  cast): dy;
+  cast): dy; for the softmax family its logit tiles are formed as x·yᵀ and transposed in
+  registers (``A_IS_X`` False in ``_common.pair_logits``: one layout conversion per tile), so
+  they are bit for bit the forward's;
 - with nothing to accumulate, the sigmoid forward (per-row softplus sums only).
 
-Gradient tiles: softmax family (KIND 0), ``G_ab = g_a·exp(L_ab − r_a) + h_b·exp(L_ab − c_b)`` on
-allowed pairs from the saved fp32 LSEs; sigmoid family (KIND 1), ``G = −z·sigmoid(−z·L)`` times
+Gradient tiles: softmax family (KIND 0), ``G_ab = g_a·2^((t2_ab − m2_a) − lg2_a) +
+h_b·2^((t2_ab − m2_b) − lg2_b)`` on allowed pairs from the forward's saved (max, log-sum)
+statistics (``lse_forward``), with each t2 recomputed bit for bit as the forward formed it (x the
+MMA's left operand, ``_common.pair_logits``; the same BLOCK_K, ``_config``): the exponent is
+exact near the max at any |L|. Sigmoid family (KIND 1), ``G = −z·sigmoid(−z·L)`` times
 the upstream gradient of the x row (1 for the summed loss). G is cast to the input dtype as the
 MMA operand; accumulation is fp32.
 
@@ -30,8 +35,9 @@ import triton
 import triton.language as tl
 
 from . import _autotune
-from ._common import (finish_slices, load_scalar, load_side_scale, logit_tile, marked_pairs, row_indices,
-                      scaled_log2, slice_accumulators, softplus_and_sigmoid, step_slices)
+from ._common import (finish_slices, load_scalar, load_side_scale, load_weighted_shift, marked_pairs,
+                      pair_logits, row_indices, scaled_log2, slice_accumulators, softplus_and_sigmoid,
+                      step_slices, weighted_probabilities)
 from ._config import tiles
 from ._launch import Pair, dummy, optional, owner_plan, split_align, target_programs
 
@@ -43,11 +49,11 @@ KIND_SIGMOID = 1
 def _owner_kernel(
     a_ptr, b_ptr, n_a, n_b, dim, stride_a0, stride_a1, stride_b0, stride_b1,
     scale_ptr, scale_value, bias_ptr, bias_value, offset, a_lab_ptr, b_lab_ptr, stride_alab, stride_blab,
-    a_grad_ptr, a_stat_ptr, b_grad_ptr, b_stat_ptr,
+    a_grad_ptr, a_stat_ptr, stride_astat, b_grad_ptr, b_stat_ptr, stride_bstat,
     out_ptr, stride_oc, stride_o0, stride_o1, dscale_ptr,
     out_b_ptr, stride_ob0, stride_ob1, loss_ptr, dbias_ptr, cols_per_split, slices,
     MARKS: tl.constexpr, SCALE_MODE: tl.constexpr, BIAS_MODE: tl.constexpr, PRECISION: tl.constexpr,
-    KIND: tl.constexpr, HAS_A_GRAD: tl.constexpr, HAS_B_GRAD: tl.constexpr,
+    A_IS_X: tl.constexpr, KIND: tl.constexpr, HAS_A_GRAD: tl.constexpr, HAS_B_GRAD: tl.constexpr,
     ACCUMULATE: tl.constexpr, STORE_OUT: tl.constexpr, NEED_DSCALE: tl.constexpr,
     ATOMIC_B: tl.constexpr, WITH_LOSS: tl.constexpr, NEED_DBIAS: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -69,19 +75,20 @@ def _owner_kernel(
         a_lab = a_idx
     # Per-A-row inputs of the gradient tile, loaded once.
     if HAS_A_GRAD:
-        g_a = tl.load(a_grad_ptr + a_idx, mask=a_ok, other=0.0)
         if KIND == 0:
-            r_a = tl.load(a_stat_ptr + a_idx, mask=a_ok, other=float("-inf"))
-            # log2-domain shift; rows with no allowed pair (−inf) get +inf: exp2 → 0
-            r2_a = tl.where(r_a == float("-inf"), float("inf"), (r_a - bias) * 1.4426950408889634)
+            # (max, g·2^(−log-sum)) of the owned rows (_launch.weighted_shifts)
+            m2_a, w_a = load_weighted_shift(a_stat_ptr, stride_astat, a_idx, a_ok)
+        else:
+            g_a = tl.load(a_grad_ptr + a_idx, mask=a_ok, other=0.0)
     acc0, acc1, acc2, acc3 = slice_accumulators(BLOCK_A, BLOCK_DV, NUM_DV)
     loss_rows = tl.zeros((BLOCK_A,), tl.float32)
     dbias_rows = tl.zeros((BLOCK_A,), tl.float32)
     for j0 in range(col_start, col_end, BLOCK_B):
         b_idx = tl.cast(j0, tl.int64) + tl.arange(0, BLOCK_B).to(tl.int64)
         b_ok = b_idx < col_end
-        acc = logit_tile(a_ptr, b_ptr, a_idx, a_ok, b_idx, b_ok, dim, stride_a0, stride_a1,
-                         stride_b0, stride_b1, BLOCK_A, BLOCK_B, BLOCK_K, PRECISION)
+        # softmax family: the forward's orientation (x left); the sigmoid needs no such match
+        acc = pair_logits(a_ptr, b_ptr, a_idx, a_ok, b_idx, b_ok, dim, stride_a0, stride_a1, stride_b0,
+                          stride_b1, BLOCK_A, BLOCK_B, BLOCK_K, PRECISION, A_IS_X or KIND == 1)
         s_b = load_side_scale(scale_ptr, scale_value, b_idx, b_ok, SCALE_MODE, 3)
         t2 = scaled_log2(acc, s_a, s_b, SCALE_MODE)
         valid = a_ok[:, None] & b_ok[None, :]
@@ -95,12 +102,12 @@ def _owner_kernel(
             t2 = tl.where(allowed, t2, float("-inf"))
             g = tl.zeros((BLOCK_A, BLOCK_B), tl.float32)
             if HAS_A_GRAD:
-                g += g_a[:, None] * tl.exp2(t2 - r2_a[:, None])
+                g += weighted_probabilities(t2, m2_a, w_a, 1)
             if HAS_B_GRAD:
-                g_b = tl.load(b_grad_ptr + b_idx, mask=b_ok, other=0.0)
-                r_b = tl.load(b_stat_ptr + b_idx, mask=b_ok, other=float("-inf"))
-                r2_b = tl.where(r_b == float("-inf"), float("inf"), (r_b - bias) * 1.4426950408889634)
-                g += g_b[None, :] * tl.exp2(t2 - r2_b[None, :])
+                m2_b, w_b = load_weighted_shift(b_stat_ptr, stride_bstat, b_idx, b_ok)
+                g += weighted_probabilities(t2, m2_b, w_b, 0)
+            # excluded and padded pairs get exactly 0, also beside a NaN row (torch's pattern)
+            g = tl.where(allowed, g, 0.0)
         else:
             # T = −z·L (z = +1 on marked pairs): softplus(T) is the loss, −z·sigmoid(T) = dσ/dL
             big_t2 = t2 + bias * 1.4426950408889634
@@ -178,8 +185,10 @@ class OwnerResult:
 def run_owner(pair: Pair, kind: int, *, a_grad=None, a_stat=None, b_grad=None, b_stat=None,
               store_out: bool = False, need_dscale: bool = False, atomic_b: bool = False,
               with_loss: bool = False, need_dbias: bool = False) -> OwnerResult:
-    """One owner pass over all tiles. ``a_grad``/``b_grad`` (fp32, contiguous) are the upstream
-    gradients of the A / B rows; ``a_stat``/``b_stat`` their saved LSEs (softmax family)."""
+    """One owner pass over all tiles. Sigmoid family: ``a_grad``/``b_grad`` (fp32, contiguous)
+    are the upstream gradients of the A / B rows. Softmax family: ``a_stat``/``b_stat`` are
+    their (2, n) ``_launch.weighted_shifts`` (upstream gradient folded in) and ``a_grad`` /
+    ``b_grad`` only say which sides have one."""
     dev = pair.a.device
     accumulate = store_out or need_dscale
     if atomic_b and (not accumulate or pair.scale_mode == 3):
@@ -204,7 +213,9 @@ def run_owner(pair: Pair, kind: int, *, a_grad=None, a_stat=None, b_grad=None, b
         _owner_kernel, "atomic" if atomic_b else "owner", t, (plan.blocks_a, plan.slices, plan.splits),
         dict(pair.args(),
              a_grad_ptr=optional(a_grad, dev), a_stat_ptr=optional(a_stat, dev),
+             stride_astat=a_stat.stride(0) if a_stat is not None else 0,
              b_grad_ptr=optional(b_grad, dev), b_stat_ptr=optional(b_stat, dev),
+             stride_bstat=b_stat.stride(0) if b_stat is not None else 0,
              out_ptr=out, stride_oc=out_strides[0], stride_o0=out_strides[1], stride_o1=out_strides[2],
              dscale_ptr=dscale, out_b_ptr=out_b, stride_ob0=out_b.stride(0) if atomic_b else 0,
              stride_ob1=out_b.stride(1) if atomic_b else 0, loss_ptr=loss, dbias_ptr=dbias,
