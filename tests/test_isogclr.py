@@ -132,8 +132,8 @@ def unit_pairs(n, d, seed, *, same=False):
 
 
 def module_in_fp64(size, mode):
-    loss = mmloss.ISogCLRLoss(size, mode, backend="torch").double()
-    loss.tau.fill_(loss.tau_init)                 # exact τ_init in fp64, as LibAUC's fp64 state
+    loss = mmloss.ISogCLRLoss(size, mode, backend="torch", state_dtype=torch.float64)
+    assert bool((loss.tau == loss.tau_init).all())  # exact τ_init in fp64, as LibAUC's fp64 state
     return loss
 
 
@@ -162,8 +162,7 @@ def test_unimodal_weight_floor_is_libauc_behaviour():
     e = torch.nn.functional.normalize(torch.tensor([[1.0, 2.0, 0.5]], dtype=torch.float64), dim=1)
     x = torch.cat([e, -e]).requires_grad_()
     y = torch.cat([e, -e]).requires_grad_()
-    fast = mmloss.ISogCLRLoss(2, tau_init=0.05, backend="torch").double()
-    fast.tau.fill_(0.05)
+    fast = mmloss.ISogCLRLoss(2, tau_init=0.05, backend="torch", state_dtype=torch.float64)
     libauc = ref.GCLossReference(2, tau=0.05, normalize=False)
     loss, expected = fast(x, y, torch.arange(2)), libauc(x, y, torch.arange(2))
     assert_loss_close(loss, expected, torch.float64)
@@ -184,8 +183,7 @@ def test_bimodal_clamp_is_libauc_behaviour():
     clamped = module_in_fp64(6, "bimodal")
     clamped(x, y, torch.arange(6))
     assert bool((clamped.log_u >= torch.log(torch.tensor(1e-20, dtype=torch.float64)) - 1e-9).all())
-    paper = mmloss.ISogCLRLoss(6, "bimodal", form="paper", backend="torch").double()
-    paper.tau.fill_(paper.tau_init)
+    paper = mmloss.ISogCLRLoss(6, "bimodal", form="paper", backend="torch", state_dtype=torch.float64)
     paper(x, y, torch.arange(6))
     assert not torch.allclose(clamped.log_u, paper.log_u)
 
@@ -321,3 +319,290 @@ def test_rejects_empty_dataset():
 def test_rejects_string_rho():
     with pytest.raises(TypeError, match="rho"):
         mmloss.ISogCLRLoss(8, rho="0.3")
+
+
+# ----------------------------------------------------------------------------- state integrity (issue 8)
+
+
+def _snapshot(module):
+    return {name: buf.clone() for name, buf in module.state_dict().items()}
+
+
+def _assert_unchanged(module, before):
+    for name, buf in module.state_dict().items():
+        assert torch.equal(buf, before[name]), f"{name} changed"
+
+
+def _module_after_a_step(mode="unimodal", size=10, **options):
+    loss_fn = mmloss.ISogCLRLoss(size, mode, backend="torch", **options)
+    loss_fn(features(4, 3, seed=20), features(4, 3, seed=21), torch.tensor([0, 2, 4, 6]))
+    return loss_fn
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8, torch.int8])
+@pytest.mark.parametrize("mode", ["unimodal", "bimodal"])
+def test_any_integer_index_dtype_gives_the_int64_result(mode, dtype):
+    """Issue 8, item 3: an int32 index wrote log u, τ and m, then failed in ``seen.index_fill_``:
+    the next correct call returned 7.4333 instead of 7.4369."""
+    narrow, wide = _module_after_a_step(mode), _module_after_a_step(mode)
+    x, y, index = features(4, 3, seed=22), features(4, 3, seed=23), torch.tensor([1, 2, 7, 9])
+    assert torch.equal(narrow(x, y, index.to(dtype)), wide(x, y, index))
+    for name, buf in wide.state_dict().items():
+        assert torch.equal(narrow.state_dict()[name], buf), name
+    x2, y2 = features(4, 3, seed=24), features(4, 3, seed=25)
+    assert torch.equal(narrow(x2, y2, index), wide(x2, y2, index))
+
+
+@pytest.mark.parametrize("bad_index, error, match", [
+    (torch.tensor([0, 1, 10, 2]), ValueError, r"index must lie in \[0, 10\)"),
+    (torch.tensor([0, -1, 3, 2]), ValueError, r"index must lie in \[0, 10\)"),
+    (torch.tensor([0.0, 1.0, 2.0, 3.0]), TypeError, "index must be an integer tensor"),
+    (torch.tensor([True, False, True, False]), TypeError, "index must be an integer tensor"),
+    (torch.tensor([[0, 1, 2, 3]]), ValueError, r"index must have shape \(4,\)"),
+    (torch.tensor([0, 1, 2]), ValueError, r"index must have shape \(4,\)"),
+    ([0, 1, 2, 3], TypeError, "index must be a torch.Tensor, got list"),
+])
+def test_bad_index_raises_before_any_state_write(bad_index, error, match):
+    """Issue 8, items 3 and 9 (a list index raised AttributeError)."""
+    loss_fn = _module_after_a_step("bimodal")
+    before = _snapshot(loss_fn)
+    with pytest.raises(error, match=match):
+        loss_fn(features(4, 3, seed=26), features(4, 3, seed=27), bad_index)
+    _assert_unchanged(loss_fn, before)
+
+
+@pytest.mark.parametrize("mode", ["unimodal", "bimodal"])
+def test_repeated_indices_get_their_first_occurrence_update(mode):
+    """One update per distinct index, the one of its first occurrence; every row reads the
+    state as it was before the step (issue 8, item 3: the last write used to win)."""
+    size = 12
+    x, y = features(5, 3, seed=30), features(5, 3, seed=31)
+    for warm_up in (False, True):               # new indices, and indices seen before
+        repeated, distinct = mmloss.ISogCLRLoss(size, mode, backend="torch"), \
+            mmloss.ISogCLRLoss(size, mode, backend="torch")
+        if warm_up:
+            for m in (repeated, distinct):
+                m(features(size, 3, seed=32), features(size, 3, seed=33), torch.arange(size))
+            with torch.no_grad():                # rows 10 and 11 of the distinct run start as row 3
+                for name in ("log_u", "tau", "tau_momentum", "running_max", "seen"):
+                    getattr(distinct, name)[[10, 11]] = getattr(distinct, name)[3].clone()
+        # rows 0, 2 and 4 share index 3; the distinct run gives rows 2 and 4 indices of their own
+        loss = repeated(x, y, torch.tensor([3, 5, 3, 8, 3]))
+        expected = distinct(x, y, torch.tensor([3, 5, 10, 8, 11]))
+        assert torch.equal(loss, expected)                         # same state read by every row
+        for name in ("log_u", "tau", "tau_momentum", "running_max", "seen"):
+            got, want = getattr(repeated, name), getattr(distinct, name)
+            for i in (3, 5, 8):
+                assert torch.equal(got[i], want[i]), (name, i)
+            if not warm_up:
+                for i in (10, 11):                               # untouched by the repeated run
+                    fresh = getattr(mmloss.ISogCLRLoss(size, mode), name)[i]
+                    assert torch.equal(got[i], fresh), (name, i)
+        assert not torch.equal(distinct.log_u[3], distinct.log_u[10])   # rows 0 and 2 differ: "first" matters
+
+
+def test_repeated_indices_are_deterministic_in_the_write_order():
+    """Every occurrence writes its group's first-occurrence values, so the scatter order of the
+    duplicates cannot matter (on CUDA it is unspecified)."""
+    from mmloss.functional.multimodal import _first_occurrence
+
+    index = torch.tensor([4, 1, 4, 4, 0, 1, 7])
+    assert _first_occurrence(index).tolist() == [0, 1, 0, 0, 4, 1, 6]
+
+
+@pytest.mark.parametrize("mode", ["unimodal", "bimodal"])
+def test_eval_mode_leaves_the_state_alone(mode):
+    """Issue 8, item 4: under .eval() + no_grad ISogCLR updated τ, log u and seen."""
+    loss_fn = _module_after_a_step(mode)
+    trained = _module_after_a_step(mode)
+    before = _snapshot(loss_fn)
+    x, y, index = features(4, 3, seed=34), features(4, 3, seed=35), torch.tensor([0, 1, 2, 3])
+    loss_fn.eval()
+    with torch.no_grad():
+        value = loss_fn(x, y, index)
+    _assert_unchanged(loss_fn, before)
+    assert torch.equal(value, trained(x, y, index).detach())    # the loss a training step would see
+    assert torch.equal(loss_fn.objective, trained.objective)
+    loss_fn.train()
+    loss_fn(x, y, index)
+    assert torch.equal(loss_fn.tau, trained.tau) and torch.equal(loss_fn.seen, trained.seen)
+
+
+def test_update_state_in_eval_keeps_libauc_behaviour():
+    loss_fn = _module_after_a_step(update_state_in_eval=True)
+    trained = _module_after_a_step()
+    x, y, index = features(4, 3, seed=36), features(4, 3, seed=37), torch.tensor([0, 1, 2, 3])
+    loss_fn.eval()
+    assert torch.equal(loss_fn(x, y, index), trained(x, y, index))
+    for name, buf in trained.state_dict().items():
+        assert torch.equal(loss_fn.state_dict()[name], buf), name
+
+
+def test_functional_update_state_false_writes_nothing():
+    state = fresh_state(8, True)
+    before = {k: v.clone() for k, v in state.items()}
+    x, y = features(4, 3, dtype=torch.float64, seed=38), features(4, 3, dtype=torch.float64, seed=39)
+    loss, objective = call(mmloss.isogclr_loss, x, y, torch.arange(4), state, bimodal=True, update_state=False)
+    for name in state:
+        assert torch.equal(state[name], before[name]), name
+    expected, expected_objective = call(ref.isogclr_loss, oracle(x), oracle(y), torch.arange(4), fresh_state(8, True),
+                                        bimodal=True)
+    assert_loss_close(loss, expected, torch.float64)
+    assert_loss_close(objective, expected_objective, torch.float64)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "overflow"])
+@pytest.mark.parametrize("mode", ["unimodal", "bimodal"])
+def test_non_finite_updates_are_refused_before_any_write(mode, bad):
+    loss_fn = _module_after_a_step(mode)
+    before = _snapshot(loss_fn)
+    x, y = features(4, 3, seed=40), features(4, 3, seed=41)
+    if bad == "overflow":                        # finite features whose similarities overflow fp32
+        y = (y.detach() * 1e30).requires_grad_()
+        x = (x.detach() * 1e30).requires_grad_()
+        match = "features_a and features_b give a non-finite iSogCLR state update"
+    else:
+        with torch.no_grad():
+            y[2, 1] = float(bad)
+        match = r"features_b \(4, 3\) has non-finite entries \(features_b\[2, 1\]"
+    with pytest.raises(ValueError, match=match):
+        loss_fn(x, y, torch.tensor([0, 1, 2, 3]))
+    _assert_unchanged(loss_fn, before)
+    loss_fn.eval()                               # no write, no refusal: NaN/Inf propagate
+    with torch.no_grad():
+        assert not bool(torch.isfinite(loss_fn(x, y, torch.tensor([0, 1, 2, 3]))))
+    _assert_unchanged(loss_fn, before)
+
+
+def test_device_path_gates_the_write_when_the_assert_is_deferred(monkeypatch):
+    """Accelerators and compiled code cannot raise before the write without a host sync: the
+    refusal is a device-side assert, reported later, and the write is gated on the same flag.
+    Simulated on the CPU with the value checks off and an assert that does not fire."""
+    import mmloss._validation as validation
+
+    fired = []
+    monkeypatch.setattr(validation, "value_checks_enabled", lambda *values: False)
+    monkeypatch.setattr(torch, "_assert_async", lambda flag, message: fired.append((bool(flag), message)))
+    for mode in ("unimodal", "bimodal"):
+        gated, eager = _module_after_a_step(mode), _module_after_a_step(mode)
+        before = _snapshot(gated)
+        x, y = features(4, 3, seed=42), features(4, 3, seed=43)
+        bad_y = y.detach().clone()
+        bad_y[0, 0] = float("nan")
+        fired.clear()
+        gated(x, bad_y, torch.tensor([0, 1, 2, 3]))          # NaN: asserts fire, nothing written
+        assert any(not ok and "non-finite" in message for ok, message in fired)
+        _assert_unchanged(gated, before)
+        fired.clear()
+        gated(x, y, torch.tensor([0, 1, 12, 3]))              # out of range: asserts fire, nothing written
+        assert any(not ok and "index must lie in" in message for ok, message in fired)
+        _assert_unchanged(gated, before)
+        fired.clear()
+        index = torch.tensor([0, 5, 0, 3])
+        assert torch.equal(gated(x, y, index), eager(x, y, index))   # a good step writes as eagerly
+        assert all(ok for ok, _ in fired)
+        for name, buf in eager.state_dict().items():
+            assert torch.equal(gated.state_dict()[name], buf), name
+
+
+def test_check_finite_names_the_tensor_even_without_a_write():
+    state = _state()
+    x, y = features(3, 3), features(3, 3)
+    with torch.no_grad():
+        x[1, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"features_a .*features_a\[1, 2\]"):
+        call(mmloss.isogclr_loss, x, y, torch.arange(3), state, update_state=False, check_finite=True)
+    loss_fn = mmloss.ISogCLRLoss(8, check_finite=True, backend="torch").eval()
+    with pytest.raises(ValueError, match="features_a"):
+        loss_fn(x, y, torch.arange(3))
+    assert loss_fn.check_finite and not mmloss.ISogCLRLoss(8).check_finite
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double", "to_float64", "to_meta_half"])
+def test_state_keeps_its_dtype_under_module_casts(cast):
+    loss_fn = _module_after_a_step("bimodal")
+    before = _snapshot(loss_fn)
+    if cast == "to_float64":
+        loss_fn.to(torch.float64)
+    elif cast == "to_meta_half":
+        loss_fn.to(device="meta", dtype=torch.float16)
+        assert all(buf.device.type == "meta" for buf in loss_fn.buffers())    # moves still apply
+    else:
+        getattr(loss_fn, cast)()
+    for name in ("log_u", "tau", "tau_momentum", "running_max"):
+        assert getattr(loss_fn, name).dtype == torch.float32, name
+    assert loss_fn.seen.dtype == torch.bool
+    if cast != "to_meta_half":
+        _assert_unchanged(loss_fn, before)                        # no rounding through a lower precision
+
+
+def test_half_module_scores_half_features_with_an_fp32_state():
+    half, plain = _module_after_a_step("bimodal").half(), _module_after_a_step("bimodal")
+    x, y = features(4, 3, dtype=torch.float16, seed=44), features(4, 3, dtype=torch.float16, seed=45)
+    index = torch.tensor([0, 1, 2, 3])
+    assert torch.equal(half(x, y, index), plain(x, y, index))
+    assert torch.equal(half.log_u, plain.log_u) and half.log_u.dtype == torch.float32
+
+
+def test_state_survives_deepcopy_and_state_dict():
+    import copy
+
+    loss_fn = _module_after_a_step("bimodal", state_dtype=torch.float64)
+    clone = copy.deepcopy(loss_fn)
+    restored = mmloss.ISogCLRLoss(10, "bimodal", backend="torch", state_dtype=torch.float64)
+    restored.load_state_dict(loss_fn.state_dict())
+    x, y, index = features(4, 3, seed=46), features(4, 3, seed=47), torch.tensor([9, 2, 4, 1])
+    expected = loss_fn(x, y, index)
+    for other in (clone, restored):
+        assert torch.equal(other(x, y, index), expected)
+        for name, buf in loss_fn.state_dict().items():
+            assert torch.equal(other.state_dict()[name], buf), name
+    assert clone.log_u.data_ptr() != loss_fn.log_u.data_ptr()
+
+
+def test_rejects_an_unsupported_state_dtype():
+    with pytest.raises(TypeError, match="state_dtype"):
+        mmloss.ISogCLRLoss(8, state_dtype=torch.float16)
+
+
+def test_rejects_tau_min_whose_reciprocal_overflows_the_compute_dtype():
+    """Issue 8, item 7: values that pass validation must not give NaN."""
+    with pytest.raises(ValueError, match="tau_min"):
+        call(mmloss.isogclr_loss, features(3, 3), features(3, 3), torch.arange(3), _state(), tau_min=1e-39)
+    with pytest.raises(ValueError, match="tau_min"):
+        mmloss.ISogCLRLoss(8, tau_min=1e-39, tau_max=0.5)
+
+
+def test_bimodal_large_logits_are_as_accurate_as_dense_fp32():
+    """Issue 8, item 7: τ = 0.01, ‖x‖ = 5 (|h|/τ up to 5000): the weights g/u were formed as
+    exp(log g − log u) of two numbers of the logits' size, a loss error of ~8e-5 where the
+    dense fp32 computation has ~1e-7. Held to 4× dense fp32's error + 1e-6 relative."""
+    n, d, size = 12, 8, 12
+    g = torch.Generator().manual_seed(0)
+    fast, dense32, dense64 = (fresh_state(size, True, dt) for dt in (torch.float32, torch.float32, torch.float64))
+    for step in range(4):
+        x = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1) * 5
+        y = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1) * 5
+        index = torch.randperm(size, generator=g)[:n]
+        got, _ = call(mmloss.isogclr_loss, x, y, index, fast, bimodal=True, backend="torch")
+        rounded, _ = call(ref.isogclr_loss, x, y, index, dense32, bimodal=True)
+        exact, _ = call(ref.isogclr_loss, x.double(), y.double(), index, dense64, bimodal=True)
+        err, dense_err = abs(float(got) - float(exact)), abs(float(rounded) - float(exact))
+        assert err <= 4 * dense_err + 1e-6 * abs(float(exact)), (
+            f"step {step}: loss {float(got)!r} vs {float(exact)!r}: error {err:.3g}, dense fp32 {dense_err:.3g}")
+
+
+def test_reference_paper_form_does_not_overflow_when_u_dwarfs_the_batch():
+    """The dense reference shifted u by the batch's row max only: exp(log u_old − shift)
+    overflowed (fp64) once the old u exceeded the batch by e^709, at τ = 0.01 and ‖x‖ = 5."""
+    n, d, size = 12, 8, 12
+    g = torch.Generator().manual_seed(0)
+    fast, dense = fresh_state(size, True), fresh_state(size, True)
+    for step in range(4):
+        x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1) * 5
+        y = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1) * 5
+        index = torch.randperm(size, generator=g)[:n]
+        got, _ = call(mmloss.isogclr_loss, x, y, index, fast, bimodal=True, form="paper", backend="torch")
+        expected, _ = call(ref.isogclr_loss, x, y, index, dense, bimodal=True, form="paper")
+        assert_loss_close(got, expected, torch.float64, what=f"loss at step {step}")
+        assert bool(torch.isfinite(dense["log_u"]).all())

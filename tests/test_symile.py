@@ -275,3 +275,30 @@ def test_rejects_bad_reduction():
 def test_module_rejects_unknown_sampling():
     with pytest.raises(ValueError, match="negative_sampling"):
         mmloss.SymileLoss(negative_sampling="all")
+
+
+# ----------------------------------------------------------------------------- NaN policy and scale range (issue 8)
+
+
+@pytest.mark.parametrize("scale", [1e39, torch.tensor(1e39, dtype=torch.float64)])
+def test_rejects_a_scale_that_overflows_the_compute_dtype(scale):
+    """Issue 8, item 7: 1e39 passed the float64 finiteness check and gave NaN in fp32."""
+    with pytest.raises(ValueError, match="logit_scale"):
+        mmloss.symile_loss(reps_for(3, 4, 3), scale, "n", backend="torch")
+
+
+def test_non_finite_inputs_propagate_unless_check_finite():
+    reps = reps_for(3, 5, 3)
+    with torch.no_grad():
+        reps[1][3, 0] = float("nan")
+    for mode in ("n", "n_squared"):
+        assert torch.isnan(mmloss.symile_loss(reps, 2.0, mode, backend="torch"))
+        with pytest.raises(ValueError, match=r"representations\[1\] .*representations\[1\]\[3, 0\]"):
+            mmloss.symile_loss(reps, 2.0, mode, check_finite=True, backend="torch")
+    scale = torch.tensor(float("inf"))
+    with pytest.raises(ValueError, match="logit_scale"):
+        mmloss.symile_loss(reps_for(3, 5, 3), scale, check_finite=True, backend="torch")
+    module = mmloss.SymileLoss(check_finite=True, backend="torch")
+    assert module.check_finite
+    with pytest.raises(ValueError, match=r"representations\[1\]"):
+        module(reps, 2.0)

@@ -193,15 +193,17 @@ def test_module_alpha_override_and_no_queue():
     assert_loss_close(out, ref.tcl_loss(v, t, v_m, t_m, tau, alpha=0.0), torch.float64)
 
 
-def test_no_grad_evaluation_works_but_inference_mode_is_refused():
+def test_no_grad_and_inference_mode_evaluation():
+    """Soft targets come from the cross-entropy primitive, not from an autograd call inside the
+    forward, so inference mode works too (it used to be refused with α > 0)."""
     v, t, v_m, t_m, *_ = tcl_inputs(4, 3, seed=10)
     with torch.no_grad():
         value = mmloss.tcl_loss(v, t, v_m, t_m, 0.07, backend="torch")
     assert_loss_close(value, ref.tcl_loss(oracle(v), oracle(t), v_m, t_m, 0.07), torch.float32)
     with torch.inference_mode():
-        with pytest.raises(RuntimeError, match="inference"):
-            mmloss.tcl_loss(v, t, v_m, t_m, 0.07, backend="torch")
+        soft = mmloss.tcl_loss(v, t, v_m, t_m, 0.07, backend="torch")
         hard_only = mmloss.tcl_loss(v, t, v_m, t_m, 0.07, alpha=0.0, backend="torch")
+    assert_loss_close(soft, ref.tcl_loss(oracle(v), oracle(t), v_m, t_m, 0.07), torch.float32)
     assert_loss_close(hard_only, ref.tcl_loss(oracle(v), oracle(t), v_m, t_m, 0.07, alpha=0.0), torch.float32)
 
 
@@ -306,3 +308,142 @@ def test_gradients_flow_to_online_features_only():
     out.backward()
     assert all(x.grad is not None for x in (v, t, tau))
     assert all(x.grad is None for x in (v_m, t_m, q_v, q_t, l_v, l_t))
+
+
+# ----------------------------------------------------------------------------- state and value rules (issue 8)
+
+
+@pytest.mark.parametrize("tau", [1e-39, torch.tensor(1e-39), torch.tensor(1e-39, dtype=torch.float64)])
+def test_rejects_a_temperature_whose_reciprocal_overflows(tau):
+    """Issue 8, item 7: τ = 1e-39 passed validation and gave NaN in fp32."""
+    v, t, v_m, t_m = _args()
+    with pytest.raises(ValueError, match="temperature"):
+        mmloss.tcl_loss(v, t, v_m, t_m, tau, backend="torch")
+
+
+def test_fp64_accepts_a_temperature_fp32_cannot_invert():
+    v, t, v_m, t_m, *_ = tcl_inputs(4, 3, dtype=torch.float64, seed=14)
+    tau = 1e-39 * 1e36                                          # 1e-3 is fine anywhere; 1e-300 only in fp64
+    assert bool(torch.isfinite(mmloss.tcl_loss(v, t, v_m, t_m, tau, backend="torch")))
+    with pytest.raises(ValueError, match="temperature"):
+        mmloss.tcl_loss(*(x.float() for x in (v, t, v_m, t_m)), 1e-300, backend="torch")
+
+
+def test_module_rejects_bounds_whose_reciprocal_overflows_fp32():
+    with pytest.raises(ValueError, match="temperature_bounds"):
+        mmloss.TripleContrastiveLoss(temperature_bounds=(1e-39, 0.5))
+
+
+def _queued_module(**options):
+    return mmloss.TripleContrastiveLoss(embed_dim=3, queue_size=6, temperature=1.0, backend="torch", **options)
+
+
+def test_eval_mode_neither_clamps_nor_enqueues():
+    """Issue 8, item 4: under .eval() TCL pushed validation features into its queues and
+    clamped τ in place."""
+    loss_fn = _queued_module().eval()
+    before = {name: buf.clone() for name, buf in loss_fn.state_dict().items()}
+    v, t, v_m, t_m, *_ = tcl_inputs(4, 3, seed=15)
+    with torch.no_grad():
+        value = loss_fn(v, t, v_m, t_m)
+    after = loss_fn.state_dict()
+    for name, buf in before.items():
+        assert torch.equal(after[name], buf), name
+    assert loss_fn.temperature.item() == 1.0 and len(loss_fn.image_queue) == 6
+    expected = ref.tcl_loss(oracle(v), oracle(t), v_m, t_m, 0.5, image_queue=before["image_queue.queue"],
+                            text_queue=before["text_queue.queue"])
+    assert_loss_close(value, expected, torch.float32)           # scored at the clamped τ = 0.5
+    loss_fn.train()
+    trained = loss_fn(v, t, v_m, t_m)
+    assert_loss_close(trained, expected, torch.float32)
+    assert loss_fn.temperature.item() == 0.5 and torch.equal(loss_fn.image_queue.keys[:4], v_m)
+
+
+def test_update_state_in_eval_keeps_tcl_behaviour():
+    loss_fn = _queued_module(update_state_in_eval=True).eval()
+    v, t, v_m, t_m, *_ = tcl_inputs(4, 3, seed=16)
+    with torch.no_grad():
+        loss_fn(v, t, v_m, t_m)
+    assert loss_fn.temperature.item() == 0.5 and torch.equal(loss_fn.text_queue.keys[:4], t_m)
+
+
+def test_non_finite_momentum_features_are_never_enqueued():
+    loss_fn = _queued_module()
+    before = {name: buf.clone() for name, buf in loss_fn.state_dict().items()}
+    v, t, v_m, t_m, *_ = tcl_inputs(4, 3, seed=17)
+    t_m = t_m.clone()
+    t_m[2, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"text_features_m \(4, 3\) has non-finite entries"):
+        loss_fn(v, t, v_m, t_m)
+    after = loss_fn.state_dict()
+    for name in ("image_queue.queue", "image_queue.ptr", "text_queue.queue", "text_queue.ptr", "text_queue.filled"):
+        assert torch.equal(after[name], before[name]), name
+
+
+@pytest.mark.parametrize("cast", ["double", "half"])
+def test_queued_module_works_after_a_cast_with_deferred_keys(cast):
+    """Issue 8, item 5: deferred keys broke state_dict(), the next forward and ``keys`` after
+    .double()/.half()."""
+    dtype = torch.float64 if cast == "double" else torch.float16
+    loss_fn = _queued_module()
+    v, t, v_m, t_m, *_ = tcl_inputs(4, 3, seed=18)
+    loss_fn(v, t, v_m, t_m)                                     # leaves deferred keys
+    getattr(loss_fn, cast)()
+    state = loss_fn.state_dict()
+    assert state["image_queue.queue"].dtype == dtype
+    assert torch.equal(state["image_queue.queue"][:4], v_m.detach().to(dtype))
+    v2, t2, v2_m, t2_m, *_ = tcl_inputs(4, 3, dtype=dtype, seed=19)
+    out = loss_fn(v2, t2, v2_m, t2_m)
+    assert torch.isfinite(out) and len(loss_fn.image_queue) == 6
+    assert torch.equal(loss_fn.image_queue.keys[4:], v2_m.detach()[:2])
+
+
+def test_queued_module_survives_deepcopy_and_state_dict():
+    import copy
+
+    loss_fn = _queued_module()
+    v, t, v_m, t_m, *_ = tcl_inputs(4, 3, seed=20)
+    loss_fn(v, t, v_m, t_m)
+    clone = copy.deepcopy(loss_fn)
+    restored = _queued_module()
+    restored.load_state_dict(loss_fn.state_dict())
+    v2, t2, v2_m, t2_m, *_ = tcl_inputs(4, 3, seed=21)
+    expected = loss_fn(v2, t2, v2_m, t2_m)
+    for other in (clone, restored):
+        assert torch.equal(other(v2, t2, v2_m, t2_m), expected)
+        assert torch.equal(other.text_queue.keys, loss_fn.text_queue.keys)
+
+
+def test_non_finite_inputs_propagate_unless_check_finite():
+    v, t, v_m, t_m, q_v, q_t, *_ = tcl_inputs(4, 3, queue=3, seed=22)
+    q_t = q_t.clone()
+    q_t[1, 2] = float("nan")
+    assert torch.isnan(mmloss.tcl_loss(v, t, v_m, t_m, 0.07, image_queue=q_v, text_queue=q_t, backend="torch"))
+    with pytest.raises(ValueError, match=r"text_queue .*text_queue\[1, 2\]"):
+        mmloss.tcl_loss(v, t, v_m, t_m, 0.07, image_queue=q_v, text_queue=q_t, check_finite=True, backend="torch")
+    loss_fn = mmloss.TripleContrastiveLoss(check_finite=True, backend="torch")
+    bad_v = v.detach().clone()
+    bad_v[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="image_features"):
+        loss_fn(bad_v, t, v_m, t_m)
+
+
+def test_device_path_moves_neither_queue_when_one_side_is_non_finite(monkeypatch):
+    """Off the eager CPU path the refusal is a device-side assert reported later; both queues'
+    writes are gated on both sides being finite (simulated on the CPU)."""
+    import mmloss._validation as validation
+
+    fired = []
+    monkeypatch.setattr(validation, "value_checks_enabled", lambda *values: False)
+    monkeypatch.setattr(torch, "_assert_async", lambda flag, message: fired.append(bool(flag)))
+    loss_fn = _queued_module()
+    before = {name: buf.clone() for name, buf in loss_fn.state_dict().items()}
+    v, t, v_m, t_m, *_ = tcl_inputs(4, 3, seed=23)
+    t_m = t_m.clone()
+    t_m[0, 0] = float("nan")
+    loss_fn(v, t, v_m, t_m)
+    after = loss_fn.state_dict()
+    assert False in fired
+    for name, buf in before.items():
+        if name != "temperature":                              # clamped in training, as always
+            assert torch.equal(after[name], buf), name

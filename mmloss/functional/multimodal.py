@@ -1,17 +1,20 @@
 """§9 Symile, §10 TCL and §11 iSogCLR (LOSSES.md).
 
-Every function here composes ``mmloss.ops.similarity_lse`` with O(N·D) torch ops; no N×M
+Every function here composes the primitives of ``mmloss.ops`` with O(N·D) torch ops; no N×M
 tensor (and, for Symile "n_squared", no N²×D candidate table) is ever built. Where a loss needs
-more than the primitive's row log-sum-exp, the extra statistic comes from autograd through the
-primitive (DESIGN.md, "The primitives"):
+more than a row log-sum-exp:
 
-* the softmax-weighted mean similarity ``Σ_j p_ij·⟨x_i, y_j⟩`` is ``∂row_lse_i/∂scale_i`` for a
-  per-row scale (iSogCLR's temperature step);
-* the softmax-weighted key average ``Σ_j p_ij·y_j`` is ``∂row_lse_i/∂x_i / s`` (TCL's soft
-  targets: ``Σ_j q_ij L_ij = s·⟨x_i, Σ_j q_ij y_j⟩``).
+* iSogCLR's softmax-weighted mean similarity ``Σ_j p_ij·⟨x_i, y_j⟩`` is ``∂row_lse_i/∂scale_i``
+  for a per-row scale, obtained by autograd through ``similarity_lse``;
+* TCL's soft targets need ``Σ_j p̄_ij L_ij`` under the teacher's softmax: the cross-entropy
+  primitive ``similarity_kl`` gives it per key set (``_teacher_weighted_logit``).
 
-Custom autograd functions recompute what they would otherwise save (Symile's shuffled keys and
-candidate blocks), so saved memory stays O(N·D).
+In eager mode, custom autograd functions recompute what they would otherwise save (Symile's
+shuffled keys and candidate blocks), so saved memory stays O(N·D). Under ``torch.compile`` they
+are replaced by plain autograd compositions the compiler can trace (inner ``autograd.grad``
+calls are not traceable): Symile "n" saves its K shuffled key matrices, "n_squared" with K ≥ 3
+loops over candidate blocks with ``torch._higher_order_ops.scan`` (a symbolic trip count, so
+varying batch sizes do not recompile).
 """
 from __future__ import annotations
 
@@ -24,9 +27,14 @@ from typing import Optional
 import torch
 
 from .. import _validation as V
-from ..ops import similarity_lse, similarity_topk
+from ..ops import similarity_kl, similarity_lse, similarity_topk
 from ..ops._primitives import _autocast_dtype, prepare_features
 from ._common import as_compute, compute_dtype, reduce, rowwise_dot, scale_as, softplus
+
+try:  # loops with a symbolic trip count under torch.compile (Symile "n_squared", K ≥ 3)
+    from torch._higher_order_ops.scan import scan as _scan
+except ImportError:  # pragma: no cover - older torch
+    _scan = None
 
 Tensor = torch.Tensor
 
@@ -68,18 +76,23 @@ def _common_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
 def _lse_merge(parts: Sequence[Tensor]) -> Tensor:
     """Elementwise log-sum-exp of several (N,) log-sum-exps over disjoint key sets.
 
-    Entries that are −inf in every part stay −inf with a zero (not NaN) gradient.
+    Entries that are −inf in every part stay −inf with a zero (not NaN) gradient; NaN propagates.
     """
     if len(parts) == 1:
         return parts[0]
-    stacked = torch.stack(list(parts))
+    return _logsumexp0(torch.stack(list(parts)))
+
+
+def _logsumexp0(stacked: Tensor) -> Tensor:
+    """``logsumexp`` over dim 0 whose all-−inf entries give −inf with a zero gradient (torch's
+    gives NaN gradients there) and whose NaN entries give NaN (the NaN policy)."""
     shift = stacked.detach().amax(dim=0)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros((), dtype=shift.dtype, device=shift.device))
     total = torch.exp(stacked - shift).sum(dim=0)
-    has = total > 0
-    safe = torch.where(has, total, torch.ones((), dtype=total.dtype, device=total.device))
-    return torch.where(has, shift + torch.log(safe), torch.full((), float("-inf"), dtype=total.dtype,
-                                                                  device=total.device))
+    empty = total == 0
+    safe = torch.where(empty, torch.ones((), dtype=total.dtype, device=total.device), total)
+    return torch.where(empty, torch.full((), float("-inf"), dtype=total.dtype, device=total.device),
+                       shift + torch.log(safe))
 
 
 def _product(factors: Sequence[Tensor]) -> Tensor:
@@ -101,6 +114,8 @@ def _split_scale(logit_scale):
 
 
 def _require_autograd(loss: str) -> None:
+    if torch.compiler.is_compiling():  # not traceable; compiled graphs run outside inference mode
+        return
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             f"{loss} obtains softmax-weighted sums from autograd through the fused primitive, which "
@@ -118,6 +133,7 @@ def symile_loss(
     generator: Optional[torch.Generator] = None,
     *,
     reduction: str = "mean",
+    check_finite: bool = False,
     backend: str = "auto",
 ) -> Tensor:
     """Symile loss of K ≥ 2 modalities with the multilinear inner product (LOSSES.md §9).
@@ -141,20 +157,30 @@ def symile_loss(
         generator: None (the default generator of the inputs' device) or a torch.Generator on
             the CPU or on the inputs' device.
         reduction: "mean" | "sum" (N × mean) | "none" ((N,) per-row terms averaged over anchors).
+        check_finite: raise ValueError naming the representation (or logit_scale) that holds NaN
+            or Inf (a host synchronisation on GPUs; skipped while compiling). Otherwise NaN/Inf
+            propagate to the result as in torch.
 
     Returns fp32 (fp64 for fp64 inputs). Gradients reach every modality and ``logit_scale``.
     Memory: O(K·N·D) plus the backend's workspace — shuffled keys and candidate blocks are
     rebuilt in backward, never saved; every modality's gradient accumulates in one buffer.
+    Under ``torch.compile(fullgraph=True, dynamic=True)`` the negatives are plain autograd
+    compositions ("n" saves its K shuffled key matrices; "n_squared" with K ≥ 3 runs its blocks
+    in ``scan``) and batch sizes do not recompile; an explicit ``generator`` cannot be traced
+    (pytorch/pytorch#88574): pass None (the default generator) when compiling.
     Compute: "n" ≈ 5 N×N GEMM-equivalents per anchor; "n_squared" O(N^K·D) for K ≥ 3 (blocks
     of 8·N candidate rows against the last modality, recomputed once in backward).
     """
     reps = _symile_inputs(representations)
     n, device = reps[0].shape[0], reps[0].device
-    V.check_scalar("logit_scale", logit_scale, device=device, positive=True)
+    dt = compute_dtype(reps[0])
+    logit_scale = V.check_scalar("logit_scale", logit_scale, device=device, positive=True, dtype=dt)
     V.check_choice("negative_sampling", negative_sampling, SYMILE_SAMPLING)
     V.check_reduction(reduction)
+    if V.check_bool("check_finite", check_finite):
+        V.check_all_finite(*((f"representations[{k}]", r) for k, r in enumerate(reps)),
+                           ("logit_scale", logit_scale if isinstance(logit_scale, Tensor) else None))
     draw_device = _generator_device(generator, device)
-    dt = compute_dtype(reps[0])
     s = scale_as(logit_scale, dt, device)
     k_count = len(reps)
 
@@ -168,14 +194,21 @@ def symile_loss(
     else:
         if negative_sampling == "n":
             plans = []
+            # generator=None is not passed on: under torch.compile an explicit generator=None
+            # makes randperm specialise on N (a recompile per batch size).
+            draw = {"device": draw_device} if generator is None else {"device": draw_device, "generator": generator}
             for _ in range(k_count):
-                perms = tuple(torch.randperm(n, generator=generator, device=draw_device).to(device)
-                              for _ in range(k_count - 1))
+                perms = tuple(torch.randperm(n, **draw).to(device) for _ in range(k_count - 1))
                 plans.append(_ShuffledNegatives(perms, dt))
         else:
             plans = [_TupleNegatives(n, k_count - 2, dt, device) for _ in range(k_count)]
-        scale_t, scale_v = _split_scale(logit_scale)
-        lses = _SymileNegatives.apply(tuple(plans), backend, scale_v, scale_t, *reps)
+        if torch.compiler.is_compiling():
+            # Inner autograd.grad calls (the custom Function's backward) are not traceable.
+            lses = torch.stack([plan.traced(reps[k], reps[:k] + reps[k + 1:], logit_scale, backend)
+                                for k, plan in enumerate(plans)])
+        else:
+            scale_t, scale_v = _split_scale(logit_scale)
+            lses = _SymileNegatives.apply(tuple(plans), backend, scale_v, scale_t, *reps)
     terms = softplus(lses - positive[None, :]).mean(dim=0)
     return reduce(terms, reduction)
 
@@ -315,6 +348,10 @@ class _ShuffledNegatives:
         keys = _gathered_product(others, self.perms, self.dtype)
         return similarity_lse(anchor, keys, scale_arg, exclude="diagonal", cols=False, backend=backend)[0]
 
+    def traced(self, anchor, others, scale, backend):
+        """The same LSE as plain autograd operations (torch.compile): the keys are saved."""
+        return self.forward(anchor, others, scale, backend)
+
     def backward(self, anchor, others, grad, total, acc_anchor, acc_others, scale_arg, backend):
         dt = self.dtype
         g = _upstream(grad, total)
@@ -396,6 +433,44 @@ class _TupleNegatives:
             total = part if total is None else _lse_merge([total, part])
         return total
 
+    def traced(self, anchor, others, scale, backend):
+        """The same LSE as plain autograd operations (torch.compile).
+
+        A Python loop over ``ceil(N^{K−2}/8)`` blocks would make dynamo specialise on N (a
+        recompile per batch size), so the blocks run in ``torch._higher_order_ops.scan``, whose
+        trip count may be symbolic; the last block is padded with prefixes masked to −inf.
+        What scan's autograd saves per block is the compiler's choice (not covered by the memory
+        bound, which holds for eager mode).
+        """
+        n, depth, step = self.n, self.depth, _SYMILE_PREFIX_BLOCK
+        count = n ** depth
+        blocks = (count + step - 1) // step
+        prefixes = torch.arange(blocks * step, device=anchor.device).view(blocks, step)
+        last = others[-1]
+        neg_inf = torch.full((), float("-inf"), dtype=self.dtype, device=anchor.device)
+
+        def block(total, q):
+            valid = q < count
+            q_real = torch.clamp(q, max=count - 1)
+            digits = [torch.div(q_real, n ** (depth - 1 - m), rounding_mode="floor") % n for m in range(depth)]
+            prefix = _product([others[m].index_select(0, digit).to(self.dtype) for m, digit in enumerate(digits)])
+            rows = (anchor.to(self.dtype)[None, :, :] * prefix[:, None, :]).reshape(-1, anchor.shape[1])
+            own = self.key_labels[None, :]
+            labels = torch.where(q[:, None] == own * self.diagonal_step, own, torch.full_like(own, -1)).reshape(-1)
+            lse, _ = similarity_lse(rows, last, scale, exclude="same_label", x_labels=labels,
+                                    y_labels=self.key_labels, cols=False, backend=backend)
+            lse = torch.where(valid[:, None], lse.view(step, n), neg_inf)
+            total = _logsumexp0(torch.cat([total[None, :], lse]))
+            return total, total.new_zeros(())
+
+        if _scan is None:  # pragma: no cover - torch without scan: a Python loop (recompiles per N)
+            total = neg_inf.expand(n)
+            for b in range(blocks):
+                total, _ = block(total, prefixes[b])
+            return total
+        total, _ = _scan(block, neg_inf.expand(n).contiguous(), prefixes)
+        return total
+
     def backward(self, anchor, others, grad, total, acc_anchor, acc_others, scale_arg, backend):
         dt, n = self.dtype, self.n
         g = _upstream(grad, total)
@@ -444,6 +519,7 @@ def tcl_loss(
     alpha: float = 0.4,
     weights: Optional[Mapping] = None,
     return_terms: bool = False,
+    check_finite: bool = False,
     backend: str = "auto",
 ):
     """Triple contrastive loss (TCL, CVPR 2022) of one step (LOSSES.md §10).
@@ -467,13 +543,17 @@ def tcl_loss(
             "lmi_t") to floats; unnamed terms keep 1/6 (TCL: the plain average of six terms).
             Terms whose inputs are absent (no locals) contribute nothing.
         return_terms: also return a dict of the unweighted terms present.
+        check_finite: raise ValueError naming the first input (features, queues, locals,
+            temperature) that holds NaN or Inf (a host synchronisation on GPUs; skipped while
+            compiling). Otherwise NaN/Inf propagate to the loss as in torch.
 
     Terms (each a mean over the B anchors):
         CMA i2t: ``−Σ_j q_ij·log softmax_j(v_i·T̄ᵀ/τ)`` with
             ``q = α·softmax(v̄_i·T̄ᵀ/τ) + (1−α)·onehot(i)``; t2i the mirror (t against V̄,
-            teacher t̄). Computed as ``softplus(LSE_{j≠i} L_ij − L_ii) + α·⟨v_i, t̄_i − c_i⟩/τ``
-            with the teacher's key average ``c_i = Σ_j softmax(v̄_i·T̄ᵀ/τ)_j·T̄_j`` from autograd
-            through the primitive (one backward w.r.t. its rows; no N×M soft-target matrix).
+            teacher t̄). Computed as ``softplus(LSE_{j≠i} L_ij − L_ii) + α·(L_ii − Σ_j p̄_ij L_ij)``
+            with ``p̄_i = softmax(v̄_i·T̄ᵀ/τ)``; ``Σ_j p̄_ij L_ij`` comes from the cross-entropy
+            primitive (``similarity_kl``) per key set, batch and queue, merged by the teacher's
+            mass on each (no N×M soft-target matrix, no autograd call inside the forward).
         IMC i2i: InfoNCE of v against V̄ with positive v̄_i; t2t: t against T̄ with positive t̄_i.
         LMI (per modality): for local k of sample i, ``softplus(Λ_i − ⟨g_i, l̄_ik⟩/τ)`` with
             ``Λ_i = LSE`` of g_i against every real local of the other samples; mean over the
@@ -481,8 +561,11 @@ def tcl_loss(
 
     Returns the fp32 (fp64 for fp64 inputs) loss, or ``(loss, terms)``. Memory O((B+K)·D) plus
     the backend's workspace (plus one copy of the real locals when a mask is given; with a mask
-    the number of real locals is read on the host). Compute ≈ 18 B×(B+K) GEMM-equivalents for
-    the global terms (teacher: 3 per direction; each student term: 3), 3 more per LMI term.
+    the number of real locals is read on the host). Compute ≈ 12 B×(B+K) GEMM-equivalents for
+    the four hard terms (3 each), ≈ 6 more per direction for the soft targets (the teacher's
+    LSE and the cross-entropy primitive, forward and backward), 3 more per LMI term.
+    Works under ``torch.no_grad()``, ``torch.inference_mode()`` and ``torch.compile(fullgraph=True)``
+    (except with a local mask: the number of real locals is a data-dependent shape).
     """
     v, t = prepare_features("image_features", image_features, "text_features", text_features)
     V.check_same_shape("image_features", v, "text_features", t)
@@ -519,10 +602,7 @@ def tcl_loss(
         if mask is not None:
             _check_local_mask(mname, mask, feats.shape[:2], device)
         local_sets[tag] = (feats, mask)
-    V.check_scalar("temperature", temperature, device=device, positive=True)
     alpha = V.check_fraction("alpha", alpha, upper_open=False)
-    if alpha > 0:
-        _require_autograd("tcl_loss with alpha > 0")
     term_weights = _tcl_weights(weights)
     V.check_bool("return_terms", return_terms)
 
@@ -534,37 +614,44 @@ def tcl_loss(
     q_v = queues["image_queue"].detach().to(dtype) if "image_queue" in queues else None
     q_t = queues["text_queue"].detach().to(dtype) if "text_queue" in queues else None
     dt = compute_dtype(v)
+    # τ divides the logits: τ and 1/τ must be finite and nonzero in the compute dtype (τ = 1e-39
+    # is a valid double, but in fp32 a subnormal whose reciprocal overflows to inf).
+    temperature = V.check_scalar("temperature", temperature, device=device, positive=True, dtype=dt,
+                                 reciprocal=True)
+    if V.check_bool("check_finite", check_finite):
+        V.check_all_finite(("image_features", image_features), ("text_features", text_features),
+                           ("image_features_m", image_features_m), ("text_features_m", text_features_m),
+                           ("image_queue", image_queue), ("text_queue", text_queue),
+                           ("image_locals_m", image_locals_m), ("text_locals_m", text_locals_m),
+                           ("temperature", temperature if isinstance(temperature, Tensor) else None))
 
     if isinstance(temperature, Tensor):
         tau = temperature.to(device=device, dtype=dt)
         s = 1.0 / tau
-        s_det, tau_det = s.detach(), tau.detach()
+        s_det = s.detach()
     else:
         s = s_det = 1.0 / float(temperature)
-        tau_det = float(temperature)
 
-    # Teacher key averages c = Σ_j softmax(L̄_i)_j·key_j (no gradient), only when α > 0.
-    c_v = _teacher_key_average(v_m, t_m, q_t, s_det, tau_det, backend) if alpha > 0 else None
-    c_t = _teacher_key_average(t_m, v_m, q_v, s_det, tau_det, backend) if alpha > 0 else None
-
-    # Row LSEs over the negatives of each anchor (positive excluded: softplus form).
-    neg_i2t = _negatives_lse(v, t_m, q_t, s, backend)
-    neg_t2i = _negatives_lse(t, v_m, q_v, s, backend)
-    neg_i2i = _negatives_lse(v, v_m, q_v, s, backend)
-    neg_t2t = _negatives_lse(t, t_m, q_t, s, backend)
+    # Row LSEs over the negatives of each anchor (positive excluded: softplus form), and their
+    # batch / queue parts.
+    neg_i2t, parts_i2t = _negatives_lse(v, t_m, q_t, s, backend)
+    neg_t2i, parts_t2i = _negatives_lse(t, v_m, q_v, s, backend)
+    neg_i2i, _ = _negatives_lse(v, v_m, q_v, s, backend)
+    neg_t2t, _ = _negatives_lse(t, t_m, q_t, s, backend)
     lmi_inputs = {}
     for tag, (feats, mask) in local_sets.items():
         g, locals_m = (v if tag == "v" else t), feats.detach().to(dtype)
         lmi_inputs[tag] = (g, locals_m, mask, _lmi_negatives(g, locals_m, mask, s, backend))
 
-    # O(B·D) pieces last: their backward runs first and frees c_v, c_t before the primitives'.
     pos_vt = s * rowwise_dot(v, t_m)
     pos_tv = s * rowwise_dot(t, v_m)
     i2t = softplus(neg_i2t - pos_vt)
     t2i = softplus(neg_t2i - pos_tv)
-    if c_v is not None:
-        i2t = i2t + alpha * (pos_vt - s * rowwise_dot(v, c_v))
-        t2i = t2i + alpha * (pos_tv - s * rowwise_dot(t, c_t))
+    if alpha > 0:
+        # Soft targets: −Σ_j q_ij log p_ij = (1−α)·CE(onehot) + α·CE(teacher), and
+        # CE(teacher) − CE(onehot) = L_ii − Σ_j p̄_ij L_ij.
+        i2t = i2t + alpha * (pos_vt - _teacher_weighted_logit(v, v_m, t_m, q_t, s, s_det, pos_vt, parts_i2t, backend))
+        t2i = t2i + alpha * (pos_tv - _teacher_weighted_logit(t, t_m, v_m, q_v, s, s_det, pos_tv, parts_t2i, backend))
     terms = {
         "i2t": i2t.mean(),
         "t2i": t2i.mean(),
@@ -591,9 +678,10 @@ def _tcl_weights(weights) -> dict:
             raise ValueError(f"weights has an unknown term {name!r}; terms are {list(TCL_TERMS)}")
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"weights[{name!r}] must be a float, got {type(value).__name__}")
-        if not math.isfinite(value):
+        # (compiled modules pass floats dynamo may trace as symbolic: checked when built)
+        if not torch.compiler.is_compiling() and not math.isfinite(value):
             raise ValueError(f"weights[{name!r}] must be finite, got {value}")
-        out[name] = float(value)
+        out[name] = value if torch.compiler.is_compiling() else float(value)
     return out
 
 
@@ -607,28 +695,40 @@ def _check_local_mask(name: str, mask, shape, device) -> None:
         raise ValueError(f"{name} is on {mask.device} but the features are on {device}")
 
 
-def _teacher_key_average(anchors_m: Tensor, batch_keys: Tensor, queue: Optional[Tensor], s_det, tau_det,
-                         backend: str) -> Tensor:
-    """(B, D) ``Σ_j softmax(s·⟨ā_i, k_j⟩)_j·k_j`` over keys [batch_keys; queue], no gradient.
-
-    ``∂LSE_i/∂ā_i = s·Σ_j p_ij k_j``: one backward of the primitive w.r.t. its rows.
-    """
-    dt = compute_dtype(anchors_m)
-    with torch.enable_grad():
-        leaf = anchors_m.detach().to(dt).requires_grad_()
-        parts = [similarity_lse(leaf, batch_keys, s_det, cols=False, backend=backend)[0]]
-        if queue is not None:
-            parts.append(similarity_lse(leaf, queue, s_det, cols=False, backend=backend)[0])
-        (grad,) = torch.autograd.grad(_lse_merge(parts).sum(), leaf)
-    return grad.mul_(tau_det)
-
-
-def _negatives_lse(anchors: Tensor, batch_keys: Tensor, queue: Optional[Tensor], s, backend: str) -> Tensor:
-    """(B,) LSE over [batch_keys; queue] without the positive batch_keys[i]."""
+def _negatives_lse(anchors: Tensor, batch_keys: Tensor, queue: Optional[Tensor], s, backend: str):
+    """(B,) LSE over [batch_keys; queue] without the positive batch_keys[i], and its parts:
+    [batch without the positive, queue (when given)]."""
     parts = [similarity_lse(anchors, batch_keys, s, exclude="diagonal", cols=False, backend=backend)[0]]
     if queue is not None:
         parts.append(similarity_lse(anchors, queue, s, cols=False, backend=backend)[0])
-    return _lse_merge(parts)
+    return _lse_merge(parts), parts
+
+
+def _teacher_weighted_logit(anchors: Tensor, teachers: Tensor, batch_keys: Tensor, queue: Optional[Tensor], s,
+                            s_det, positive: Tensor, negative_parts: Sequence[Tensor], backend: str) -> Tensor:
+    """(B,) ``Σ_j p̄_ij L_ij``: the student logits ``L_ij = s·⟨a_i, k_j⟩`` averaged under the
+    teacher's softmax ``p̄_i = softmax_j(s̄·⟨ā_i, k_j⟩)`` over the keys [batch_keys; queue].
+
+    Per key set S (batch, queue) the cross-entropy primitive gives
+    ``H_S(p̄^S, p^S) = LSE_S(L_i) − Σ_{j∈S} p̄^S_ij L_ij`` (p̄^S, p^S: softmaxes within S), and
+    the teacher's mass on S is ``w_S = softmax over sets of LSE_S(L̄_i)`` (a sigmoid of the
+    difference for two sets, which stays exact when one set dominates). So
+    ``Σ_j p̄_ij L_ij = Σ_S w_S·(LSE_S(L_i) − H_S)``, with gradient ``s·Σ_j p̄_ij k_j`` (the
+    teacher's key average) from the primitives' own backward: no autograd call inside the
+    forward, so it also runs under torch.compile and inference mode. The student LSEs are the
+    negatives' parts already computed (the batch part without the positive, merged with it).
+    """
+    keys = [batch_keys] + ([queue] if queue is not None else [])
+    student = [torch.logaddexp(negative_parts[0], positive)] + list(negative_parts[1:])
+    averaged = [lse - similarity_kl(anchors, k, teachers, k, s, s_det, cols=False, cross_entropy=True,
+                                    backend=backend)[0] for lse, k in zip(student, keys)]
+    if len(keys) == 1:
+        return averaged[0]
+    with torch.no_grad():
+        t_batch, t_queue = (similarity_lse(teachers, k, s_det, cols=False, backend=backend)[0] for k in keys)
+        w_batch = torch.sigmoid(t_batch - t_queue)
+        w_queue = torch.sigmoid(t_queue - t_batch)
+    return w_batch * averaged[0] + w_queue * averaged[1]
 
 
 def _lmi_negatives(g: Tensor, locals_m: Tensor, mask: Optional[Tensor], s, backend: str) -> Tensor:
@@ -690,6 +790,11 @@ class _LocalDots(torch.autograd.Function):
 
 
 def _sample_chunks(rows: int, per_row: int):
+    if torch.compiler.is_compiling():
+        # A loop over N-dependent chunks would specialise on the batch size (a recompile per
+        # size); compiled code upcasts all samples at once (the compiler may fuse the cast).
+        yield 0, rows
+        return
     step = max(1, _LOCAL_CHUNK_ELEMENTS // max(1, per_row))
     for i0 in range(0, rows, step):
         yield i0, min(rows, i0 + step)
@@ -716,6 +821,8 @@ def isogclr_loss(
     tau_min: Optional[float] = None,
     tau_max: Optional[float] = None,
     form: str = "libauc",
+    update_state: bool = True,
+    check_finite: bool = False,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """iSogCLR step: surrogate loss and in-place state update (LOSSES.md §11).
@@ -729,7 +836,14 @@ def isogclr_loss(
         features_a, features_b: (N, D) each, N ≥ 2 — two views (unimodal) or images and texts
             (bimodal); used as given (LibAUC's GCLoss_v1 L2-normalises inside: normalise first
             for parity).
-        index: (N,) integer dataset indices (any device), distinct within a batch.
+        index: (N,) tensor of any integer dtype, on any device: the rows' dataset indices, each
+            in [0, S). Validated before any state is read or written (see "State writes").
+            Repeated indices are allowed: every row reads the state as it was before this step
+            (so each occurrence of a new index is a first visit), and each distinct index
+            receives one update, the one computed from its first occurrence in the batch. One
+            occurrence's update keeps the state of a sample one consistent tuple (u, τ, m, b —
+            e.g. the bimodal clamp u ≥ 1e-20·e^b holds), which an average of several would not;
+            LibAUC, which assumes distinct indices, keeps an unspecified one (the last on CPU).
         log_u: (S, sides) log of the moving-average normaliser u (sides = 1 unimodal, 2 bimodal:
             column 0 image anchors, 1 text anchors). Kept in log space: equal to LibAUC's shifted
             ``u·e^b`` without its overflow guard.
@@ -744,6 +858,7 @@ def isogclr_loss(
             LibAUC does); True → bimodal (N−1 negatives, each side its own τ, u).
         rho, tau_min, tau_max: None → LibAUC defaults (unimodal 0.3, [0.05, 0.7]; bimodal 6.0,
             [0.005, 0.05]). gamma, beta, eta: moving-average, momentum and τ step (0.9, 0.9, 0.01).
+            ``1/tau_min`` must be finite in the compute dtype (temperatures divide the logits).
         form: "libauc" (default, the code) or "paper" (LOSSES.md's formulas):
             - unimodal "libauc": u tracks mean_z exp(sim/τ) (GCLoss_v1), surrogate gradient
               ``Σ_z exp(ℓ_z/τ)/(max(u, 1e-8)·|Z|)·∇ℓ_z − ∇ℓ⁺``;
@@ -752,6 +867,20 @@ def isogclr_loss(
             - "paper": h-based u, no clamps, ``Σ_z exp(h_z/τ)/(u·|Z|)·∇h_z`` for both.
             In every form ``G = log u + ρ − mean_z p_z·x_z/τ`` (x = h, or sim for unimodal
             "libauc"), ``m ← (1−β)m + βG``, ``τ ← clip(τ − η·m, τ_min, τ_max)`` (used next visit).
+        update_state: False computes the same loss and objective without writing the state
+            (the modules pass False in ``eval()`` mode, torch's convention for running
+            statistics).
+        check_finite: raise ValueError naming features_a / features_b if they hold NaN or Inf
+            (a host synchronisation on GPUs; skipped while compiling). Otherwise NaN/Inf
+            propagate to the loss as in torch — but never into the state (see below).
+
+    State writes: nothing is written unless every index is in range and every value to be
+    written (log u, τ, m, b) is finite; otherwise the call raises and the state is unchanged.
+    Eager CPU tensors raise ``ValueError`` before any write. On other devices and while
+    compiling, the checks are device-side asserts (``torch._assert_async``: no host
+    synchronisation, the error surfaces at the next synchronisation) and the write itself is
+    gated on the same condition, so a failing step leaves the state unchanged even if the
+    assert is reported after the write was issued.
 
     Returns ``(loss, objective)``: the surrogate whose value and gradient are LibAUC's
     (unimodal: mean_i of the two views' terms; bimodal: ½(image mean + text mean)), and the
@@ -770,9 +899,13 @@ def isogclr_loss(
         raise ValueError(f"isogclr_loss needs at least 2 rows (negatives), got features of shape {tuple(x.shape)}")
     V.check_bool("bimodal", bimodal)
     V.check_choice("form", form, ISOGCLR_FORMS)
+    V.check_bool("update_state", update_state)
+    V.check_bool("check_finite", check_finite)
     rho, gamma, beta, eta, tau_min, tau_max = isogclr_hyperparameters(
         bimodal, rho=rho, gamma=gamma, beta=beta, eta=eta, tau_min=tau_min, tau_max=tau_max
     )
+    device, dt = x.device, compute_dtype(x)
+    V.check_scalar("tau_min", tau_min, positive=True, dtype=dt, reciprocal=True)
     sides = 2 if bimodal else 1
     size = _check_isogclr_state(log_u, tau, tau_momentum, seen, sides)
     clamp_state = form == "libauc" and bimodal
@@ -781,11 +914,10 @@ def isogclr_loss(
         if running_max is None:
             raise ValueError("isogclr_loss(bimodal=True, form='libauc') needs the running_max state")
         _check_state_tensor("running_max", running_max, size, sides, log_u)
-    V.check_labels("index", index, n, index.device)
-    V.check_index_range("index", index, size)
+    state_index, index_valid = _checked_index(index, n, size, log_u.device)
+    if check_finite:
+        V.check_all_finite(("features_a", features_a), ("features_b", features_b))
 
-    device, dt = x.device, compute_dtype(x)
-    state_index = index.to(log_u.device)
     with torch.no_grad():
         tau_rows = tau.index_select(0, state_index).to(device=device, dtype=dt)          # (N, sides)
         log_u_old = log_u.index_select(0, state_index).to(device=device, dtype=dt)
@@ -806,6 +938,7 @@ def isogclr_loss(
     log_neg = math.log(negatives)
     log_keep = math.log1p(-gamma) if gamma < 1.0 else float("-inf")
     log_gamma = math.log(gamma)
+    zero = torch.zeros((), dtype=dt, device=device)
 
     terms, new_log_u, grads_tau, new_max = [], [], [], []
     for anchors, keys, side in groups:
@@ -813,16 +946,26 @@ def isogclr_loss(
         scale = (1.0 / tau_g).detach()
         lse, mean_sim = _negatives_lse_and_mean(anchors, keys, scale, backend)
         shift = scale * positive_value if h_based else 0.0
-        log_g = lse - log_neg - shift
-        log_u_new = torch.where(first, log_g, torch.logaddexp(log_keep + log_u_old[:, side], log_gamma + log_g))
+        log_g = lse - log_neg - shift                             # log g_i, of the size of the logits
+        # log(g/u_new) from the difference log u_old − log g, not as log g − log u_new: both are
+        # of the size of the logits (|h|/τ, thousands at τ = 0.005), and their difference rounded
+        # at that size would put an error of |h/τ|·2⁻²⁴ on every weight g/u.
+        # u_new = (1−γ)·u_old + γ·g  ⇒  g/u_new = 1 / (γ + (1−γ)·u_old/g); first visit: u = g.
+        log_ratio = torch.where(first, zero, -torch.logaddexp(
+            torch.full((), log_gamma, dtype=dt, device=device), log_keep + (log_u_old[:, side] - log_g)))
+        log_u_new = log_g - log_ratio
         if clamp_state:
-            # b ← max(b, max_j h_ij/τ_i) over every column (the diagonal's h = 0 included).
+            # b ← max(b, max_j h_ij/τ_i) over every column (the diagonal's h = 0 included);
+            # u ≥ 1e-20·e^b, so g/u ≤ g·e^{−b}/1e-20.
             top, _ = similarity_topk(anchors, keys[0], 1)
             b_new = torch.maximum(max_old[:, side], (top[:, 0] - positive_value) * scale)
-            log_u_new = torch.maximum(log_u_new, _LOG_EPS_BIMODAL + b_new)
+            floor = _LOG_EPS_BIMODAL + b_new
+            log_ratio = torch.minimum(log_ratio, log_g - floor)
+            log_u_new = torch.maximum(log_u_new, floor)
             new_max.append(b_new)
-        log_u_weights = torch.clamp(log_u_new, min=_LOG_EPS_UNIMODAL) if clamp_weights else log_u_new
-        ratio = torch.exp(log_g - log_u_weights)                  # g_i / u_i
+        if clamp_weights:
+            log_ratio = torch.minimum(log_ratio, log_g - _LOG_EPS_UNIMODAL)  # weights use max(u, 1e-8)
+        ratio = torch.exp(log_ratio)                              # g_i / u_i
         relative = mean_sim - positive_value if h_based else mean_sim
         grads_tau.append(log_u_new + rho - ratio * relative * scale)
         new_log_u.append(log_u_new)
@@ -854,14 +997,98 @@ def isogclr_loss(
         if not bimodal and form == "libauc":
             per_sample = per_sample - positive_value[:, None]
         objective = per_sample.mean(dim=0).sum()
-        log_u.index_put_((state_index,), log_u_state.to(device=log_u.device, dtype=log_u.dtype))
-        tau.index_put_((state_index,), tau_new.to(device=tau.device, dtype=tau.dtype))
-        tau_momentum.index_put_((state_index,), momentum_new.to(device=tau_momentum.device, dtype=tau_momentum.dtype))
-        seen.index_fill_(0, state_index, True)
-        if clamp_state:
-            running_max.index_put_((state_index,), torch.stack(new_max, dim=1).to(
-                device=running_max.device, dtype=running_max.dtype))
+        if update_state:
+            updates = {"log_u": (log_u, log_u_state), "tau": (tau, tau_new),
+                       "tau_momentum": (tau_momentum, momentum_new)}
+            if clamp_state:
+                updates["running_max"] = (running_max, torch.stack(new_max, dim=1))
+            _write_state(updates, seen, state_index, index_valid,
+                         (("features_a", features_a), ("features_b", features_b)))
     return loss, objective
+
+
+def _checked_index(index, n: int, size: int, state_device: torch.device) -> tuple[Tensor, Tensor]:
+    """(int64 index on the state's device, 0-d bool "every entry is in [0, size)").
+
+    Type and shape errors raise at once. The range is checked without a host synchronisation
+    where that matters: eager CPU tensors raise ValueError here; elsewhere (accelerators,
+    compiling) a device-side assert is queued and the returned flag gates the state write.
+    Out-of-range entries are clamped for the reads, so nothing is indexed out of bounds.
+    """
+    V.check_tensor("index", index)
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise TypeError(f"index must be an integer tensor (any integer dtype), got dtype {index.dtype}")
+    if index.dim() != 1 or index.shape[0] != n:
+        raise ValueError(f"index must have shape ({n},) like the features, got shape {tuple(index.shape)}")
+    state_index = index.to(device=state_device, dtype=torch.int64)
+    if V.value_checks_enabled(state_index):
+        V.check_index_range("index", state_index, size)
+        return state_index, torch.ones((), dtype=torch.bool, device=state_device)
+    valid = ((state_index >= 0) & (state_index < size)).all()
+    torch._assert_async(valid, "isogclr_loss: index must lie in [0, dataset_size)")
+    return state_index.clamp(0, size - 1), valid
+
+
+def _first_occurrence(index: Tensor) -> Tensor:
+    """(N,) int64: for each row, the position of the first row holding the same index.
+
+    A stable sort groups equal indices in batch order; each group's first sorted position is
+    carried forward with a running max. O(N log N), no host synchronisation.
+    """
+    n = index.shape[0]
+    ordered, order = torch.sort(index, stable=True)
+    starts = torch.ones(n, dtype=torch.bool, device=index.device)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    positions = torch.arange(n, device=index.device)
+    group_start = torch.where(starts, positions, torch.zeros_like(positions)).cummax(dim=0).values
+    leader = torch.empty_like(order)
+    leader.scatter_(0, order, order.index_select(0, group_start))
+    return leader
+
+
+def _write_state(updates: dict, seen: Tensor, state_index: Tensor, index_valid: Tensor, inputs) -> None:
+    """Write each (state tensor, (N, sides) new rows) pair at ``state_index``, and mark ``seen``.
+
+    Repeated indices all write their first occurrence's rows (identical values: the write is
+    deterministic). Out-of-range indices and non-finite values are refused before any write
+    (``isogclr_loss``'s docstring, "State writes").
+    """
+    leader = _first_occurrence(state_index)
+    # Cast first: a value that overflows the state's dtype is non-finite too.
+    rows = {name: new.to(device=state.device, dtype=state.dtype).index_select(0, leader)
+            for name, (state, new) in updates.items()}
+    finite = torch.stack([torch.isfinite(r).all() for r in rows.values()]).all()
+    if V.value_checks_enabled(finite):
+        if not bool(finite):
+            raise ValueError(_nonfinite_state_message(rows, inputs))
+        ok = None
+    else:
+        torch._assert_async(finite, "isogclr_loss: features_a / features_b give a non-finite iSogCLR "
+                                    "state update (NaN/Inf inputs or overflow); the state was not changed")
+        ok = finite & index_valid
+    for name, (state, _) in updates.items():
+        new = rows[name]
+        if ok is not None:  # device / compiled path: write the old rows back unless everything checks out
+            new = torch.where(ok, new, state.index_select(0, state_index))
+        state.index_put_((state_index,), new)
+    if ok is None:
+        seen.index_fill_(0, state_index, True)
+    else:
+        seen.index_put_((state_index,), seen.index_select(0, state_index) | ok)
+
+
+def _nonfinite_state_message(rows: dict, inputs) -> str:
+    bad_state = [name for name, r in rows.items() if not bool(torch.isfinite(r).all())]
+    what = ", ".join(bad_state)
+    for name, t in inputs:
+        bad = ~torch.isfinite(t.detach())
+        if bool(bad.any()):
+            where = tuple(int(i) for i in bad.nonzero()[0])
+            return (f"{name} {tuple(t.shape)} has non-finite entries ({name}[{', '.join(map(str, where))}] = "
+                    f"{float(t.detach()[where])}): iSogCLR refuses to write a non-finite state ({what}); "
+                    "the state was not changed")
+    return (f"features_a and features_b give a non-finite iSogCLR state update ({what}: overflow, or "
+            "non-finite values already in the state rows they index); the state was not changed")
 
 
 def isogclr_hyperparameters(bimodal: bool, *, rho=None, gamma=0.9, beta=0.9, eta=0.01, tau_min=None, tau_max=None):
@@ -874,7 +1101,8 @@ def isogclr_hyperparameters(bimodal: bool, *, rho=None, gamma=0.9, beta=0.9, eta
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-        if not math.isfinite(value):
+        # (a compiled module's floats may be traced as symbolic: they were checked when built)
+        if not torch.compiler.is_compiling() and not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
     if not 0.0 < gamma <= 1.0:
         raise ValueError(f"gamma must be in (0, 1], got {gamma}")

@@ -141,7 +141,7 @@ def isogclr_loss(features_a, features_b, index, log_u, tau, tau_momentum, seen, 
     detached (scaled as the form prescribes), so autograd yields the algorithm's gradient. u is
     handled in linear space with a per-row shift: for the bimodal "libauc" form LibAUC's running
     max b (updated in ``running_max``; u clamped at 1e-20 in shifted units), otherwise the row
-    max of x/τ over the negatives; the unimodal "libauc" weights use max(u, 1e-8). The state
+    max of x/τ over the negatives and the old log u; the unimodal "libauc" weights use max(u, 1e-8). The state
     stays in log space like the fast path's. Updates the state tensors in place."""
     defaults = _ISOGCLR_DEFAULTS[bool(bimodal)]
     rho = defaults["rho"] if rho is None else rho
@@ -179,6 +179,9 @@ def isogclr_loss(features_a, features_b, index, log_u, tau, tau_momentum, seen, 
             new_max.append(shift)
         else:
             shift = torch.where(neg, z, float("-inf")).amax(dim=1, keepdim=True)
+            # The old u may exceed this batch's terms by more than exp's range (|h|/τ in the
+            # thousands at τ = 0.01, ‖x‖ = 5): shift by whichever is larger.
+            shift = torch.where(first, shift, torch.maximum(shift, log_u_old[:, side:side + 1]))
         e = torch.where(neg, torch.exp(z - shift), 0.0)
         g_shifted = e.sum(dim=1, keepdim=True) / count
         u_shifted = torch.where(first, g_shifted,
