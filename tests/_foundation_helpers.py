@@ -6,7 +6,6 @@ LOSSES.md); nothing reads mmloss internals. Comparisons themselves use tests/ora
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 from typing import Optional
@@ -14,7 +13,6 @@ from typing import Optional
 import pytest
 import torch
 
-import mmloss
 from oracle import cpu_fast_backends, features
 
 CPU = torch.device("cpu")
@@ -149,46 +147,3 @@ def open_clip_loss_module():
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
-
-
-# ----------------------------------------------------------------------------- process groups
-
-
-def process_group_worker(rank: int, world_size: int, init_file: str, result_dir: str) -> None:
-    """Body of each spawned rank: under an initialised gloo group of ``world_size`` > 1,
-    ``distributed="auto"`` must raise RuntimeError (LOSSES.md "Public signatures") while
-    ``distributed=None`` computes the local loss. Writes rank<k>.json with the outcomes."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        x, y = pair(6, 6, 5, seed=rank)
-        outcome = {"world_size": dist.get_world_size()}
-        cases = {
-            "ClipLoss": (lambda **kw: mmloss.ClipLoss(**kw)(x, y, 10.0),
-                         lambda: mmloss.clip_loss(x, y, 10.0)),
-            "SigLipLoss": (lambda **kw: mmloss.SigLipLoss(**kw)(x, y, 10.0, -2.0),
-                           lambda: mmloss.siglip_loss(x, y, 10.0, -2.0)),
-            "InfoNCELoss": (lambda **kw: mmloss.InfoNCELoss(**kw)(x, y, 10.0),
-                            lambda: mmloss.infonce_loss(x, y, 10.0)),
-        }
-        for name, (module_call, functional_call) in cases.items():
-            try:
-                module_call()
-                outcome[f"{name}.auto"] = "no error"
-            except RuntimeError as exc:
-                outcome[f"{name}.auto"] = f"RuntimeError: {exc}"
-            except Exception as exc:  # the wrong error type is a failure the parent reports
-                outcome[f"{name}.auto"] = f"{type(exc).__name__}: {exc}"
-            try:
-                local = module_call(distributed=None).detach()
-                expected = functional_call().detach()
-                outcome[f"{name}.local_error"] = abs(float(local) - float(expected))
-                outcome[f"{name}.local_value"] = float(local)
-            except Exception as exc:
-                outcome[f"{name}.local_error"] = f"{type(exc).__name__}: {exc}"
-        with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as fh:
-            json.dump(outcome, fh)
-    finally:
-        dist.destroy_process_group()

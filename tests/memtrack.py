@@ -23,7 +23,9 @@ def peak_bytes_above_start(fn) -> tuple[int, int]:
             events.append((node.start_time_ns, node.extra_fields.alloc_size))
         pending.extend(node.children)
     current = peak = 0
-    for _, size in sorted(events):  # alloc_size is negative for frees
+    # alloc_size is negative for frees. Events with the same timestamp replay allocations first,
+    # so a tie can only overstate the peak, never hide one.
+    for _, size in sorted(events, key=lambda event: (event[0], -event[1])):
         current += size
         peak = max(peak, current)
     return peak, current

@@ -3,15 +3,16 @@ primitives on every CPU-capable backend agree with the float64 reference, values
 from __future__ import annotations
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mmloss
-from oracle import compare, cpu_fast_backends, features
+from oracle import compare, cpu_fast_backends, features, hypothesis_examples, logit_bound
 
 BACKENDS = cpu_fast_backends()
-SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow])
+# The rest (derandomized, no deadline) comes from the "mmloss" profile of tests/conftest.py;
+# MMLOSS_HYPOTHESIS_EXAMPLES overrides the count.
+SETTINGS = settings(max_examples=hypothesis_examples(30))
 
 
 @st.composite
@@ -70,7 +71,8 @@ def test_similarity_lse_matches_reference(p):
     def ref(x, y, scale, bias):
         return torch.cat(mmloss.reference.similarity_lse(x, y, scale, bias, exclude=p["marks"], **p["kw"]))
 
-    compare(fast, ref, [x, y, scale, bias], dtype, f"similarity_lse {p}", weights=weights)
+    compare(fast, ref, [x, y, scale, bias], dtype, f"similarity_lse {p}", weights=weights,
+            logit_bound=logit_bound(x, y, scale, bias))
 
 
 @SETTINGS
@@ -88,4 +90,5 @@ def test_pairwise_sigmoid_matches_reference(p):
     def ref(x, y, scale, bias):
         return mmloss.reference.pairwise_sigmoid(x, y, scale, bias, positives=p["marks"], **p["kw"])
 
-    compare(fast, ref, [x, y, scale, bias], dtype, f"pairwise_sigmoid {p}", weights=weights)
+    compare(fast, ref, [x, y, scale, bias], dtype, f"pairwise_sigmoid {p}", weights=weights,
+            logit_bound=logit_bound(x, y, scale, bias))

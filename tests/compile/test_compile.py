@@ -4,7 +4,11 @@ Each primitive is a ``torch.library`` custom op with a fake kernel that works wi
 shapes: ``torch.library.opcheck`` passes on the ops the public functions reach (recorded below the
 autograd layer, so the tests do not depend on the ops' internal argument lists), and
 ``torch.compile(fullgraph=True, dynamic=True)`` traces the losses without graph breaks and matches
-eager mode, forward and backward, for several batch sizes.
+eager mode, forward and backward, for several batch sizes. The plain CLIP and SigLIP losses go
+through inductor; their option variants and the primitives use ``backend="aot_eager"`` (dynamo +
+AOTAutograd with the fake kernels and symbolic shapes, where custom ops break; inductor's code
+generation is covered by the first two and by test_compile_clip_family.py), which keeps the
+stage within its time budget.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmloss
 from _foundation_helpers import ids, pair, row_scale, scalar_tensor
-from oracle import assert_grad_close, assert_loss_close
+from oracle import assert_grad_close, assert_loss_close, logit_bound
 
 ops = mmloss.ops
 
@@ -116,21 +120,17 @@ def test_opcheck_covers_every_foundation_op():
 # ----------------------------------------------------------------------------- torch.compile
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch.compiler.reset()
-    yield
-    torch.compiler.reset()
-
-
 def _compare_compiled(compiled, eager, make_inputs, sizes):
+    """make_inputs(n) returns (x, y, scale[, bias, ...]); the loss rule uses their logit bound."""
     for n in sizes:
         inputs = make_inputs(n)
+        bound = logit_bound(inputs[0], inputs[1], inputs[2], inputs[3] if len(inputs) > 3 else None)
         eager_inputs = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor)
                         and t.is_floating_point() else t for t in inputs]
         got = compiled(*inputs)
         want = eager(*eager_inputs)
-        assert_loss_close(got, want.double(), torch.float32, f"compiled vs eager (N={n})")
+        assert_loss_close(got, want.double(), torch.float32, f"compiled vs eager (N={n})",
+                          logit_bound=bound)
         leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
         eager_leaves = [t for t in eager_inputs if isinstance(t, torch.Tensor) and t.requires_grad]
         g = torch.Generator().manual_seed(n)
@@ -144,7 +144,7 @@ def _compare_compiled(compiled, eager, make_inputs, sizes):
 SIZES = (5, 9, 17, 33)
 
 
-def test_compile_clip_loss(fresh_dynamo):
+def test_compile_clip_loss():
     compiled = torch.compile(mmloss.clip_loss, fullgraph=True, dynamic=True)
 
     def make(n):
@@ -154,12 +154,12 @@ def test_compile_clip_loss(fresh_dynamo):
     _compare_compiled(compiled, mmloss.clip_loss, make, SIZES)
 
 
-def test_compile_clip_loss_options(fresh_dynamo):
+def test_compile_clip_loss_options():
     """label_smoothing, logit_bias and reduction="none" inside the compiled graph."""
     def loss(x, y, s, b):
         return mmloss.clip_loss(x, y, s, b, label_smoothing=0.1, reduction="none")
 
-    compiled = torch.compile(loss, fullgraph=True, dynamic=True)
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
 
     def make(n):
         x, y = pair(n, n, 3, seed=n + 1)
@@ -168,7 +168,7 @@ def test_compile_clip_loss_options(fresh_dynamo):
     _compare_compiled(compiled, loss, make, SIZES[:3])
 
 
-def test_compile_siglip_loss(fresh_dynamo):
+def test_compile_siglip_loss():
     compiled = torch.compile(mmloss.siglip_loss, fullgraph=True, dynamic=True)
 
     def make(n):
@@ -178,12 +178,12 @@ def test_compile_siglip_loss(fresh_dynamo):
     _compare_compiled(compiled, mmloss.siglip_loss, make, SIZES)
 
 
-def test_compile_siglip_label_pair(fresh_dynamo):
+def test_compile_siglip_label_pair():
     """N ≠ M with a label pair and reduction="none"."""
     def loss(x, y, s, b, xl, yl):
         return mmloss.siglip_loss(x, y, s, b, labels=(xl, yl), reduction="none")
 
-    compiled = torch.compile(loss, fullgraph=True, dynamic=True)
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
 
     def make(n):
         x, y = pair(n, n + 4, 3, seed=n + 3)
@@ -192,13 +192,13 @@ def test_compile_siglip_label_pair(fresh_dynamo):
     _compare_compiled(compiled, loss, make, SIZES[:3])
 
 
-def test_compile_primitives(fresh_dynamo):
+def test_compile_primitives():
     """similarity_lse with a per-row scale and bias tensor, and pairwise_sigmoid, compiled."""
     def stats(x, y, s, b):
         row, col = ops.similarity_lse(x, y, s, b, exclude="diagonal", offset=1)
         return torch.cat([row, col, ops.pairwise_sigmoid(x, y, s, b, offset=-1)])
 
-    compiled = torch.compile(stats, fullgraph=True, dynamic=True)
+    compiled = torch.compile(stats, fullgraph=True, dynamic=True, backend="aot_eager")
 
     def make(n):
         x, y = pair(n, n + 2, 3, seed=n + 4)
