@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from .. import _validation as V
+from .. import distributed as D
 from ..ops import similarity_lse
 from ..ops._primitives import prepare_features
 from ._common import LabelClasses, attach_unused, compute_dtype, reduce, rowwise_dot, scale_as, softplus
@@ -24,6 +25,9 @@ def clip_loss(
     reduction: str = "mean",
     backend: str = "auto",
     check_finite: bool = False,
+    distributed=None,
+    group=None,
+    uniform_shards: bool = False,
 ) -> Tensor:
     """Symmetric CLIP loss ½·[mean_i CE(row i) + mean_j CE(column j)] (LOSSES.md §1).
 
@@ -38,10 +42,34 @@ def clip_loss(
         reduction: "mean" | "sum" (N × mean) | "none" ((N,) terms ½(image_i + text_i)).
         check_finite: raise a ValueError naming the tensor when an input holds NaN/Inf (by
             default they propagate to the loss, as in torch; a host sync on GPUs).
+        distributed: None (default: the loss of the given tensors) | "auto" (gather when a
+            process group of world size > 1 is initialised; a collective call) | "gather" |
+            "ring" (not available yet: ValueError). Gathered, the rows of every rank form the
+            global batch (rank order) and ``labels`` travel with their rows; this rank computes
+            its rows against the global texts and its texts against the global images (never a
+            B×B matrix). The value is the global loss on every rank; the gradient is W × this
+            rank's share (``mmloss.distributed``: DDP's average then gives the single-process
+            gradient); logit_scale's gradient is the global one on every rank. "sum": the global
+            sum; "none": this rank's (N_local,) terms of the global loss, gradient × W.
+        group: the process group (default: the world). uniform_shards: every rank holds the same
+            N (skips the exchange of sizes, D and dtype).
 
-    Returns an fp32 loss (fp64 for fp64 inputs). Memory O(N·D) plus the backend's workspace;
+    Returns an fp32 loss (fp64 for fp64 inputs). Memory O(N·D) plus the backend's workspace
+    (gathered: O(N_global·D) for the gathered features);
     single-positive rows use the softplus form ``softplus(LSE_{j≠i} L_ij − L_ii)``.
     """
+    return _clip_loss(image_features, text_features, logit_scale, logit_bias, labels=labels,
+                      label_smoothing=label_smoothing, reduction=reduction, backend=backend,
+                      check_finite=check_finite, distributed=distributed, group=group,
+                      uniform_shards=uniform_shards)
+
+
+def _clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, labels=None,
+               label_smoothing=0.0, reduction="mean", backend="auto", check_finite=False,
+               distributed=None, group=None, uniform_shards=False, local_share=False,
+               configured_world_size=1, loss_name="clip_loss"):
+    """clip_loss; ``local_share=True`` is open_clip's ``local_loss=True`` under gathering: the
+    mean of this rank's terms with its own gradient (no scalar all-reduces)."""
     x, y = prepare_features("image_features", image_features, "text_features", text_features)
     n = x.shape[0]
     if y.shape[0] != n:
@@ -61,6 +89,10 @@ def clip_loss(
         V.check_all_finite(("image_features", x), ("text_features", y), ("logit_scale", logit_scale),
                            ("logit_bias", logit_bias))
 
+    mode = D.resolve_mode(loss_name, distributed, group, configured_world_size)
+    if mode == "gather":
+        return _clip_gathered(x, y, logit_scale, logit_bias, labels, eps, reduction, backend, dt, group,
+                              V.check_bool("uniform_shards", uniform_shards), local_share, loss_name)
     s = scale_as(logit_scale, dt, x.device)
     if labels is None:
         # The positive logits are formed before the primitive on purpose: autograd runs the
@@ -80,6 +112,53 @@ def clip_loss(
         cols = col_lse - s * _target_logit(y, x, labels, eps, dt)
     loss = reduce(0.5 * (rows + cols), reduction)
     return attach_unused(loss, logit_bias)
+
+
+def _clip_gathered(x, y, logit_scale, logit_bias, labels, eps, reduction, backend, dt, group,
+                   uniform_shards, local_share, loss_name):
+    """This rank's (N_local,) terms against the global batch, reduced by the convention of
+    ``mmloss.distributed``. Image rows: x_local against y_global; text rows (CLIP's columns):
+    y_local against x_global, i.e. the row statistics of the swapped primitive."""
+    tensors = dict(image_features=x, text_features=y)
+    comm = D.Exchange.open(loss_name, group, uniform_shards, **tensors)
+    shard = comm.shards["image_features"]
+    offset = shard.offset
+    if not local_share:
+        logit_scale = comm.scalar(logit_scale)
+    s = scale_as(logit_scale, dt, x.device)
+    x_all = comm.gather("image_features", x)
+    y_all = comm.gather("text_features", y)
+    if labels is None:
+        diag = s * rowwise_dot(x, y)
+        row_lse, _ = similarity_lse(x, y_all, logit_scale, exclude="diagonal", offset=offset, cols=False,
+                                    backend=backend)
+        col_lse, _ = similarity_lse(y, x_all, logit_scale, exclude="diagonal", offset=offset, cols=False,
+                                    backend=backend)
+        rows = softplus(row_lse - diag)
+        cols = softplus(col_lse - diag)
+        if eps > 0.0:
+            rows = (1.0 - eps) * rows + eps * (torch.logaddexp(row_lse, diag) - s * _mean_logit(x, y_all, dt))
+            cols = (1.0 - eps) * cols + eps * (torch.logaddexp(col_lse, diag) - s * _mean_logit(y, x_all, dt))
+    else:
+        labels_all = comm.gather("image_features", labels)
+        row_lse, _ = similarity_lse(x, y_all, logit_scale, cols=False, backend=backend)
+        col_lse, _ = similarity_lse(y, x_all, logit_scale, cols=False, backend=backend)
+        rows = row_lse - s * _target_logit_global(x, y_all, labels, labels_all, eps, dt)
+        cols = col_lse - s * _target_logit_global(y, x_all, labels, labels_all, eps, dt)
+    terms = 0.5 * (rows + cols)
+    if local_share:
+        loss = reduce(terms, reduction)
+    else:
+        loss = comm.finish(terms, reduction, anchors="image_features")
+    return attach_unused(loss, logit_bias)
+
+
+def _target_logit_global(x, y_all, labels, labels_all, eps, dt):
+    """(N_local,) Σ_j q_ij ⟨x_i, y_j⟩ over the global columns (class sums of y_all)."""
+    target = LabelClasses(y_all, labels_all, dt).mean_dot(x, labels)
+    if eps > 0.0:
+        target = (1.0 - eps) * target + eps * _mean_logit(x, y_all, dt)
+    return target
 
 
 def _mean_logit(x: Tensor, y: Tensor, dt: torch.dtype) -> Tensor:

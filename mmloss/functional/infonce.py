@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from .. import _validation as V
+from .. import distributed as D
 from ..ops import similarity_lse
 from ..ops._primitives import prepare_features
 from ._common import LabelClasses, as_compute, compute_dtype, reduce, rowwise_dot, scale_as, softplus
@@ -25,6 +26,11 @@ def infonce_loss(
     reduction: str = "mean",
     backend: str = "auto",
     check_finite: bool = False,
+    extra_keys: Optional[Tensor] = None,
+    extra_key_labels: Optional[Tensor] = None,
+    distributed=None,
+    group=None,
+    uniform_shards: bool = False,
 ) -> Tensor:
     """InfoNCE of queries (N, D) against keys (M, D): mean_i (LSE_j L_ij − L_{i,t_i}) (LOSSES.md §2).
 
@@ -38,10 +44,34 @@ def infonce_loss(
     Integer targets and labels of any integer dtype are accepted.
     ``logit_scale`` is a positive float or 0-d tensor. ``reduction``: "mean" | "sum" | "none"
     ((N,) per-query terms). ``check_finite``: raise a ValueError naming the tensor when an input
-    holds NaN/Inf (by default they propagate, as in torch; a host sync on GPUs). Returns fp32 (fp64 for fp64 inputs); memory O((N+M)·D) plus the
-    backend's workspace (and the N×M soft targets when given).
+    holds NaN/Inf (by default they propagate, as in torch; a host sync on GPUs).
+
+    ``extra_keys`` (Q, D): more keys appended after ``keys`` (e.g. a queue of negatives); they are
+    never gathered (a queue is the same on every rank). With labels, ``extra_key_labels`` (Q,)
+    gives theirs. ``targets``, ``soft_targets`` columns and the default targets index the
+    concatenation [keys (gathered when distributed); extra_keys].
+
+    ``distributed``: None (default: the loss of the given tensors) | "auto" (gather when a
+    process group of world size > 1 is initialised; a collective call) | "gather" | "ring" (not
+    available yet: ValueError). Gathered, the keys (and ``key_labels``) of every rank are
+    concatenated in rank order; the queries stay local and are rows of the global batch (rank
+    order), so the default target of this rank's query i is global key (query offset + i). The
+    value is the global loss on every rank; the gradient is W × this rank's share
+    (``mmloss.distributed``); a tensor ``logit_scale`` gets the global gradient on every rank.
+    "sum": the global sum; "none": this rank's (N_local,) terms, gradient × W. ``group``: the
+    process group; ``uniform_shards``: every rank holds the same N and M (skips the exchange).
+
+    Returns fp32 (fp64 for fp64 inputs); memory O((N+M+Q)·D) plus the backend's workspace (and
+    the N×M soft targets when given; gathered, M is the global key count).
     """
     x, y = prepare_features("query", query, "keys", keys)
+    if extra_keys is not None:
+        x, extra_keys = prepare_features("query", x, "extra_keys", extra_keys)
+        y = y.to(x.dtype)
+    if (extra_key_labels is not None) and (extra_keys is None or key_labels is None):
+        raise ValueError("extra_key_labels needs extra_keys and key_labels")
+    if extra_keys is not None and key_labels is not None and extra_key_labels is None:
+        raise ValueError("with key_labels and extra_keys, give extra_key_labels (the extra keys' labels)")
     n, m = x.shape[0], y.shape[0]
     dt = compute_dtype(x)
     logit_scale = V.check_scalar("logit_scale", logit_scale, device=x.device, positive=True, dtype=dt)
@@ -53,45 +83,84 @@ def infonce_loss(
     if len(given) > 1:
         raise ValueError(f"give at most one of targets, query/key labels, soft_targets; got {given}")
     if V.check_bool("check_finite", check_finite):
-        V.check_all_finite(("query", x), ("keys", y), ("logit_scale", logit_scale),
+        V.check_all_finite(("query", x), ("keys", y), ("extra_keys", extra_keys), ("logit_scale", logit_scale),
                            ("soft_targets", soft_targets))
 
-    s = scale_as(logit_scale, dt, x.device)
+    if query_labels is not None:  # local checks come before any collective
+        query_labels = V.check_labels("query_labels", query_labels, n, x.device)
+        key_labels = V.check_labels("key_labels", key_labels, m, x.device)
+        if extra_key_labels is not None:
+            extra_key_labels = V.check_labels("extra_key_labels", extra_key_labels, extra_keys.shape[0],
+                                              x.device)
+    if targets is not None:
+        targets = V.check_labels("targets", targets, n, x.device)
     if soft_targets is not None:
         V.check_tensor("soft_targets", soft_targets)
         if not soft_targets.is_floating_point():
             raise TypeError(f"soft_targets must be a floating tensor, got dtype {soft_targets.dtype}")
-        if tuple(soft_targets.shape) != (n, m):
-            raise ValueError(f"soft_targets must have shape ({n}, {m}), got {tuple(soft_targets.shape)}")
         V.check_same_device(("query", x), ("soft_targets", soft_targets))
+    comm = None
+    query_offset, n_total, m_total = 0, n, m
+    if D.resolve_mode("infonce_loss", distributed, group) == "gather":
+        comm = D.Exchange.open("infonce_loss", group, V.check_bool("uniform_shards", uniform_shards),
+                               query=x, keys=y)
+        query_offset, n_total, m_total = comm.shards["query"].offset, comm.shards["query"].total, comm.shards["keys"].total
+    m_total += 0 if extra_keys is None else extra_keys.shape[0]
+    # Checks that need the global key count (a failure here leaves the other ranks waiting in
+    # the next collective until the process group's timeout).
+    if targets is not None:
+        V.check_index_range("targets", targets, m_total)
+    if soft_targets is not None:
+        if tuple(soft_targets.shape) != (n, m_total):
+            raise ValueError(f"soft_targets must have shape ({n}, {m_total}), got {tuple(soft_targets.shape)}")
         _check_distribution_rows(soft_targets)
+    if targets is None and query_labels is None and soft_targets is None and m_total < n_total:
+        raise ValueError(
+            f"infonce_loss with default targets pairs query i with key i, so keys needs at "
+            f"least as many rows as query: got query {n_total} rows, keys {m_total} rows"
+        )
+    if comm is not None:
+        logit_scale = comm.scalar(logit_scale)
+        y = comm.gather("keys", y)
+        if key_labels is not None:
+            key_labels = comm.gather("keys", key_labels)
+    if extra_keys is not None:
+        y = torch.cat([y, extra_keys.to(y.dtype)], dim=0)
+        if key_labels is not None:
+            key_labels = torch.cat([key_labels, extra_key_labels], dim=0)
+    terms = _infonce_terms(x, y, logit_scale, dt, targets, query_labels, key_labels, soft_targets,
+                           query_offset, backend)
+    if comm is not None:
+        return comm.finish(terms, reduction, anchors="query")
+    return reduce(terms, reduction)
+
+
+def _infonce_terms(x, y, logit_scale, dt, targets, query_labels, key_labels, soft_targets, query_offset,
+                   backend):
+    """(N,) terms of the (validated) local queries against all keys ``y`` (M, D); query i is
+    global query ``query_offset + i`` (its default target is that key)."""
+    n, m = x.shape[0], y.shape[0]
+    s = scale_as(logit_scale, dt, x.device)
+    if soft_targets is not None:
         row_lse, _ = similarity_lse(x, y, logit_scale, cols=False, backend=backend)
         target_keys = as_compute(soft_targets, dt) @ as_compute(y, dt)  # (N, D) = q·k
         terms = row_lse - s * torch.linalg.vecdot(as_compute(x, dt), target_keys)
     elif query_labels is not None:
-        query_labels = V.check_labels("query_labels", query_labels, n, x.device)
-        key_labels = V.check_labels("key_labels", key_labels, m, x.device)
         classes = LabelClasses(y, key_labels, dt)
         classes.has(query_labels, "query_labels")
         row_lse, _ = similarity_lse(x, y, logit_scale, cols=False, backend=backend)
         terms = row_lse - s * classes.mean_dot(x, query_labels)
     elif targets is not None:
-        targets = V.check_labels("targets", targets, n, x.device)
-        V.check_index_range("targets", targets, m)
         keys_index = torch.arange(m, device=x.device)
         # Excluding pairs with targets[i] == j leaves the negatives: softplus form.
         row_lse, _ = similarity_lse(x, y, logit_scale, exclude="same_label", x_labels=targets,
                                     y_labels=keys_index, cols=False, backend=backend)
         terms = softplus(row_lse - s * rowwise_dot(x, y.index_select(0, targets)))
     else:
-        if m < n:
-            raise ValueError(
-                f"infonce_loss with default targets pairs query i with key i, so keys needs at "
-                f"least as many rows as query: got query {n} rows, keys {m} rows"
-            )
-        row_lse, _ = similarity_lse(x, y, logit_scale, exclude="diagonal", cols=False, backend=backend)
-        terms = softplus(row_lse - s * rowwise_dot(x, y[:n]))
-    return reduce(terms, reduction)
+        row_lse, _ = similarity_lse(x, y, logit_scale, exclude="diagonal", offset=query_offset, cols=False,
+                                    backend=backend)
+        terms = softplus(row_lse - s * rowwise_dot(x, y[query_offset: query_offset + n]))
+    return terms
 
 
 def _check_distribution_rows(q: Tensor) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as V
+from .. import distributed as D
 from ..ops import pairwise_sigmoid
 from ..ops._primitives import prepare_features
 
@@ -20,6 +21,9 @@ def siglip_loss(
     reduction: str = "mean",
     backend: str = "auto",
     check_finite: bool = False,
+    distributed=None,
+    group=None,
+    uniform_shards: bool = False,
 ) -> Tensor:
     """Sigmoid loss −(1/N) Σ_i Σ_j log sigmoid(z_ij·L_ij), L = s·x·yᵀ + b (LOSSES.md §3).
 
@@ -32,9 +36,29 @@ def siglip_loss(
         reduction: "mean" (sum over columns, mean over rows) | "sum" | "none" ((N,) row sums).
         check_finite: raise a ValueError naming the tensor when an input holds NaN/Inf (by
             default they propagate to the loss, as in torch; a host sync on GPUs).
+        distributed: None (default: the loss of the given tensors) | "auto" (gather when a
+            process group of world size > 1 is initialised; a collective call) | "gather" |
+            "ring" (not available yet: ValueError). Gathered, only the texts (and their labels)
+            are gathered: this rank's images against every rank's texts, rows of the global
+            N_global × M_global problem (rank order). The value is the global loss on every
+            rank (mean over N_global images); the gradient is W × this rank's share
+            (``mmloss.distributed``); logit_scale's and logit_bias's gradients are the global
+            ones on every rank. "sum": the global sum; "none": this rank's (N_local,) row sums,
+            gradient × W.
+        group: the process group (default: the world). uniform_shards: every rank holds the same
+            N and M (skips the exchange of sizes, D and dtype).
 
-    Returns fp32 (fp64 for fp64 inputs). Memory O((N+M)·D) plus the backend's workspace.
+    Returns fp32 (fp64 for fp64 inputs). Memory O((N+M)·D) plus the backend's workspace
+    (gathered: O(M_global·D) for the gathered texts).
     """
+    return _siglip_loss(image_features, text_features, logit_scale, logit_bias, labels=labels,
+                        reduction=reduction, backend=backend, check_finite=check_finite,
+                        distributed=distributed, group=group, uniform_shards=uniform_shards)
+
+
+def _siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *, labels=None,
+                 reduction="mean", backend="auto", check_finite=False, distributed=None, group=None,
+                 uniform_shards=False, configured_world_size=1, loss_name="siglip_loss"):
     x, y = prepare_features("image_features", image_features, "text_features", text_features)
     n, m = x.shape[0], y.shape[0]
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -51,12 +75,8 @@ def siglip_loss(
                 f"siglip_loss needs as many texts as images: image_features has {n} rows, "
                 f"text_features {m} (or pass labels as a pair (image_labels, text_labels))"
             )
-    # A scalar loss lets the primitive form its gradients during the forward pass.
-    kind = "none" if reduction == "none" else "sum"
-    if labels is None:
-        out = pairwise_sigmoid(x, y, logit_scale, logit_bias, positives="diagonal",
-                               reduction=kind, backend=backend)
-    else:
+    x_labels = y_labels = None
+    if labels is not None:  # validated before any collective, so a bad call fails on its own rank
         if isinstance(labels, (tuple, list)):
             if len(labels) != 2:
                 raise ValueError(f"labels as a pair must hold 2 tensors, got {len(labels)}")
@@ -66,8 +86,30 @@ def siglip_loss(
             x_labels = y_labels = V.check_labels("labels", labels, n, x.device)
         else:
             raise TypeError(f"labels must be a tensor or a pair of tensors, got {type(labels).__name__}")
+    # A scalar loss lets the primitive form its gradients during the forward pass.
+    kind = "none" if reduction == "none" else "sum"
+    comm = None
+    offset = 0
+    if D.resolve_mode(loss_name, distributed, group, configured_world_size) == "gather":
+        comm = D.Exchange.open(loss_name, group, V.check_bool("uniform_shards", uniform_shards),
+                               image_features=x, text_features=y)
+        if labels is None or isinstance(labels, torch.Tensor):
+            if comm.shards["image_features"].sizes != comm.shards["text_features"].sizes:
+                raise ValueError(f"{loss_name}: every rank needs as many texts as images")
+        offset = comm.shards["image_features"].offset
+        logit_scale = comm.scalar(logit_scale)
+        logit_bias = comm.scalar(logit_bias)
+        y = comm.gather("text_features", y)
+    if labels is None:
+        out = pairwise_sigmoid(x, y, logit_scale, logit_bias, positives="diagonal", offset=offset,
+                               reduction=kind, backend=backend)
+    else:
+        if comm is not None:
+            y_labels = comm.gather("text_features", y_labels)
         out = pairwise_sigmoid(x, y, logit_scale, logit_bias, positives="same_label",
                                x_labels=x_labels, y_labels=y_labels, reduction=kind, backend=backend)
+    if comm is not None:
+        return comm.finish(out, reduction, anchors="image_features")
     if reduction == "none":
         return out
     return out if reduction == "sum" else out / n

@@ -14,21 +14,26 @@ class InfoNCELoss(LossModule):
     """One-directional InfoNCE of queries against keys (LOSSES.md §2).
 
     ``forward(query (N, D), keys (M, D), logit_scale, targets=None, query_labels=None,
-    key_labels=None, soft_targets=None)``; see ``mmloss.functional.infonce_loss``.
-    Rank-local by default (``distributed=None``): it has no gathering peer, and its keys often
-    hold a queue that every rank already shares.
+    key_labels=None, soft_targets=None, extra_keys=None, extra_key_labels=None)``; see
+    ``mmloss.functional.infonce_loss``. Rank-local by default (``distributed=None``): it has no
+    gathering peer, and its keys often hold a queue that every rank already shares. With
+    ``distributed="gather"`` (or "auto", a collective call) the keys are gathered across the group
+    and ``extra_keys`` (a shared queue) are appended, never gathered (``mmloss.distributed``).
     """
 
-    def __init__(self, *, reduction: str = "mean", distributed=None, group=None, backend: str = "auto",
-                 check_finite: bool = False):
-        super().__init__(backend=backend, distributed=distributed, group=group, check_finite=check_finite)
+    def __init__(self, *, reduction: str = "mean", distributed=None, group=None, uniform_shards: bool = False,
+                 backend: str = "auto", check_finite: bool = False):
+        super().__init__(backend=backend, distributed=distributed, group=group, check_finite=check_finite,
+                         uniform_shards=uniform_shards)
         self.reduction = V.check_reduction(reduction)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, logit_scale,
                 targets: Optional[torch.Tensor] = None, query_labels: Optional[torch.Tensor] = None,
-                key_labels: Optional[torch.Tensor] = None, soft_targets: Optional[torch.Tensor] = None):
-        self._require_local()
+                key_labels: Optional[torch.Tensor] = None, soft_targets: Optional[torch.Tensor] = None,
+                extra_keys: Optional[torch.Tensor] = None, extra_key_labels: Optional[torch.Tensor] = None):
         return infonce_loss(query, keys, logit_scale, targets=targets, query_labels=query_labels,
                             key_labels=key_labels, soft_targets=soft_targets,
                             reduction=self.reduction, backend=self.backend,
-                            check_finite=self.check_finite)
+                            check_finite=self.check_finite, extra_keys=extra_keys,
+                            extra_key_labels=extra_key_labels, distributed=self.distributed,
+                            group=self.group, uniform_shards=self.uniform_shards)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..functional import siglip_loss
+from ..functional.siglip import _siglip_loss
 from ._base import LossModule
 
 _DIST_IMPLS = (None, "bidir", "shift", "reduce", "gather")
@@ -12,12 +12,21 @@ _DIST_IMPLS = (None, "bidir", "shift", "reduce", "gather")
 class SigLipLoss(LossModule):
     """Drop-in for ``open_clip.loss.SigLipLoss`` (LOSSES.md §3) without the N×M logit matrix.
 
-    ``dist_impl`` "bidir"/"shift" will map to the ring and "gather"/"reduce" to gathering once
-    distributed support lands; ``cache_labels`` is accepted for compatibility (labels are never
-    materialised). ``forward(image_features, text_features, logit_scale, logit_bias=None,
-    output_dict=False, labels=None)``; ``labels`` as in ``siglip_loss``. ``distributed`` defaults
-    to "auto" as in ``ClipLoss`` (open_clip's losses gather): under a process group of world
-    size > 1 it raises until gathering lands; None computes the rank-local loss.
+    ``forward(image_features, text_features, logit_scale, logit_bias=None, output_dict=False,
+    labels=None)``; ``labels`` as in ``siglip_loss``. ``cache_labels`` is accepted for
+    compatibility (labels are never materialised).
+
+    Distributed (``mmloss.distributed``): ``distributed`` defaults to "auto" as in ``ClipLoss``
+    (open_clip's losses gather): under an initialised process group of world size > 1, forward
+    gathers the texts across the group (a collective call) and computes this rank's images against
+    all texts, exactly, with uneven shards allowed. The value is the global loss on every rank
+    (open_clip returns this rank's rows divided by its local batch instead); the gradient is W ×
+    this rank's share, scale and bias get the global gradient on every rank, so DDP's averaging
+    gives the single-process gradient. ``dist_impl`` "gather"/"reduce"/None → gathering;
+    "bidir"/"shift" → the ring, not available yet: a ValueError when the loss would be
+    distributed (single-process use is unaffected). ``rank``/``world_size`` as in ``ClipLoss``:
+    the group's actual values win; a differing ``world_size`` other than 1 raises. None computes
+    the rank-local loss.
     """
 
     def __init__(
@@ -29,11 +38,12 @@ class SigLipLoss(LossModule):
         *,
         distributed="auto",
         group=None,
+        uniform_shards: bool = False,
         backend: str = "auto",
         check_finite: bool = False,
     ):
         super().__init__(backend=backend, distributed=distributed, group=group, world_size=world_size,
-                         check_finite=check_finite)
+                         check_finite=check_finite, uniform_shards=uniform_shards)
         if dist_impl not in _DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {list(_DIST_IMPLS)}, got {dist_impl!r}")
         self.cache_labels = cache_labels
@@ -42,7 +52,13 @@ class SigLipLoss(LossModule):
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
                 logit_bias=None, output_dict: bool = False, labels=None):
-        self._require_local()
-        loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, labels=labels,
-                           backend=self.backend, check_finite=self.check_finite)
+        if self.dist_impl in ("bidir", "shift") and self._resolve_distributed() is not None:
+            raise ValueError(
+                f"SigLipLoss: dist_impl={self.dist_impl!r} maps to mmloss's ring, which is not "
+                "available yet; use dist_impl='gather' (or 'reduce'), which is exact"
+            )
+        loss = _siglip_loss(image_features, text_features, logit_scale, logit_bias, labels=labels,
+                            backend=self.backend, check_finite=self.check_finite, distributed=self.distributed,
+                            group=self.group, uniform_shards=self.uniform_shards,
+                            configured_world_size=self.world_size, loss_name="SigLipLoss")
         return {"contrastive_loss": loss} if output_dict else loss

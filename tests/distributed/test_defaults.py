@@ -2,9 +2,11 @@
 
 Rule: functions compute on the tensors they are given, like ``torch.nn.functional``; each module
 follows its peer's default — open_clip's ``ClipLoss``/``SigLipLoss``/``DistillClipLoss`` gather
-(``distributed="auto"``), so until mmloss gathers they raise rather than silently return a
-rank-local loss; every other module is rank-local (lightly's ``gather_distributed=False``).
-Two spawned CPU ranks (gloo) record what each call did; the parent asserts.
+(``distributed="auto"``): ClipLoss and SigLipLoss return the global loss, and a module whose loss
+cannot gather yet raises under "auto" rather than silently return a rank-local loss; every other
+module is rank-local (lightly's ``gather_distributed=False``). An explicit "auto" gathers where
+the loss can (InfoNCELoss) and raises elsewhere. Two spawned CPU ranks (gloo) record what each call
+did; the parent asserts.
 """
 from __future__ import annotations
 
@@ -19,6 +21,19 @@ import torch
 import mmloss
 
 GATHERING_BY_DEFAULT = ("ClipLoss", "SigLipLoss", "DistillClipLoss")
+# Modules whose "auto" gathers today: name → the single-process loss of the global batch.
+GATHERS = {
+    "ClipLoss": lambda x, y: mmloss.clip_loss(x, y, 10.0),
+    "SigLipLoss": lambda x, y: mmloss.siglip_loss(x, y, 10.0, -2.0),
+    "InfoNCELoss": lambda x, y: mmloss.infonce_loss(x, y, 10.0),
+}
+
+
+def _global_loss(name: str, world_size: int = 2) -> float:
+    """The loss of the concatenated batches of every rank (rank r uses _features(seed=r))."""
+    parts = [_features(rank)[:2] for rank in range(world_size)]
+    x, y = (torch.cat([p[k] for p in parts]) for k in (0, 1))
+    return float(GATHERS[name](x, y))
 
 
 def _features(seed: int, n: int = 6, d: int = 5):
@@ -87,12 +102,19 @@ def test_module_defaults(outcomes, name):
     for rank, out in enumerate(outcomes):
         assert out["world_size"] == 2
         case = out[name]
-        # An explicit "auto" under a group of world size 2 never returns a rank-local loss.
-        assert case["auto"].get("error", "").startswith("RuntimeError:"), (rank, name, case["auto"])
-        assert "world size 2" in case["auto"]["error"], case["auto"]["error"]
         want = case["functional"]["value"]
         got_local = case["local"]["value"]
         assert abs(got_local - want) <= 1e-6 * abs(want) + 1e-6, (rank, name, got_local, want)
+        if name in GATHERS:
+            # An explicit "auto" under a group of world size 2 gives the global loss on every rank.
+            global_loss = _global_loss(name)
+            assert "value" in case["auto"], (rank, name, case["auto"])
+            got = case["auto"]["value"]
+            assert abs(got - global_loss) <= 1e-6 * abs(global_loss), (rank, name, got, global_loss)
+        else:
+            # A loss that cannot gather yet never returns a rank-local loss under "auto".
+            assert case["auto"].get("error", "").startswith("RuntimeError:"), (rank, name, case["auto"])
+            assert "world size 2" in case["auto"]["error"], case["auto"]["error"]
         if name in GATHERING_BY_DEFAULT:
             assert case["default"] == case["auto"], (rank, name, case["default"])
         else:

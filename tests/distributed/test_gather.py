@@ -1,0 +1,80 @@
+"""distributed="gather" is exact (docs/guarantees.md, "Distributed"; mmloss/distributed.py).
+
+One spawn per world size (2, 3, 4 gloo CPU ranks, uneven shards, one rank holding a single row)
+runs every check of tests/distributed/_gather_worker.py: CLIP / SigLIP / InfoNCE functions and
+modules in float64 against one process on the concatenated global batch (loss on every rank and
+DDP-averaged gradients of the encoders, logit_scale and logit_bias within 1e-10·‖g‖), a 5-step DDP
+training run with ``ClipLoss()``, a process group that excludes a rank, and at world size 2 the
+errors of bad setups and open_clip parity (equal shards).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import _gather_worker  # noqa: E402
+
+
+def _open_clip_loss_path():
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+    return path if os.path.isfile(path) else None
+
+
+def _spawn(size: int, tmp) -> list:
+    context = torch.multiprocessing.start_processes(
+        _gather_worker.worker, args=(size, str(tmp / "rendezvous"), str(tmp), _open_clip_loss_path()),
+        nprocs=size, join=False, start_method="spawn")
+    deadline = time.monotonic() + 150
+    while not context.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"the {size}-process gloo run did not finish within 150 s")
+    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(size)]
+
+
+@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda w: f"W={w}")
+def outcomes(request, tmp_path_factory):
+    return request.param, _spawn(request.param, tmp_path_factory.mktemp(f"gather{request.param}"))
+
+
+def _failures(results):
+    return {f"rank {r}: {name}": msg for r, out in enumerate(results) for name, msg in out.items() if msg}
+
+
+def test_gather_matches_single_process(outcomes):
+    size, results = outcomes
+    expected = set(_gather_worker.loss_cases(size)) | {"DDP training (5 SGD steps, ClipLoss())"}
+    for rank, out in enumerate(results):
+        assert expected <= set(out), (rank, sorted(expected - set(out)))
+        if rank > 0:
+            assert any(k.startswith("subgroup") for k in out), (rank, sorted(out))
+        if size == 2:
+            for name in ("mismatched D", "mismatched dtype", "ring", "SigLipLoss bidir", "world_size disagrees"):
+                assert name in out, (rank, name)
+            assert ("not in group" if rank else "group of one") in out
+    failures = _failures(results)
+    assert not failures, "\n".join(f"{k}: {v}" for k, v in failures.items())
+
+
+@pytest.mark.parametrize("outcomes", [2], indirect=True, ids=["W=2"])
+def test_open_clip_parity(outcomes):
+    """Runs in the world-size-2 spawn (equal shards of 3 rows)."""
+    size, results = outcomes
+    if _open_clip_loss_path() is None:
+        pytest.skip("open_clip (pip package open_clip_torch) is not installed: no open_clip comparison")
+    for rank, out in enumerate(results):
+        for local_loss in (False, True):
+            key = f"open_clip parity local_loss={local_loss}"
+            assert key in out and out[key] is None, (rank, key, out.get(key))
