@@ -1105,3 +1105,199 @@ def test_traces_in_one_graph(name):
     assert_loss_close(got, expected.detach().double(), torch.float32, logit_bound=logit_bound_of(name))
     for a, b in zip(torch.autograd.grad(got, inputs), torch.autograd.grad(expected, inputs)):
         assert_grad_close(a, b.double(), torch.float32)
+
+
+# ----------------------------------------------------------------------------- drop-in fidelity (issue 13)
+
+
+def _lightly_ntxent_class():
+    if importlib.util.find_spec("lightly") is None:
+        pytest.skip("lightly is not installed: no lightly comparison")
+    from mmloss.bench.peers import load_peer
+
+    return load_peer("lightly")[0]
+
+
+def test_lightly_ntxent_defaults_and_signature():
+    """NTXentLoss(temperature=0.5, memory_bank_size=0, gather_distributed=False), positionally."""
+    module = mmloss.NTXentLoss()
+    assert (module.temperature, module.memory_bank_size, module.gather_distributed) == (0.5, 0, False)
+    out0, out1 = views(2, 6, 5, seed=90)
+    assert torch.equal(mmloss.NTXentLoss(0.3, 0, False)(out0, out1), F.ntxent_loss(out0, out1, 0.3))
+    assert mmloss.NTXentLoss().state_dict() == {}
+
+
+def test_lightly_ntxent_memory_bank_matches_over_steps():
+    """lightly's memory bank: same initial bank from the same seed, same loss and gradients,
+    same bank and pointer after every step, including a batch that reaches the end of the bank
+    (its remaining rows are dropped and the pointer wraps to 0)."""
+    lightly_cls = _lightly_ntxent_class()
+    size = (12, 6)
+    torch.manual_seed(7)
+    theirs = lightly_cls(temperature=0.3, memory_bank_size=size)
+    torch.manual_seed(7)
+    ours = mmloss.NTXentLoss(temperature=0.3, memory_bank_size=size, backend="torch")
+    assert ours.bank.dtype == torch.float32 and torch.equal(ours.bank, theirs.memory_bank.bank)
+    for step, n in enumerate((5, 5, 4, 9)):   # pointers 0 → 5 → 10 → wrap (0) → wrap (0)
+        out0, out1 = views(2, n, 6, seed=91 + step)
+        a0, a1 = out0.detach().clone().requires_grad_(), out1.detach().clone().requires_grad_()
+        expected = theirs(a0, a1)
+        got = ours(out0, out1)
+        assert got.shape == expected.shape == ()
+        assert_loss_close(got, expected, torch.float32, logit_bound=1 / 0.3)
+        for g, e in zip(torch.autograd.grad(got, [out0, out1]), torch.autograd.grad(expected, [a0, a1])):
+            assert_grad_close(g, e, torch.float32)
+        assert torch.equal(ours.bank, theirs.memory_bank.bank), step
+        assert int(ours.bank_ptr) == int(theirs.memory_bank.bank_ptr), step
+
+
+def test_memory_bank_loss_against_dense_formula_in_fp64():
+    out0, out1 = views(2, 7, 5, dtype=torch.float64, seed=95)
+    bank = torch.nn.functional.normalize(torch.randn(11, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3)), dim=1)
+    u0, u1 = torch.nn.functional.normalize(out0, dim=1), torch.nn.functional.normalize(out1, dim=1)
+    logits = torch.cat([(u0 * u1).sum(1, keepdim=True), u0 @ bank.T], dim=1) / 0.2
+    expected = torch.nn.functional.cross_entropy(logits, torch.zeros(7, dtype=torch.long), reduction="none")
+    for backend in ("torch", "reference"):
+        got = F.ntxent_loss(out0, out1, 0.2, memory_bank=bank, reduction="none", backend=backend)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    got = F.ntxent_loss(out0, out1, 0.2, memory_bank=bank)
+    for g, e in zip(torch.autograd.grad(got, [out0, out1]), torch.autograd.grad(expected.mean(), [out0, out1])):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_memory_bank_updates_only_when_training_with_grad():
+    """lightly updates when out0 requires grad; mmloss also needs training mode (or
+    update_state_in_eval=True), the project's rule for stateful losses."""
+    out0, out1 = views(2, 3, 4, seed=96)
+    module = mmloss.NTXentLoss(memory_bank_size=(8, 4))
+    before = module.bank.clone()
+    with torch.no_grad():   # model outputs made without grad do not require it
+        module(out0 * 1.0, out1 * 1.0)
+    module(out0.detach(), out1.detach())
+    assert torch.equal(module.bank, before) and int(module.bank_ptr) == 0
+    module.eval()
+    module(out0, out1)
+    assert torch.equal(module.bank, before)
+    kept = mmloss.NTXentLoss(memory_bank_size=(8, 4), update_state_in_eval=True).eval()
+    kept(out0, out1)
+    assert int(kept.bank_ptr) == 3
+    module.train()
+    module(out0, out1)
+    assert int(module.bank_ptr) == 3
+    torch.testing.assert_close(module.bank[:3], torch.nn.functional.normalize(out1.detach(), dim=1))
+
+
+def test_memory_bank_peak_memory_has_no_n_by_k_tensor():
+    """The bank is scored by one similarity_lse call (rows only): with a K far above the
+    torch backend's chunk, the peak above inputs stays O((N+K)·D), not N×K."""
+    n, k, d = 256, 8192, 16
+    out0, out1 = views(2, n, d, seed=97)
+    module = mmloss.NTXentLoss(memory_bank_size=(k, d), backend="torch")
+    step = lambda: module(out0, out1).backward()  # noqa: E731
+    step()
+    out0.grad = out1.grad = None
+    peak, _ = peak_bytes_above_start(step)
+    dense = n * k * 4
+    assert peak < dense / 2, f"peak {peak} bytes vs one dense N×K fp32 matrix {dense} bytes"
+
+
+@pytest.mark.parametrize("size,error", [(5, ValueError), (-1, ValueError), ((4, -2), ValueError),
+                                        ((1, 2, 3), ValueError), ((4.0, 2), TypeError), (True, TypeError)])
+def test_memory_bank_size_is_validated_like_lightly(size, error):
+    with pytest.raises(error):
+        mmloss.NTXentLoss(memory_bank_size=size)
+
+
+def test_gather_distributed_raises_until_supported():
+    with pytest.raises(NotImplementedError, match="gather_distributed"):
+        mmloss.NTXentLoss(gather_distributed=True)
+
+
+def test_memory_bank_of_wrong_dimension():
+    out0, out1 = views(2, 3, 4, seed=98)
+    with pytest.raises(ValueError, match="feature"):
+        F.ntxent_loss(out0, out1, memory_bank=torch.randn(5, 3))
+
+
+def test_pytorch_metric_learning_supcon_ref_emb():
+    """PML's ref_emb/ref_labels: anchors from embeddings, positives and negatives from ref_emb
+    (no self-exclusion); anchors whose label is missing from ref_labels are skipped."""
+    pml = _pml_losses()
+    (x,) = views(1, 10, 7, seed=99)
+    (r,) = views(1, 13, 7, seed=100)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 5, 5])       # 5 is absent from ref_labels
+    ref_labels = torch.arange(13) % 4
+    a, b = oracle(x), oracle(r)
+    expected = pml.SupConLoss(temperature=0.2)(a, labels, ref_emb=b, ref_labels=ref_labels)
+    got = mmloss.SupConLoss(temperature=0.2)(x, labels, ref_emb=r, ref_labels=ref_labels)
+    assert_loss_close(got, expected, torch.float32, logit_bound=1 / 0.2)
+    for g, e in zip(torch.autograd.grad(got, [x, r]), torch.autograd.grad(expected, [a, b])):
+        assert_grad_close(g, e, torch.float32)
+    # Positional order is PML's: (embeddings, labels, indices_tuple, ref_emb, ref_labels).
+    assert torch.equal(mmloss.SupConLoss(0.2)(x, labels, None, r, ref_labels),
+                       F.supcon_loss(x, labels, 0.2, ref_emb=r, ref_labels=ref_labels))
+
+
+@pytest.mark.parametrize("same_object", [False, True])
+def test_supcon_ref_emb_equal_to_embeddings_like_pml(same_object):
+    """ref_emb = embeddings keeps the self pairs (i, i) as positives — unless ref_labels is the
+    labels tensor itself, which PML treats as the plain call (pairs (i, i) excluded)."""
+    pml = _pml_losses()
+    (x,) = views(1, 9, 5, seed=101)
+    (r,) = views(1, 9, 5, seed=106)
+    labels = torch.arange(9) % 3
+    ref_labels = labels if same_object else labels.clone()
+    for ref in (x, r):
+        a = oracle(x)
+        b = a if ref is x else oracle(ref)
+        expected = pml.SupConLoss(temperature=0.5)(a, labels, ref_emb=b, ref_labels=ref_labels)
+        got = F.supcon_loss(x, labels, 0.5, ref_emb=ref, ref_labels=ref_labels, backend="torch")
+        assert_loss_close(got, expected, torch.float32, logit_bound=1 / 0.5)
+        leaves = [x] if ref is x else [x, ref]
+        for g, e in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(expected, [a] if ref is x else [a, b])):
+            assert_grad_close(g, e, torch.float32)
+    if same_object:
+        torch.testing.assert_close(F.supcon_loss(x, labels, 0.5, ref_emb=x, ref_labels=labels),
+                                   F.supcon_loss(x, labels, 0.5), rtol=1e-6, atol=1e-6)
+
+
+def test_supcon_ref_emb_without_any_positive_is_a_connected_zero():
+    (x,) = views(1, 4, 3, seed=102)
+    (r,) = views(1, 5, 3, seed=103)
+    loss = F.supcon_loss(x, torch.full((4,), 9), ref_emb=r, ref_labels=torch.zeros(5, dtype=torch.long))
+    assert float(loss.detach()) == 0.0 and loss.requires_grad
+    gx, gr = torch.autograd.grad(loss, [x, r])
+    assert not gx.any() and not gr.any()
+
+
+def test_supcon_indices_tuple_names_what_is_supported():
+    (x,) = views(1, 4, 3, seed=104)
+    labels = torch.tensor([0, 0, 1, 1])
+    pairs = (torch.tensor([0]), torch.tensor([1]), torch.tensor([0]), torch.tensor([2]))
+    with pytest.raises(NotImplementedError, match=r"indices_tuple.*labels.*ref_emb"):
+        mmloss.SupConLoss()(x, labels, pairs)
+    with pytest.raises(NotImplementedError, match="indices_tuple"):
+        F.supcon_loss(x, labels, indices_tuple=pairs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"ref_emb": "r"}, "together"),
+    ({"ref_labels": "l"}, "together"),
+    ({"ref_emb": "r", "ref_labels": "l", "labels": None}, "labels"),
+    ({"ref_emb": "r", "ref_labels": "l", "three_d": True}, "2-D"),
+])
+def test_supcon_ref_emb_bad_calls(kwargs, match):
+    (x,) = views(1, 4, 3, seed=105)
+    r = torch.randn(5, 3)
+    ref_labels = torch.zeros(5, dtype=torch.long)
+    args = {"labels": torch.zeros(4, dtype=torch.long)}
+    for key, value in kwargs.items():
+        if key == "ref_emb":
+            args[key] = r
+        elif key == "ref_labels":
+            args[key] = ref_labels
+        elif key == "labels":
+            args[key] = value
+    emb = x[:, None, :].expand(4, 2, 3) if kwargs.get("three_d") else x
+    with pytest.raises(ValueError, match=match):
+        F.supcon_loss(emb, **args)

@@ -4,12 +4,13 @@ The math of each function is in LOSSES.md (section given in each docstring); eve
 takes ``backend="auto"``. ``mmloss.reference`` has the same names as a dense oracle.
 One module per loss family; this package re-exports them all.
 """
-from . import distill, multimodal, ssl
+from . import coca, distill, multimodal, ssl
 from .clip import clip_loss
+from .coca import caption_loss, coca_loss
 from .distill import *  # noqa: F401,F403
 from .infonce import infonce_loss
 from .multimodal import *  # noqa: F401,F403
 from .siglip import siglip_loss
 from .ssl import *  # noqa: F401,F403
 
-__all__ = ["clip_loss", "infonce_loss", "siglip_loss"] + ssl.__all__ + multimodal.__all__ + distill.__all__
+__all__ = ["caption_loss", "clip_loss", "coca_loss", "infonce_loss", "siglip_loss"] + ssl.__all__ + multimodal.__all__ + distill.__all__

@@ -53,7 +53,7 @@ import torch
 from .. import _validation as V
 from ..ops import similarity_lse
 from ..ops._primitives import _autocast_dtype, prepare_features
-from ._common import as_compute, class_slots, compute_dtype, reduce, softplus
+from ._common import LabelClasses, as_compute, class_slots, compute_dtype, reduce, softplus
 
 Tensor = torch.Tensor
 
@@ -441,7 +441,8 @@ def _nt_xent_terms(views: _Views, backend: str) -> tuple[Tensor, Tensor, Tensor]
 
 
 def ntxent_loss(out0: Tensor, out1: Tensor, temperature: float = 0.5, *, reduction: str = "mean",
-                backend: str = "auto", check_finite: bool = False) -> Tensor:
+                memory_bank: Optional[Tensor] = None, backend: str = "auto",
+                check_finite: bool = False) -> Tensor:
     """NT-Xent / SimCLR (LOSSES.md §4), lightly's ``NTXentLoss`` without a memory bank.
 
     ``L = (1/2N) Σ_a [LSE_{b≠a} ℓ_ab − ℓ_{a,p(a)}]`` over Z = [u0; u1] (2N anchors), ℓ = ⟨u_a, u_b⟩/τ,
@@ -454,6 +455,11 @@ def ntxent_loss(out0: Tensor, out1: Tensor, temperature: float = 0.5, *, reducti
             of identical rows at N = 1); the result stays in the graph with a zero gradient.
         temperature: τ > 0 (Python float), default 0.5 (lightly).
         reduction: "mean" | "sum" (2N × mean) | "none" ((2N,) terms, view-0 anchors first).
+        memory_bank: None, or (K, D) negatives (no gradient; rows used as given — lightly stores
+            unit rows): lightly's memory-bank (MoCo) form. Only view-0 rows are anchors;
+            ``ℓ_i = LSE(p_i, ⟨u0_i, b_k⟩/τ for all k) − p_i`` with p_i = ⟨u0_i, u1_i⟩/τ, i.e.
+            ``softplus(LSE_k ⟨u0_i, b_k⟩/τ − p_i)``; "sum"/"none" then refer to N anchors.
+            One N×K ``similarity_lse`` call (rows only): no N×K tensor is kept.
         check_finite: True raises a ValueError naming the input tensor that holds NaN/Inf
             (default False: they propagate to a NaN loss, as in torch; a host sync on GPUs).
 
@@ -463,6 +469,18 @@ def ntxent_loss(out0: Tensor, out1: Tensor, temperature: float = 0.5, *, reducti
     x0, x1 = _two_views(out0, out1, 1, "ntxent_loss", check_finite)
     tau = _temperature("temperature", temperature, compute_dtype(x0))
     V.check_reduction(reduction)
+    if memory_bank is not None:
+        bank = V.check_features("memory_bank", memory_bank, min_rows=1)
+        V.check_same_device(("out0", x0), ("memory_bank", bank))
+        V.check_same_dim("out0", x0, "memory_bank", bank)
+        if V.check_bool("check_finite", check_finite):
+            V.check_all_finite(("memory_bank", bank))
+        with _exact_math(x0.device):
+            views = _Views([x0, x1], tau)
+            positive = views.positive(0, 1)
+            negatives, _ = similarity_lse(views.raw[0], as_compute(bank.detach(), views.dtype), views.scale[0],
+                                          cols=False, backend=backend)
+            return reduce(softplus(negatives - positive), reduction)
     with _exact_math(x0.device):
         views = _Views([x0, x1], tau)
         if views.rows == 1:
@@ -517,7 +535,8 @@ def _supcon_views(embeddings, labels, check_finite: bool) -> tuple[list[Tensor],
 
 
 def supcon_loss(embeddings: Tensor, labels: Optional[Tensor] = None, temperature: float = 0.1,
-                base_temperature: Optional[float] = None, *, backend: str = "auto",
+                base_temperature: Optional[float] = None, *, ref_emb: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None, indices_tuple=None, backend: str = "auto",
                 check_finite: bool = False) -> Tensor:
     """Supervised contrastive loss, "L_out" (LOSSES.md §5; Khosla et al. 2020).
 
@@ -532,6 +551,17 @@ def supcon_loss(embeddings: Tensor, labels: Optional[Tensor] = None, temperature
             2-D embeddings without labels are a ValueError.
         temperature: τ > 0, default 0.1. base_temperature: τ_base > 0, default τ; τ/τ_base must
             be finite in the compute dtype.
+        ref_emb, ref_labels: pytorch-metric-learning's reference set, (m, D) and (m,), given
+            together with 2-D embeddings and labels. The anchors are the rows of ``embeddings``;
+            positives and negatives come from ``ref_emb`` only: P(a) = {r: ref_labels_r =
+            labels_a} (no self-exclusion: a row that is also in ref_emb is its own positive, as
+            in PML), the normaliser runs over every reference row. Gradients reach both sets.
+            As in PML, passing the labels tensor itself as ``ref_labels`` (the same object)
+            excludes the pairs (i, i) from positives and normaliser (then n = m).
+            One n×m ``similarity_lse`` call (rows only) plus per-class sums of the unit
+            reference rows: memory O((n+m)·D).
+        indices_tuple: must be None. Miner output (pairs or triplets) would index the n×m pair
+            matrix mmloss never forms: NotImplementedError, naming what is supported.
         check_finite: True raises a ValueError naming the input tensor that holds NaN/Inf
             (default False: they propagate to a NaN loss, as in torch; a host sync on GPUs).
 
@@ -541,6 +571,15 @@ def supcon_loss(embeddings: Tensor, labels: Optional[Tensor] = None, temperature
     positives: Σ_{a∈c} Σ_{p∈P(a)} ⟨u_a, u_p⟩ = ‖S_c‖² − Σ_{a∈c} ‖u_a‖² with S_c the class sum of
     unit rows. Memory O(n·D) plus one block's workspace. Returns fp32 (fp64 for fp64 inputs).
     """
+    if indices_tuple is not None:
+        raise NotImplementedError(
+            "supcon_loss: indices_tuple (a miner's pairs or triplets) is not supported — mmloss never "
+            "forms the pair matrix a miner indexes. Supported: all pairs defined by labels "
+            "(indices_tuple=None), optionally against a reference set (ref_emb=, ref_labels=)"
+        )
+    if ref_emb is not None or ref_labels is not None:
+        return _supcon_against_refs(embeddings, labels, ref_emb, ref_labels, temperature, base_temperature,
+                                    backend, check_finite)
     parts, labels = _supcon_views(embeddings, labels, check_finite)
     dt = compute_dtype(parts[0])
     tau = _temperature("temperature", temperature, dt)
@@ -573,6 +612,58 @@ def supcon_loss(embeddings: Tensor, labels: Optional[Tensor] = None, temperature
         lse_total = sum(torch.where(anchor_ok, r, 0.0).sum() for r in normalisers)
         anchors = anchor_ok.sum() * views.count
         return ratio * ((lse_total - positive_total) / anchors.clamp_min(1).to(dt))
+
+
+def _supcon_against_refs(embeddings, labels, ref_emb, ref_labels, temperature, base_temperature, backend,
+                         check_finite) -> Tensor:
+    """SupCon with PML's reference set (``supcon_loss`` docstring): anchors are ``embeddings``,
+    positives and negatives ``ref_emb``.
+
+    ``L = (τ/τ_base)·mean_{a: |P(a)|>0} [LSE_r ℓ_ar − ⟨u_a, mean_{r∈P(a)} u_r⟩/τ]``.
+    """
+    if ref_emb is None or ref_labels is None:
+        raise ValueError("supcon_loss: ref_emb and ref_labels must be given together")
+    if not isinstance(embeddings, Tensor) or embeddings.dim() != 2:
+        shape = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__
+        raise ValueError(f"supcon_loss with ref_emb needs 2-D embeddings (n, D) and labels, got {shape}")
+    if labels is None:
+        raise ValueError("supcon_loss with ref_emb needs labels for the anchors (embeddings)")
+    # PML's quirk, kept for drop-in fidelity: ref_labels that *is* the labels tensor makes the
+    # pairs (i, i) neither positive nor negative (get_matches_and_diffs fills the diagonal).
+    same_rows = ref_labels is labels
+    x, r = prepare_features("embeddings", embeddings, "ref_emb", ref_emb)
+    V.check_same_dim("embeddings", x, "ref_emb", r)
+    if same_rows and x.shape[0] != r.shape[0]:
+        raise ValueError(
+            f"supcon_loss: ref_labels is the labels tensor itself, which pairs embeddings row i with "
+            f"ref_emb row i, but embeddings has {x.shape[0]} rows and ref_emb {r.shape[0]}"
+        )
+    labels = V.check_labels("labels", labels, x.shape[0], x.device)
+    ref_labels = V.check_labels("ref_labels", ref_labels, r.shape[0], r.device)
+    if V.check_bool("check_finite", check_finite):
+        V.check_all_finite(("embeddings", x), ("ref_emb", r))
+    dt = compute_dtype(x)
+    tau = _temperature("temperature", temperature, dt)
+    base = tau if base_temperature is None else _positive_float("base_temperature", base_temperature, dt)
+    ratio = float(V.check_scalar("temperature / base_temperature", tau / base, positive=True, dtype=dt))
+    with _exact_math(x.device):
+        anchors, refs = _Views([x], tau), _Views([r], tau)
+        # The O(N·D) positive term first, the block last (memory order, see _Views).
+        unit_refs = refs.unit(0)
+        classes = LabelClasses(unit_refs, ref_labels, anchors.dtype)
+        slots = classes.slots_for(labels)
+        count = torch.where(classes.sorted_labels[slots] == labels, classes.counts[slots], 0.0)
+        positive_sum = torch.linalg.vecdot(anchors.unit(0), classes.sums[slots])
+        if same_rows:       # drop the pair (i, i) from P(i) and from the normaliser
+            count = count - 1.0
+            positive_sum = positive_sum - torch.linalg.vecdot(anchors.unit(0), unit_refs)
+        has_positive = count > 0
+        positive = positive_sum / (count.clamp_min(1.0) * tau)
+        normaliser, _ = similarity_lse(anchors.raw[0], unit_refs, anchors.scale[0],
+                                       exclude="diagonal" if same_rows else "none", cols=False,
+                                       backend=backend)
+        terms = torch.where(has_positive, normaliser - positive, 0.0)
+        return ratio * (terms.sum() / has_positive.sum().clamp_min(1).to(anchors.dtype))
 
 
 # ----------------------------------------------------------------------------- §6 DCL / DCLW
