@@ -67,7 +67,7 @@ def test_peer_computes_the_same_loss(peer, loss):
 
 def test_pml_ntxent_equals_mmloss_ntxent():
     """pytorch-metric-learning's NTXentLoss on cat(out0, out1) with labels cat(arange B, arange B)
-    is LOSSES.md §4: checked against mmloss.ntxent_loss (values and gradients)."""
+    is docs/losses.md §4: checked against mmloss.ntxent_loss (values and gradients)."""
     if not _installed("pml"):
         pytest.skip("pytorch-metric-learning is not installed")
     case = CASES["ntxent"]

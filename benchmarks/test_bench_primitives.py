@@ -1,4 +1,4 @@
-"""pytest-benchmark suite of the fused primitives (DESIGN.md, "The primitives").
+"""pytest-benchmark suite of the fused primitives (docs/design.md, "The primitives").
 
 ``similarity_lse`` with both row and column statistics (the CLIP shape) and ``pairwise_sigmoid``
 (per-row sums, and the summed form SigLIP uses), forward + backward, on every mmloss backend that

@@ -1,4 +1,4 @@
-"""Input validation shared by the primitives and the losses (DESIGN.md, "Input validation").
+"""Input validation shared by the primitives and the losses (docs/design.md, "Input validation").
 
 Static checks (types, ranks, sizes, devices, dtypes) always run: under ``torch.compile`` they
 only read static metadata. Value checks (finite/positive temperatures, label ranges) run only on

@@ -16,7 +16,7 @@ large logits (L = 1e2 … 1e6). A table of worst errors and bounds is printed; t
 The comparison engine is importable (``compare_values``, ``compare_grads``, ``agree``,
 ``run_checks``) so test suites hold every path to the same rules.
 
-Tolerances (DESIGN.md, "Testing rules"). ``L`` is the case's logit bound
+Tolerances (docs/design.md, "Testing rules"). ``L`` is the case's logit bound
 s·max‖x‖·max‖y‖ + |b| (1/τ for the losses that normalise inside), taken ≥ 1:
 
 * values, elementwise: fp32 |a − r| ≤ 1e-5·|r| + 1e-6·L; fp16/bf16 ≤ 1e-4·|r| + 1e-6·L;
@@ -884,7 +884,7 @@ def _interpreting() -> bool:
 def supported_dtypes(backend: str, device: torch.device) -> dict[str, Optional[str]]:
     """dtype name → None when ``backend`` supports it on ``device``, else why not.
 
-    DESIGN.md: fp32/fp16/bf16 everywhere, fp64 on the torch and cpu backends; the Triton
+    docs/design.md: fp32/fp16/bf16 everywhere, fp64 on the torch and cpu backends; the Triton
     interpreter has no bf16."""
     out = {name: None for name in ("fp32", "fp16", "bf16", "fp64")}
     if backend not in ("torch", "cpu"):

@@ -1,7 +1,7 @@
-"""Helpers shared by the Foundation acceptance tests (primitives, LOSSES.md §1–§3, dispatch).
+"""Helpers shared by the Foundation acceptance tests (primitives, docs/losses.md §1–§3, dispatch).
 
-Everything here builds inputs or expected values from the contract documents (DESIGN.md,
-LOSSES.md); nothing reads mmloss internals. Comparisons themselves use tests/oracle.py.
+Everything here builds inputs or expected values from the contract documents (docs/design.md,
+docs/losses.md); nothing reads mmloss internals. Comparisons themselves use tests/oracle.py.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 
 
 FAST_BACKENDS = cpu_fast_backends()
-# DESIGN.md: fp64 inputs (gradcheck) run on the reference, torch and cpu backends.
+# docs/design.md: fp64 inputs (gradcheck) run on the reference, torch and cpu backends.
 FP64_BACKENDS = [name for name in FAST_BACKENDS if name in ("torch", "cpu")]
 
 
@@ -33,7 +33,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, 
 
 def backend_dtype_param(dtypes):
     """Parametrize ``backend`` × ``dtype`` (keys of DTYPES): fp64 only with FP64_BACKENDS, the
-    backends DESIGN.md runs fp64 on, so no combination has to be skipped."""
+    backends docs/design.md runs fp64 on, so no combination has to be skipped."""
     combos = [(b, k) for b in FAST_BACKENDS for k in dtypes if k != "fp64" or b in FP64_BACKENDS]
     return pytest.mark.parametrize("backend,dtype", combos, ids=[f"be={b}-dtype={k}" for b, k in combos])
 
@@ -93,7 +93,7 @@ def strided_rows(n: int, d: int, *, dtype=torch.float32, seed: int = 0) -> torch
 
 def confident_pair(n: int, d: int, *, dtype=torch.float32, seed: int = 0, noise: float = 0.02):
     """Near-identical (x_i, y_i) pairs: y = normalize(x + noise·ε). With scale 100 the positive
-    logit dominates every row and column (LOSSES.md numerics: "confident rows")."""
+    logit dominates every row and column (docs/losses.md numerics: "confident rows")."""
     g = torch.Generator().manual_seed(40_000 + seed)
     x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
     y = torch.nn.functional.normalize(x + noise * torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)

@@ -34,7 +34,7 @@ settings.load_profile("mmloss")
 
 @pytest.fixture(autouse=True)
 def _exact_fp32_matmul():
-    """Tests compare fp32 paths with exact fp32 products (DESIGN.md: tests force "ieee")."""
+    """Tests compare fp32 paths with exact fp32 products (docs/design.md: tests force "ieee")."""
     prev = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     yield

@@ -1,4 +1,4 @@
-"""The large-logit conformance check every backend must pass (issue 8, item 1; DESIGN.md,
+"""The large-logit conformance check every backend must pass (issue 8, item 1; docs/design.md,
 "Testing rules": at large L a path may not be much worse than dense fp32 on the same inputs).
 
 A plain module, not a test file: ``tests/test_large_logits.py`` runs it for the torch backend,
@@ -20,7 +20,7 @@ per tensor,
 
 with floor = 1e-7·max|exact| for the feature gradients and, for the scalar ``logit_scale``
 gradient (a sum of N row terms c_i = ⟨x_i, ∂ℓ/∂x_i⟩/s that may cancel, where 1e-7 of the
-result can be below one ulp), the fp32 summation bound N·2⁻²⁴·Σ_i |c_i|. The loss value must satisfy the DESIGN.md fp32 rule widened by
+result can be below one ulp), the fp32 summation bound N·2⁻²⁴·Σ_i |c_i|. The loss value must satisfy the docs/design.md fp32 rule widened by
 the same 4×: ``|fast − exact| ≤ 4·|dense − exact| + 1e-5·|exact| + 1e-6·L``. A backward that
 re-forms ``exp(L − LSE)`` from one rounded fp32 LSE loses ~|L|·2⁻²⁴ in every exponent and fails
 at every L here (at L ≈ 1e4 its gradient error is ~1e-4·max|grad|).

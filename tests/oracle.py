@@ -1,4 +1,4 @@
-"""Shared test utilities: the float64 oracle comparison with DESIGN.md's tolerance rules.
+"""Shared test utilities: the float64 oracle comparison with docs/design.md's tolerance rules.
 
 The reference is computed in float64 on the CPU from the same (already rounded) inputs.
 
@@ -44,7 +44,7 @@ _FP64_REL, _FP64_ABS = 1e-10, 1e-12
 def cpu_fast_backends() -> list[str]:
     """Backends other than "reference" that ``mmloss.available_backends()`` reports usable and
     that accept CPU tensors here ("torch" always; "triton" under TRITON_INTERPRET=1; "cpu" once
-    mmloss._C is built). DESIGN.md: the torch backend runs on any device."""
+    mmloss._C is built). docs/design.md: the torch backend runs on any device."""
     import mmloss
 
     usable = []
@@ -151,7 +151,7 @@ def _check_non_finite(a: torch.Tensor, e: torch.Tensor, what: str) -> torch.Tens
 
 def assert_loss_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "loss",
                       *, logit_bound: float = 1.0):
-    """Elementwise loss rule of DESIGN.md "Testing rules" for a path computing in ``dtype``.
+    """Elementwise loss rule of docs/design.md "Testing rules" for a path computing in ``dtype``.
 
     actual, expected: same shape (any; 0-d for reduced losses). logit_bound: L, the largest
     |logit| of the case (see ``logit_bound()``; 1.0 for unit features at scale ~1). Raises

@@ -5,7 +5,7 @@ Every example is one fully specified primitive call (``mmloss.check.PrimitiveCas
 0-d-tensor, frozen or per-row scales, no / float / tensor bias, every exclude / positives mode
 with offsets and labels, rows-only / cols-only outputs, non-contiguous features, chunk sizes, the
 summed sigmoid, KL with a teacher of another D and cross-entropy. Values and gradients are held
-to DESIGN.md's rules as ``mmloss.check`` states them (``compare_values`` / ``compare_grads``:
+to docs/design.md's rules as ``mmloss.check`` states them (``compare_values`` / ``compare_grads``:
 logit-aware fp32 values, 1e-4·max|g| gradients, 4× dense fp32 at large L).
 
 CI runs 150 + 60 + 40 + 60 = 310 examples (derandomized: the same on every machine, see

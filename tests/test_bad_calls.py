@@ -1,4 +1,4 @@
-"""A table of bad calls across the public API (DESIGN.md, "Input validation").
+"""A table of bad calls across the public API (docs/design.md, "Input validation").
 
 Each row is one wrong call: it must raise the documented exception type — ``ValueError`` for
 shapes, sizes, values, devices and unsupported combinations; ``TypeError`` for dtypes and

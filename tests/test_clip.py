@@ -1,7 +1,7 @@
-"""Acceptance tests of LOSSES.md §1: ``clip_loss`` / ``ClipLoss`` (symmetric InfoNCE).
+"""Acceptance tests of docs/losses.md §1: ``clip_loss`` / ``ClipLoss`` (symmetric InfoNCE).
 
 Every fast backend is compared with the float64 reference ``mmloss.reference.clip_loss`` on the
-same (rounded) inputs, values and gradients (features and logit scale), with DESIGN.md's
+same (rounded) inputs, values and gradients (features and logit scale), with docs/design.md's
 tolerances; closed forms check the reference and the fast paths independently; the module is
 checked against open_clip's own ``ClipLoss`` when open_clip is installed.
 """
@@ -93,7 +93,7 @@ def test_clip_noncontiguous(backend, layout, small_chunks):
 @backend_dtype_param(["fp32", "bf16", "fp64"])
 def test_clip_confident_rows(backend, dtype, small_chunks):
     """scale 100 on near-identical pairs: per-row losses around e^{-60} keep relative precision
-    and the positives' gradients do not cancel (softplus form, DESIGN.md numerics).
+    and the positives' gradients do not cancel (softplus form, docs/design.md numerics).
     (fp16 is left out: gradients of order 1e-25 underflow fp16, whatever the kernel does.)"""
     dt = DTYPES[dtype]
     x, y = confident_pair(129, 67, dtype=dt, seed=4)
@@ -201,7 +201,7 @@ def test_clip_gradcheck(backend, options):
 @backend_param()
 @pytest.mark.parametrize("options", ["plain", "labels+smoothing"])
 def test_clip_double_backward_raises(backend, options):
-    """DESIGN.md: double backward through the fused primitives raises a clear RuntimeError."""
+    """docs/design.md: double backward through the fused primitives raises a clear RuntimeError."""
     x, y = pair(7, 7, 3, seed=17)
     kw = {} if options == "plain" else dict(labels=torch.tensor([0, 1, 0, 2, 1, 1, 3]), label_smoothing=0.1)
     loss = mmloss.clip_loss(x, y, 10.0, backend=backend, **kw)
@@ -223,7 +223,7 @@ def _identity_logits_lse(n: int, s: float) -> float:
                          ids=["N1-D3", "N7-D67", "N129-D130", "N3-D3-s40"])
 def test_clip_closed_form_identity(backend, n, d, s):
     """x = y = orthonormal rows: L_ii = s, L_ij = 0, so each row and column costs
-    LSE − s = log(1 + (N−1)·e^{−s}) and so does the mean (LOSSES.md §1)."""
+    LSE − s = log(1 + (N−1)·e^{−s}) and so does the mean (docs/losses.md §1)."""
     expected = torch.tensor(math.log1p((n - 1) * math.exp(-s)), dtype=torch.float64)
     x, y = orthonormal_rows(n, d), orthonormal_rows(n, d)
     got = mmloss.clip_loss(x, y, s, backend=backend)

@@ -1,4 +1,4 @@
-"""Backend dispatch (DESIGN.md "Backends"): ``mmloss.available_backends()``, ``backend=``,
+"""Backend dispatch (docs/design.md "Backends"): ``mmloss.available_backends()``, ``backend=``,
 ``MMLOSS_BACKEND`` and the modules' ``backend=`` argument.
 
 Which backend ran is observed by recording calls to the dense reference primitives

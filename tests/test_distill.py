@@ -1,4 +1,4 @@
-"""LOSSES.md §13–§15: ContrastiveDistillLoss / DistillClipLoss, ModXLoss, CyCLIPLoss,
+"""docs/losses.md §13–§15: ContrastiveDistillLoss / DistillClipLoss, ModXLoss, CyCLIPLoss,
 ScoreDistillLoss against the float64 reference, peers' code and closed forms."""
 from __future__ import annotations
 

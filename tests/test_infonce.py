@@ -1,4 +1,4 @@
-"""Acceptance tests of LOSSES.md §2: ``infonce_loss`` / ``InfoNCELoss`` (one-directional InfoNCE).
+"""Acceptance tests of docs/losses.md §2: ``infonce_loss`` / ``InfoNCELoss`` (one-directional InfoNCE).
 
 Queries (N, D) against keys (M, D), M ≥ N allowed; positives from default targets (arange N),
 explicit targets, query/key labels (multi-positive) or dense soft targets. Every fast backend is
@@ -236,7 +236,7 @@ def test_infonce_gradcheck(backend, options):
                          ids=["N1-M1", "N7-M67", "N129-M130"])
 def test_infonce_closed_form_identity(backend, n, m, d, s):
     """Orthonormal rows, query i = key i: L_ii = s, other logits 0, so each query costs
-    log(1 + (M−1)·e^{−s}) (LOSSES.md §2)."""
+    log(1 + (M−1)·e^{−s}) (docs/losses.md §2)."""
     expected = torch.tensor(math.log1p((m - 1) * math.exp(-s)), dtype=torch.float64)
     q, k = orthonormal_rows(n, d), orthonormal_rows(m, d)
     assert_loss_close(mmloss.infonce_loss(q, k, s, backend=backend), expected, torch.float32, "closed form")

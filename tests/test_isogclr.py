@@ -1,4 +1,4 @@
-"""LOSSES.md §11: ``isogclr_loss`` / ``ISogCLRLoss`` (iSogCLR, per-sample temperatures).
+"""docs/losses.md §11: ``isogclr_loss`` / ``ISogCLRLoss`` (iSogCLR, per-sample temperatures).
 
 Two oracles:
 - ``mmloss.reference.isogclr_loss``: dense, explicit softmax weights on every negative, same
@@ -20,7 +20,7 @@ HALF = [torch.float16, torch.bfloat16]
 
 
 FAST = cpu_fast_backends()
-FP64_BACKENDS = ("torch", "cpu")   # DESIGN.md: the others take fp32/fp16/bf16
+FP64_BACKENDS = ("torch", "cpu")   # docs/design.md: the others take fp32/fp16/bf16
 
 
 def fresh_state(size: int, bimodal: bool, dtype=torch.float64):
@@ -37,7 +37,7 @@ def call(fn, x, y, index, state, **options):
 
 
 def assert_states_close(fast, dense, dtype, eta=0.01):
-    """fp64: each state vector to DESIGN.md's gradient tolerance (relative to its largest entry).
+    """fp64: each state vector to docs/design.md's gradient tolerance (relative to its largest entry).
 
     Lower precision: log u, b and the momentum m are sums and differences of logits h/τ, about
     300 in size at τ = 0.005, and inherit their fp32 rounding (LibAUC's fp32 state does too):

@@ -1,4 +1,4 @@
-"""The test oracle's own rules (tests/oracle.py, DESIGN.md "Testing rules"): the logit-aware fp32
+"""The test oracle's own rules (tests/oracle.py, docs/design.md "Testing rules"): the logit-aware fp32
 bound, failure messages that name the element that failed, and ``logit_bound``."""
 from __future__ import annotations
 

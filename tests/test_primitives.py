@@ -1,6 +1,6 @@
 """Acceptance tests of the primitives ``mmloss.ops.similarity_lse`` and ``pairwise_sigmoid``.
 
-Contract: DESIGN.md "The primitives" / "Numerics rules" / "Testing rules" and LOSSES.md
+Contract: docs/design.md "The primitives" / "Numerics rules" / "Testing rules" and docs/losses.md
 "The three fused primitives". Every fast backend (``FAST_BACKENDS``: "torch", plus any other
 backend that reports itself usable on CPU tensors) is compared, values and gradients w.r.t.
 x, y, scale and bias under random upstream weights, with the float64 dense reference
@@ -349,7 +349,7 @@ def test_output_dtype(backend, dtype):
 _PROMOTIONS = {"fp16+fp32": (torch.float16, torch.float32, torch.float32),
                "bf16+fp16": (torch.bfloat16, torch.float16, torch.float32),
                "fp32+fp64": (torch.float32, torch.float64, torch.float64)}
-# fp64 results only on the backends DESIGN.md runs fp64 on
+# fp64 results only on the backends docs/design.md runs fp64 on
 _PROMOTION_CASES = [(b, k) for b in FAST_BACKENDS for k, (_, _, out) in _PROMOTIONS.items()
                     if out != torch.float64 or b in FP64_BACKENDS]
 

@@ -1,4 +1,4 @@
-"""Acceptance tests of LOSSES.md §3: ``siglip_loss`` / ``SigLipLoss``.
+"""Acceptance tests of docs/losses.md §3: ``siglip_loss`` / ``SigLipLoss``.
 
 ``L = −(1/N) Σ_i Σ_j log sigmoid(z_ij·L_ij)`` with positives on the diagonal or by labels (ids
 shared by both sides, or a pair (image_labels, text_labels) allowing N ≠ M). Every fast backend
@@ -187,7 +187,7 @@ def test_siglip_gradcheck(backend, options):
 @backend_param()
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_siglip_double_backward_raises(backend, reduction):
-    """DESIGN.md: double backward through the fused primitives raises a clear RuntimeError
+    """docs/design.md: double backward through the fused primitives raises a clear RuntimeError
     (never a silently missing second-order term)."""
     x, y = pair(7, 7, 3, seed=15)
     loss = mmloss.siglip_loss(x, y, 10.0, -10.0, reduction=reduction, backend=backend).sum()
@@ -205,7 +205,7 @@ def test_siglip_double_backward_raises(backend, reduction):
                          ids=["N1-nobias", "N7-b-2", "N129-b-10", "N7-nobias"])
 def test_siglip_closed_form_identity(backend, n, d, s, b):
     """x = y = orthonormal rows: L_ii = s + b, L_ij = b, so the loss is
-    softplus(−s−b) + (N−1)·softplus(b) (LOSSES.md §3; b = 0 without a bias)."""
+    softplus(−s−b) + (N−1)·softplus(b) (docs/losses.md §3; b = 0 without a bias)."""
     bias = 0.0 if b is None else b
     expected = torch.tensor(softplus(-s - bias) + (n - 1) * softplus(bias), dtype=torch.float64)
     x, y = orthonormal_rows(n, d), orthonormal_rows(n, d)

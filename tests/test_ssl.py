@@ -1,8 +1,8 @@
-"""Acceptance tests of the self-supervised family (LOSSES.md §4 NT-Xent, §5 SupCon, §6 DCL/DCLW,
+"""Acceptance tests of the self-supervised family (docs/losses.md §4 NT-Xent, §5 SupCon, §6 DCL/DCLW,
 §7 DHEL, §8 MV-InfoNCE / MV-DHEL, §12 HCL): functions, modules and dense references.
 
 Every fast backend is compared with the float64 reference on the same (rounded) inputs, values and
-gradients, with DESIGN.md's tolerances (tests/oracle.py). Closed forms of degenerate inputs check
+gradients, with docs/design.md's tolerances (tests/oracle.py). Closed forms of degenerate inputs check
 the reference and the fast path independently of each other; pytorch-metric-learning and lightly
 are compared where they are installed. Inputs are *not* unit rows: every loss normalises inside.
 """
@@ -139,13 +139,13 @@ TWO_VIEW = ["dcl", "dclw", "dhel", "hcl", "ntxent"]
 NEEDS_NEGATIVES = ["dcl", "dclw", "dhel", "hcl", "mv_dhel"]   # N = 1 is a ValueError
 
 
-# LOSSES.md defaults of the temperature (and HCL's β), for the logit bound of the oracle rule.
+# docs/losses.md defaults of the temperature (and HCL's β), for the logit bound of the oracle rule.
 DEFAULT_TEMPERATURE = {"ntxent": 0.5, "supcon2d": 0.1, "supcon3d": 0.1, "dcl": 0.1, "dclw": 0.1, "dhel": 0.3,
                        "mv_infonce": 0.1, "mv_dhel": 0.1, "hcl": 0.5}
 
 
 def logit_bound_of(name: str, opts=None) -> float:
-    """DESIGN.md's L (the largest |logit|) of a call: the losses normalise their rows, so a
+    """docs/design.md's L (the largest |logit|) of a call: the losses normalise their rows, so a
     logit is at most 1/τ in magnitude — (1+β)/τ in HCL's first block."""
     opts = opts or {}
     tau = opts.get("temperature", DEFAULT_TEMPERATURE[name])
@@ -408,7 +408,7 @@ def test_hcl_with_beta_0_and_tau_plus_0_is_ntxent():
 
 def test_hcl_floor_branch():
     """Aligned positives and a large τ⁺: τ⁺·e^p exceeds E for every anchor, so Ng is the floor
-    Ñ·e^{−1/τ} (LOSSES.md §12) and each term is softplus(log Ñ − 1/τ − p)."""
+    Ñ·e^{−1/τ} (docs/losses.md §12) and each term is softplus(log Ñ − 1/τ − p)."""
     n, tau, tau_plus, beta = 12, 0.5, 0.9, 1.0
     out0, out1 = views(2, n, 16, seed=32, noise=0.3)
     z0 = torch.nn.functional.normalize(out0.detach().double(), dim=1)
@@ -507,7 +507,7 @@ def test_dcl_weight_fn_is_called_like_lightly():
 
 
 def test_mv_infonce_two_views_is_not_ntxent():
-    """LOSSES.md §8: with V = 2 both anchors of an instance share one log."""
+    """docs/losses.md §8: with V = 2 both anchors of an instance share one log."""
     out0, out1 = views(2, 9, 6, seed=38)
     with torch.no_grad():
         mv = F.mv_infonce_loss([out0, out1], 0.5)
@@ -800,7 +800,7 @@ MODULES = {
 
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_module_defaults_and_value(name):
-    """LOSSES.md defaults as attributes; forward equals the reference with those defaults; no
+    """docs/losses.md defaults as attributes; forward equals the reference with those defaults; no
     parameters or buffers; local (distributed=None) by default."""
     cls, defaults, loss_name = MODULES[name]
     module = cls(backend="torch")

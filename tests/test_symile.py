@@ -1,4 +1,4 @@
-"""LOSSES.md §9: ``symile_loss`` / ``SymileLoss`` (multilinear inner product, K ≥ 2 modalities).
+"""docs/losses.md §9: ``symile_loss`` / ``SymileLoss`` (multilinear inner product, K ≥ 2 modalities).
 
 The fast path (shuffled keys rebuilt in backward; "n_squared" streamed in candidate blocks) is
 compared with the dense float64 reference ``mmloss.reference.symile_loss``, which builds the full
@@ -21,7 +21,7 @@ HALF = [torch.float16, torch.bfloat16]
 
 
 FAST = cpu_fast_backends()
-FP64_BACKENDS = ("torch", "cpu", "reference")   # DESIGN.md: the others take fp32/fp16/bf16
+FP64_BACKENDS = ("torch", "cpu", "reference")   # docs/design.md: the others take fp32/fp16/bf16
 
 
 def reps_for(k: int, n: int, d: int, *, dtype=torch.float32, seed: int = 0, noncontig: bool = False):

@@ -1,4 +1,4 @@
-"""LOSSES.md §10: ``tcl_loss`` / ``TripleContrastiveLoss`` (TCL: CMA + IMC + LMI).
+"""docs/losses.md §10: ``tcl_loss`` / ``TripleContrastiveLoss`` (TCL: CMA + IMC + LMI).
 
 The fast path (batch and queue scored separately, soft targets through the teacher's key
 average, LMI against the locals of the other samples) is compared with the dense float64
@@ -19,7 +19,7 @@ HALF = [torch.float16, torch.bfloat16]
 
 
 FAST = cpu_fast_backends()
-FP64_BACKENDS = ("torch", "cpu")   # DESIGN.md: the others take fp32/fp16/bf16
+FP64_BACKENDS = ("torch", "cpu")   # docs/design.md: the others take fp32/fp16/bf16
 
 
 def unit(*shape, dtype=torch.float32, seed=0, grad=False):

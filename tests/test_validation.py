@@ -1,4 +1,4 @@
-"""Input validation (DESIGN.md "Input validation"): one test per bad input.
+"""Input validation (docs/design.md "Input validation"): one test per bad input.
 
 ``ValueError`` for shapes, sizes, values, devices and unsupported combinations; ``TypeError`` for
 dtypes and argument types; the message names the argument. A second device is made with the

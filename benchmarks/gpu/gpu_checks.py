@@ -1,7 +1,7 @@
 """GPU subset of the triton backend's tests (run by benchmarks/gpu/run.sh; needs a CUDA GPU).
 
 - correctness against the float64 reference at moderate, ragged sizes in bf16, fp16 and exact
-  fp32, every mark mode, both deterministic settings (DESIGN.md tolerances via tests/oracle.py);
+  fp32, every mark mode, both deterministic settings (docs/design.md tolerances via tests/oracle.py);
 - TF32 (``torch.set_float32_matmul_precision("high")``) close to exact;
 - determinism: the default mode's forward + backward is bit-identical when repeated;
 - N·D ≥ 2³¹ (64-bit offsets) against the chunked torch backend;

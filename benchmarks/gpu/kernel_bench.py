@@ -107,7 +107,7 @@ class Writer:
 
 
 def clip_fast_loss(x, y, s):
-    """CLIP (LOSSES.md §1, no labels) from the primitive in its deterministic=False mode — the
+    """CLIP (docs/losses.md §1, no labels) from the primitive in its deterministic=False mode — the
     same math as clip_loss, which always runs the deterministic default."""
     from mmloss import ops
 

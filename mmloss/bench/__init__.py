@@ -1,4 +1,4 @@
-"""``python -m mmloss.bench``: the benchmark command (DESIGN.md, "Benchmarks and measurement").
+"""``python -m mmloss.bench``: the benchmark command (docs/design.md, "Benchmarks and measurement").
 
 Modules: ``cases`` (the losses, their inputs, dense baselines and floors), ``peers`` (adapters for
 open_clip, lightly, pytorch-metric-learning, Inf-CL, memeff, siglip-kernel), ``measure`` (timing,

@@ -1,7 +1,7 @@
 """The losses the benchmark knows: inputs, the mmloss call, the dense baseline and the floor.
 
 Each ``LossCase`` states the similarity matrix it implies (B×B for CLIP and SigLIP, 2B×2B for
-NT-Xent, n×n for SupCon), how many (N×D)·(D×M) products its floor holds (DESIGN.md,
+NT-Xent, n×n for SupCon), how many (N×D)·(D×M) products its floor holds (docs/design.md,
 "Benchmarks and measurement": 4 for a softmax loss with both directions, 3 for a sigmoid loss or
 a symmetric self-similarity loss) and a simple dense torch implementation — the "dense
 baseline" peer: the logits matrix, then ``F.cross_entropy`` / ``F.logsigmoid``.
@@ -20,9 +20,9 @@ Tensor = torch.Tensor
 
 # Constants every implementation receives (the usual initialisations).
 CLIP_SCALE = 1.0 / 0.07  # open_clip's logit_scale.exp() at init
-SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0  # LOSSES.md §3 init conventions
-NTXENT_TEMPERATURE = 0.5  # lightly's default (LOSSES.md §4)
-SUPCON_TEMPERATURE = 0.1  # LOSSES.md §5 default
+SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0  # docs/losses.md §3 init conventions
+NTXENT_TEMPERATURE = 0.5  # lightly's default (docs/losses.md §4)
+SUPCON_TEMPERATURE = 0.1  # docs/losses.md §5 default
 
 
 @dataclass
@@ -109,7 +109,7 @@ def _dense_clip(x: Tensor, y: Tensor, scale: Tensor) -> Tensor:
 
 CLIP = LossCase(
     name="clip",
-    title="CLIP (symmetric InfoNCE, LOSSES.md §1)",
+    title="CLIP (symmetric InfoNCE, docs/losses.md §1)",
     mmloss_name="clip_loss",
     floor_gemms=4,
     rows_per_batch=1,
@@ -133,7 +133,7 @@ def _dense_siglip(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
 
 SIGLIP = LossCase(
     name="siglip",
-    title="SigLIP (pairwise sigmoid, LOSSES.md §3)",
+    title="SigLIP (pairwise sigmoid, docs/losses.md §3)",
     mmloss_name="siglip_loss",
     floor_gemms=3,
     rows_per_batch=1,
@@ -174,7 +174,7 @@ def _cat_floor(inp: Inputs):
 
 NTXENT = LossCase(
     name="ntxent",
-    title="NT-Xent (SimCLR, LOSSES.md §4)",
+    title="NT-Xent (SimCLR, docs/losses.md §4)",
     mmloss_name="ntxent_loss",
     floor_gemms=3,
     rows_per_batch=2,
@@ -212,7 +212,7 @@ def _dense_supcon(emb: Tensor, labels: Tensor, temperature: float) -> Tensor:
 
 SUPCON = LossCase(
     name="supcon",
-    title="SupCon (L_out, LOSSES.md §5)",
+    title="SupCon (L_out, docs/losses.md §5)",
     mmloss_name="supcon_loss",
     floor_gemms=3,
     rows_per_batch=1,

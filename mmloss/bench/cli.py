@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(every installed one) or 'none'")
     p.add_argument("--repeats", type=_positive_int, default=None,
                    help="timed repetitions per implementation (default: 10/7/5 on CPU by size, 20/10 "
-                        "on CUDA; DESIGN.md asks for ≥ 5)")
+                        "on CUDA; docs/design.md asks for ≥ 5)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--time-limit", type=_positive_float, default=None, metavar="SECONDS",
                    help="stop starting new configurations after this many seconds (or when the next "
@@ -466,7 +466,7 @@ def main(argv: Optional[list] = None) -> int:
         out(f"  {'':<10}time limit {time_limit:g} s" + (" (the default sweep's; --time-limit changes it)"
                                                        if default_limit else ""))
     if args.repeats is not None and args.repeats < 5:
-        out(f"  {'note:':<10}fewer than 5 repeats (DESIGN.md asks for ≥ 5): treat the medians as rough")
+        out(f"  {'note:':<10}fewer than 5 repeats (docs/design.md asks for ≥ 5): treat the medians as rough")
     for i, line in enumerate(report.legend_lines(device.type == "cuda")):
         out(f"  {'columns:' if i == 0 else '':<10}{line}")
 

@@ -1,4 +1,4 @@
-"""Timing and peak memory of one forward + backward, as DESIGN.md "Benchmarks and measurement" defines.
+"""Timing and peak memory of one forward + backward, as docs/design.md "Benchmarks and measurement" defines.
 
 - Time: forward = the loss call, backward = ``loss.backward()``, total = both. CUDA events on the
   GPU; ``time.perf_counter`` on the CPU (every op there is synchronous). The caller clears the
@@ -219,7 +219,7 @@ def timed_call(fn: Callable, inputs, clock, probe=None) -> CallResult:
 
 class Floor:
     """``gemms`` products (N×D)·(D×M) into a preallocated output: the GEMMs an O((N+M)·D)-memory
-    algorithm cannot avoid (DESIGN.md). Row blocks keep C within ``max_output_bytes``."""
+    algorithm cannot avoid (docs/design.md). Row blocks keep C within ``max_output_bytes``."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, gemms: int, max_output_bytes: int):
         self.a, self.bt, self.gemms = a.contiguous(), b.t(), gemms

@@ -15,7 +15,7 @@ mmloss once per configuration):
   helpers, never by the loss), and ``sys.modules`` is restored afterwards.
 - ``pml`` (pytorch-metric-learning): ``NTXentLoss(temperature)`` on ``cat(out0, out1)`` with labels
   ``cat(arange(B), arange(B))`` — each anchor's only positive is its other view, every other row a
-  negative, which is LOSSES.md §4; ``SupConLoss(temperature)`` with the class labels (§5).
+  negative, which is docs/losses.md §4; ``SupConLoss(temperature)`` with the class labels (§5).
 - GPU only: ``inf_cl`` (``cal_inf_loss`` both ways, ½(image→text + text→image) = symmetric CLIP),
   ``memeff`` (``MemoryEfficientCLIPLoss(temperature=1/s, normalized_inputs=True)``, with
   ``stable=False`` where the class has that switch, so gradients are the true ones), and

@@ -32,7 +32,7 @@ def loss_tolerance(dtype: torch.dtype) -> float:
 
 
 def grad_tolerance(dtype: torch.dtype) -> float:
-    """Relative norm error of the gradients (DESIGN.md's fp32 and fp16/bf16 levels)."""
+    """Relative norm error of the gradients (docs/design.md's fp32 and fp16/bf16 levels)."""
     return 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
 
 
@@ -158,7 +158,7 @@ class Config:
 
 
 def default_repeats(batch: int, device: torch.device) -> int:
-    """≥ 5 repetitions (DESIGN.md); more where a call is cheap."""
+    """≥ 5 repetitions (docs/design.md); more where a call is cheap."""
     if device.type == "cuda":
         return 20 if batch <= 16384 else 10
     return 10 if batch <= 1024 else 6 if batch <= 2048 else 5

@@ -1,6 +1,6 @@
 """Loss functions: validate inputs, then compose the fused primitives with O(N·D) torch ops.
 
-The math of each function is in LOSSES.md (section given in each docstring); every function
+The math of each function is in docs/losses.md (section given in each docstring); every function
 takes ``backend="auto"``. ``mmloss.reference`` has the same names as a dense oracle.
 One module per loss family; this package re-exports them all.
 """

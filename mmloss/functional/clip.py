@@ -1,4 +1,4 @@
-"""§1 CLIP / symmetric InfoNCE (LOSSES.md)."""
+"""§1 CLIP / symmetric InfoNCE (docs/losses.md)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -29,7 +29,7 @@ def clip_loss(
     group=None,
     uniform_shards: bool = False,
 ) -> Tensor:
-    """Symmetric CLIP loss ½·[mean_i CE(row i) + mean_j CE(column j)] (LOSSES.md §1).
+    """Symmetric CLIP loss ½·[mean_i CE(row i) + mean_j CE(column j)] (docs/losses.md §1).
 
     Args:
         image_features, text_features: (N, D) each, fp16/bf16/fp32/fp64 embeddings, used as

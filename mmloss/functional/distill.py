@@ -1,4 +1,4 @@
-"""§13 similarity-matrix distillation, §14 CyCLIP, §15 score distillation (LOSSES.md)."""
+"""§13 similarity-matrix distillation, §14 CyCLIP, §15 score distillation (docs/losses.md)."""
 from __future__ import annotations
 
 import numbers
@@ -52,7 +52,7 @@ def contrastive_distill_loss(
     check_finite: bool = False,
 ) -> Tensor:
     """Similarity-matrix distillation, open_clip ``DistillClipLoss``'s distillation term
-    (LOSSES.md §13): ``½·[mean_i H(p^t_i, p^s_i) + mean_j H(p^t_{·j}, p^s_{·j})]`` with
+    (docs/losses.md §13): ``½·[mean_i H(p^t_i, p^s_i) + mean_j H(p^t_{·j}, p^s_{·j})]`` with
     ``p^s = softmax(s·x·yᵀ)``, ``p^t = softmax(s_t·x_t·y_tᵀ)`` over rows (image → text) and
     down columns (text → image).
 
@@ -109,7 +109,7 @@ def modx_loss(
     backend: str = "auto",
     check_finite: bool = False,
 ) -> Tensor:
-    """ModX off-diagonal alignment for continual CLIP training (LOSSES.md §13), as the
+    """ModX off-diagonal alignment for continual CLIP training (docs/losses.md §13), as the
     authors' script computes it:
 
         CLIP(x, y; s) + α·½·[Σ_{i kept} KL(p^old_i‖p^new_i) + Σ_{j kept} KL(p^old_{·j}‖p^new_{·j})]
@@ -184,7 +184,7 @@ def _row_chunks(rows: int, cols: int):
 
 class _CyclicSums(torch.autograd.Function):
     """``[Σ_ij (x_i·x_j − y_i·y_j)², Σ_ij (x_i·y_j − x_j·y_i)²]`` (float64, shape (2,)) from
-    D×D Grams accumulated in float64 over row chunks (LOSSES.md §14):
+    D×D Grams accumulated in float64 over row chunks (docs/losses.md §14):
 
         S_in = ‖A‖² + ‖B‖² − 2‖C‖²,   S_cross = 2·tr(A·B) − 2·tr(C·C),
         A = XᵀX, B = YᵀY, C = XᵀY.
@@ -240,7 +240,7 @@ def cyclip_loss(
     backend: str = "auto",
     check_finite: bool = False,
 ) -> Tensor:
-    """CyCLIP (LOSSES.md §14): ``CLIP + λ_in·L_in + λ_cross·L_cross`` with, on the raw cosines,
+    """CyCLIP (docs/losses.md §14): ``CLIP + λ_in·L_in + λ_cross·L_cross`` with, on the raw cosines,
     ``L_in = (1/N) Σ_ij (x_i·x_j − y_i·y_j)²`` and ``L_cross = (1/N) Σ_ij (x_i·y_j − x_j·y_i)²``
     (the paper's and the authors' code's form: their ``mean()/s²·N`` of the scaled matrices).
 
@@ -311,7 +311,7 @@ def score_distill_loss(
     backend: str = "auto",
     check_finite: bool = False,
 ) -> Tensor:
-    """Score distillation (DCD, LOSSES.md §15) over a small candidate set per query:
+    """Score distillation (DCD, docs/losses.md §15) over a small candidate set per query:
 
         α·mean_ic (t_ic − u_ic)² + (1−α)·Σ_i w_i·mean_c BCEWithLogits(u_ic, y_ic),
 

@@ -1,4 +1,4 @@
-"""§2 One-directional InfoNCE (LOSSES.md)."""
+"""§2 One-directional InfoNCE (docs/losses.md)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -32,7 +32,7 @@ def infonce_loss(
     group=None,
     uniform_shards: bool = False,
 ) -> Tensor:
-    """InfoNCE of queries (N, D) against keys (M, D): mean_i (LSE_j L_ij − L_{i,t_i}) (LOSSES.md §2).
+    """InfoNCE of queries (N, D) against keys (M, D): mean_i (LSE_j L_ij − L_{i,t_i}) (docs/losses.md §2).
 
     Exactly one way of naming positives may be given (default: ``targets = arange(N)``, which
     needs M ≥ N, e.g. keys followed by a queue of extra negatives):

@@ -1,4 +1,4 @@
-"""§9 Symile, §10 TCL and §11 iSogCLR (LOSSES.md).
+"""§9 Symile, §10 TCL and §11 iSogCLR (docs/losses.md).
 
 Every function here composes the primitives of ``mmloss.ops`` with O(N·D) torch ops; no N×M
 tensor (and, for Symile "n_squared", no N²×D candidate table) is ever built. Where a loss needs
@@ -136,7 +136,7 @@ def symile_loss(
     check_finite: bool = False,
     backend: str = "auto",
 ) -> Tensor:
-    """Symile loss of K ≥ 2 modalities with the multilinear inner product (LOSSES.md §9).
+    """Symile loss of K ≥ 2 modalities with the multilinear inner product (docs/losses.md §9).
 
     For each anchor modality k (in order) and row i: cross-entropy over candidate tuples of the
     other modalities with target the all-i tuple, written ``softplus(LSE_negatives − s·MIP_i)``;
@@ -522,7 +522,7 @@ def tcl_loss(
     check_finite: bool = False,
     backend: str = "auto",
 ):
-    """Triple contrastive loss (TCL, CVPR 2022) of one step (LOSSES.md §10).
+    """Triple contrastive loss (TCL, CVPR 2022) of one step (docs/losses.md §10).
 
     Inputs (all used as given; TCL L2-normalises global and local features in the model):
         image_features v, text_features t: (B, D) online global features (receive gradients).
@@ -825,7 +825,7 @@ def isogclr_loss(
     check_finite: bool = False,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """iSogCLR step: surrogate loss and in-place state update (LOSSES.md §11).
+    """iSogCLR step: surrogate loss and in-place state update (docs/losses.md §11).
 
     Behaves as LibAUC's ``GCLoss_v1`` (unimodal, two views) and ``GCLoss_v2`` (bimodal, image
     rows / text columns) with ``enable_isogclr=True``. State lives in caller-owned tensors keyed
@@ -859,7 +859,7 @@ def isogclr_loss(
         rho, tau_min, tau_max: None → LibAUC defaults (unimodal 0.3, [0.05, 0.7]; bimodal 6.0,
             [0.005, 0.05]). gamma, beta, eta: moving-average, momentum and τ step (0.9, 0.9, 0.01).
             ``1/tau_min`` must be finite in the compute dtype (temperatures divide the logits).
-        form: "libauc" (default, the code) or "paper" (LOSSES.md's formulas):
+        form: "libauc" (default, the code) or "paper" (docs/losses.md's formulas):
             - unimodal "libauc": u tracks mean_z exp(sim/τ) (GCLoss_v1), surrogate gradient
               ``Σ_z exp(ℓ_z/τ)/(max(u, 1e-8)·|Z|)·∇ℓ_z − ∇ℓ⁺``;
             - bimodal "libauc": u tracks mean_z exp(h/τ) with ``h = sim − sim⁺``, clamped at

@@ -1,4 +1,4 @@
-"""§3 SigLIP (LOSSES.md)."""
+"""§3 SigLIP (docs/losses.md)."""
 from __future__ import annotations
 
 import torch
@@ -25,7 +25,7 @@ def siglip_loss(
     group=None,
     uniform_shards: bool = False,
 ) -> Tensor:
-    """Sigmoid loss −(1/N) Σ_i Σ_j log sigmoid(z_ij·L_ij), L = s·x·yᵀ + b (LOSSES.md §3).
+    """Sigmoid loss −(1/N) Σ_i Σ_j log sigmoid(z_ij·L_ij), L = s·x·yᵀ + b (docs/losses.md §3).
 
     Args:
         image_features: (N, D); text_features: (M, D); M must equal N unless ``labels`` is a pair.

@@ -1,7 +1,7 @@
-"""Self-supervised family: LOSSES.md §4 NT-Xent, §5 SupCon, §6 DCL/DCLW, §7 DHEL, §8 multi-view
+"""Self-supervised family: docs/losses.md §4 NT-Xent, §5 SupCon, §6 DCL/DCLW, §7 DHEL, §8 multi-view
 (MV-InfoNCE, MV-DHEL) and §12 HCL, composed from ``similarity_lse`` and O(N·D) torch ops.
 
-Every loss here L2-normalises its inputs inside (LOSSES.md, as lightly and the authors' code do:
+Every loss here L2-normalises its inputs inside (docs/losses.md, as lightly and the authors' code do:
 ``u = x / max(‖x‖, 1e-12)``). The similarity matrix of V views of N rows is never formed: it is
 cut into N×N blocks, one ``similarity_lse`` call each, whose row/column log-sum-exps are merged per
 anchor with O(V·N) ops.
@@ -443,11 +443,11 @@ def _nt_xent_terms(views: _Views, backend: str) -> tuple[Tensor, Tensor, Tensor]
 def ntxent_loss(out0: Tensor, out1: Tensor, temperature: float = 0.5, *, reduction: str = "mean",
                 memory_bank: Optional[Tensor] = None, backend: str = "auto",
                 check_finite: bool = False) -> Tensor:
-    """NT-Xent / SimCLR (LOSSES.md §4), lightly's ``NTXentLoss`` without a memory bank.
+    """NT-Xent / SimCLR (docs/losses.md §4), lightly's ``NTXentLoss`` without a memory bank.
 
     ``L = (1/2N) Σ_a [LSE_{b≠a} ℓ_ab − ℓ_{a,p(a)}]`` over Z = [u0; u1] (2N anchors), ℓ = ⟨u_a, u_b⟩/τ,
     p(a) the other view of a; each term is computed as ``softplus(LSE_negatives − ℓ_{a,p(a)})``
-    over the 2N−2 negatives (DESIGN.md numerics).
+    over the 2N−2 negatives (docs/design.md numerics).
 
     Args:
         out0, out1: (N, D) fp16/bf16/fp32/fp64 views, L2-normalised inside; N ≥ 1. With N = 1
@@ -538,7 +538,7 @@ def supcon_loss(embeddings: Tensor, labels: Optional[Tensor] = None, temperature
                 base_temperature: Optional[float] = None, *, ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None, indices_tuple=None, backend: str = "auto",
                 check_finite: bool = False) -> Tensor:
-    """Supervised contrastive loss, "L_out" (LOSSES.md §5; Khosla et al. 2020).
+    """Supervised contrastive loss, "L_out" (docs/losses.md §5; Khosla et al. 2020).
 
     ``L = (τ/τ_base)·mean_{a: |P(a)|>0} [LSE_{b≠a} ℓ_ab − (1/|P(a)|) Σ_{p∈P(a)} ℓ_ap]``, positives
     P(a) = {b ≠ a: y_b = y_a}, which stay in the normaliser.
@@ -687,7 +687,7 @@ def _dcl(views: _Views, w0, w1, backend: str) -> Tensor:
 def dcl_loss(out0: Tensor, out1: Tensor, temperature: float = 0.1,
              weight_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None, *,
              backend: str = "auto", check_finite: bool = False) -> Tensor:
-    """Decoupled contrastive loss (LOSSES.md §6; Yeh et al. 2022), lightly's ``DCLLoss``.
+    """Decoupled contrastive loss (docs/losses.md §6; Yeh et al. 2022), lightly's ``DCLLoss``.
 
     ``ℓ_i^k = −w_i^k·⟨u_i^0, u_i^1⟩/τ + LSE over the 2N−2 negatives of anchor (k, i)`` (the positive
     is removed from the normaliser), ``L = ½(mean_i ℓ^0 + mean_i ℓ^1)``.
@@ -718,7 +718,7 @@ def dcl_loss(out0: Tensor, out1: Tensor, temperature: float = 0.1,
 
 def dclw_loss(out0: Tensor, out1: Tensor, temperature: float = 0.1, sigma: float = 0.5, *,
               backend: str = "auto", check_finite: bool = False) -> Tensor:
-    """Weighted DCL (LOSSES.md §6), lightly's ``DCLWLoss``: DCL with the negative von Mises–Fisher
+    """Weighted DCL (docs/losses.md §6), lightly's ``DCLWLoss``: DCL with the negative von Mises–Fisher
     weights ``w_i = 2 − N·softmax_i(⟨u_i^0, u_i^1⟩/σ)``, detached; σ > 0 with 1/σ finite in the
     compute dtype, default 0.5; τ default 0.1. ``check_finite`` as in ``dcl_loss``."""
     x0, x1 = _two_views(out0, out1, 2, "dclw_loss", check_finite)
@@ -737,7 +737,7 @@ def dclw_loss(out0: Tensor, out1: Tensor, temperature: float = 0.1, sigma: float
 
 def dhel_loss(out0: Tensor, out1: Tensor, temperature: float = 0.3, include_augs: bool = True, *,
               backend: str = "auto", check_finite: bool = False) -> Tensor:
-    """Decoupled hyperspherical energy loss (LOSSES.md §7; Koromilas et al. 2024).
+    """Decoupled hyperspherical energy loss (docs/losses.md §7; Koromilas et al. 2024).
 
     ``L = mean_i [LSE_{j≠i} ⟨u_i,u_j⟩/τ − ⟨u_i,v_i⟩/τ]`` plus, with ``include_augs`` (default True,
     the authors' code), ``mean_i LSE_{j≠i} ⟨v_i,v_j⟩/τ``. out0 = u, out1 = v: (N, D), N ≥ 2,
@@ -769,7 +769,7 @@ def _pair_lse(views: _Views, ordered: bool) -> Tensor:
 
 def mv_infonce_loss(views, temperature: float = 0.1, same_view_negatives: bool = True, *,
                     backend: str = "auto", check_finite: bool = False) -> Tensor:
-    """Multi-view InfoNCE (LOSSES.md §8; Koromilas et al. 2025).
+    """Multi-view InfoNCE (docs/losses.md §8; Koromilas et al. 2025).
 
     ``L = (1/M) Σ_i [LSE_l LSE_{(j,m)≠(i,l)} u_il·u_jm/τ − LSE_{l≠l'} u_il·u_il'/τ]``: the V row LSEs
     of instance i are combined by one more LSE; the positive LSE runs over ordered view pairs.
@@ -798,7 +798,7 @@ def mv_infonce_loss(views, temperature: float = 0.1, same_view_negatives: bool =
 
 
 def mv_dhel_loss(views, temperature: float = 0.1, *, backend: str = "auto", check_finite: bool = False) -> Tensor:
-    """Multi-view DHEL (LOSSES.md §8; Koromilas et al. 2025).
+    """Multi-view DHEL (docs/losses.md §8; Koromilas et al. 2025).
 
     ``L = (1/M) Σ_i [Σ_l LSE_{j≠i} u_il·u_jl/τ − LSE_{l<l'} u_il·u_il'/τ]``: uniformity within each
     view only. views: (V, M, D) or a list of V (M, D); V ≥ 2, M ≥ 2 (negatives); normalised
@@ -824,7 +824,7 @@ def _log1mexp(t: Tensor) -> Tensor:
 
 def hcl_loss(out0: Tensor, out1: Tensor, temperature: float = 0.5, tau_plus: float = 0.1,
              beta: float = 1.0, *, backend: str = "auto", check_finite: bool = False) -> Tensor:
-    """Hard-negative, debiased contrastive loss (LOSSES.md §12; Robinson et al. 2021).
+    """Hard-negative, debiased contrastive loss (docs/losses.md §12; Robinson et al. 2021).
 
     In the NT-Xent layout (2N anchors, positive logit p_a, negatives n_aj = ℓ over the 2N−2 others):
     ``E_a = exp(LSE((1+β)·n_a) − LSE(β·n_a))``,

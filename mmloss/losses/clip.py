@@ -1,4 +1,4 @@
-"""§1 CLIP module, open_clip's ``ClipLoss`` call style (LOSSES.md "Public signatures")."""
+"""§1 CLIP module, open_clip's ``ClipLoss`` call style (docs/losses.md "Public signatures")."""
 from __future__ import annotations
 
 from typing import Optional
@@ -15,7 +15,7 @@ class ClipLoss(LossModule):
 
     Constructor arguments are open_clip's; ``cache_labels`` is accepted for compatibility (labels
     are never materialised). ``use_horovod=True`` raises. Extra keywords: ``label_smoothing``
-    (LOSSES.md §1), ``distributed`` ("auto" | None | "gather" | "ring"), ``group``,
+    (docs/losses.md §1), ``distributed`` ("auto" | None | "gather" | "ring"), ``group``,
     ``uniform_shards``, ``backend``, ``check_finite``.
 
     Distributed (``mmloss.distributed``): default "auto", like open_clip's loss, which gathers:

@@ -16,7 +16,7 @@ Tensor = torch.Tensor
 
 
 class ContrastiveDistillLoss(LossModule):
-    """Similarity-matrix distillation (LOSSES.md §13): the distillation term of open_clip's
+    """Similarity-matrix distillation (docs/losses.md §13): the distillation term of open_clip's
     ``DistillClipLoss``, ½·[mean_i H(p^t_i, p^s_i) + the same down columns].
 
     ``ContrastiveDistillLoss(*, cross_entropy=True, distributed=None, group=None,
@@ -46,7 +46,7 @@ class ContrastiveDistillLoss(LossModule):
 
 
 class DistillClipLoss(ClipLoss):
-    """Drop-in for ``open_clip.loss.DistillClipLoss`` (LOSSES.md §13) without N×N matrices.
+    """Drop-in for ``open_clip.loss.DistillClipLoss`` (docs/losses.md §13) without N×N matrices.
 
     Constructor: ``ClipLoss``'s (open_clip's arguments plus ``label_smoothing``,
     ``distributed``, ``group``, ``backend``). ``forward(image_features, text_features,
@@ -74,7 +74,7 @@ class DistillClipLoss(ClipLoss):
 
 
 class ModXLoss(LossModule):
-    """ModX off-diagonal alignment for continual CLIP training (LOSSES.md §13).
+    """ModX off-diagonal alignment for continual CLIP training (docs/losses.md §13).
 
     ``ModXLoss(alpha=20.0, *, distributed=None, group=None, backend="auto")``;
     ``forward(image_features (N, D), text_features (N, D), logit_scale, old_image_features
@@ -98,7 +98,7 @@ class ModXLoss(LossModule):
 
 
 class CyCLIPLoss(LossModule):
-    """CyCLIP (LOSSES.md §14): CLIP + λ_in·L_in + λ_cross·L_cross on raw cosines, exact O(N·D²).
+    """CyCLIP (docs/losses.md §14): CLIP + λ_in·L_in + λ_cross·L_cross on raw cosines, exact O(N·D²).
 
     ``CyCLIPLoss(lambda_in=0.25, lambda_cross=0.25, *, distributed=None, group=None,
     backend="auto")``; ``forward(image_features (N, D), text_features (N, D), logit_scale)``;
@@ -121,7 +121,7 @@ class CyCLIPLoss(LossModule):
 
 
 class ScoreDistillLoss(LossModule):
-    """Score distillation (DCD, LOSSES.md §15) over B×C candidate scores.
+    """Score distillation (DCD, docs/losses.md §15) over B×C candidate scores.
 
     ``ScoreDistillLoss(alpha=0.2, *, distributed=None, group=None, backend="auto")``;
     ``forward(student_scores (B, C), teacher_scores (B, C), positive_index=0)``; see

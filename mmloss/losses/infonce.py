@@ -11,7 +11,7 @@ from ._base import LossModule
 
 
 class InfoNCELoss(LossModule):
-    """One-directional InfoNCE of queries against keys (LOSSES.md §2).
+    """One-directional InfoNCE of queries against keys (docs/losses.md §2).
 
     ``forward(query (N, D), keys (M, D), logit_scale, targets=None, query_labels=None,
     key_labels=None, soft_targets=None, extra_keys=None, extra_key_labels=None)``; see

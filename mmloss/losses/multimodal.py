@@ -1,4 +1,4 @@
-"""§9 Symile, §10 TCL and §11 iSogCLR modules, and the MemoryQueue of MoCo/TCL keys (LOSSES.md)."""
+"""§9 Symile, §10 TCL and §11 iSogCLR modules, and the MemoryQueue of MoCo/TCL keys (docs/losses.md)."""
 from __future__ import annotations
 
 import math
@@ -24,7 +24,7 @@ __all__ = ["ISogCLRLoss", "MemoryQueue", "SymileLoss", "TripleContrastiveLoss"]
 
 
 class SymileLoss(LossModule):
-    """Symile loss of K ≥ 2 modalities (LOSSES.md §9); see ``mmloss.functional.symile_loss``.
+    """Symile loss of K ≥ 2 modalities (docs/losses.md §9); see ``mmloss.functional.symile_loss``.
 
     ``SymileLoss(negative_sampling="n", *, reduction="mean", check_finite=False, distributed=None,
     backend="auto")``
@@ -196,7 +196,7 @@ def _drop_pending_after_loading(queue: "MemoryQueue", incompatible_keys) -> None
 
 
 class TripleContrastiveLoss(LossModule):
-    """TCL's contrastive objective (CMA + IMC + LMI, LOSSES.md §10) with its temperature and queues.
+    """TCL's contrastive objective (CMA + IMC + LMI, docs/losses.md §10) with its temperature and queues.
 
     ``TripleContrastiveLoss(embed_dim=None, queue_size=0, *, alpha=0.4, temperature=0.07,
     temperature_bounds=(0.001, 0.5), learn_temperature=True, weights=None,
@@ -304,7 +304,7 @@ class TripleContrastiveLoss(LossModule):
 
 
 class ISogCLRLoss(LossModule):
-    """iSogCLR with per-sample temperatures (LOSSES.md §11), LibAUC's GCLoss_v1 / GCLoss_v2 with
+    """iSogCLR with per-sample temperatures (docs/losses.md §11), LibAUC's GCLoss_v1 / GCLoss_v2 with
     ``enable_isogclr=True``; see ``mmloss.functional.isogclr_loss`` for the algorithm.
 
     ``ISogCLRLoss(dataset_size, mode="unimodal", *, tau_init=None, tau_min=None, tau_max=None,

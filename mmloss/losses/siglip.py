@@ -10,7 +10,7 @@ _DIST_IMPLS = (None, "bidir", "shift", "reduce", "gather")
 
 
 class SigLipLoss(LossModule):
-    """Drop-in for ``open_clip.loss.SigLipLoss`` (LOSSES.md §3) without the N×M logit matrix.
+    """Drop-in for ``open_clip.loss.SigLipLoss`` (docs/losses.md §3) without the N×M logit matrix.
 
     ``forward(image_features, text_features, logit_scale, logit_bias=None, output_dict=False,
     labels=None)``; ``labels`` as in ``siglip_loss``. ``cache_labels`` is accepted for

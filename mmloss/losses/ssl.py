@@ -1,4 +1,4 @@
-"""Self-supervised family: LOSSES.md §4–§8 and §12 as ``nn.Module`` wrappers (no math here).
+"""Self-supervised family: docs/losses.md §4–§8 and §12 as ``nn.Module`` wrappers (no math here).
 
 Call styles: lightly's ``forward(out0, out1)`` for NT-Xent, DCL/DCLW, DHEL and HCL;
 pytorch-metric-learning's ``forward(embeddings, labels=None)`` for SupCon (which also takes
@@ -47,7 +47,7 @@ def _memory_bank_shape(size) -> tuple[int, ...]:
 
 
 class NTXentLoss(LossModule):
-    """NT-Xent / SimCLR (LOSSES.md §4), lightly's ``NTXentLoss(temperature=0.5,
+    """NT-Xent / SimCLR (docs/losses.md §4), lightly's ``NTXentLoss(temperature=0.5,
     memory_bank_size=0, gather_distributed=False)`` call style: ``loss(out0, out1)`` returns the
     0-d mean over the 2N anchors.
 
@@ -126,7 +126,7 @@ class NTXentLoss(LossModule):
 
 
 class SupConLoss(LossModule):
-    """Supervised contrastive loss (LOSSES.md §5): ``SupConLoss(temperature=0.1,
+    """Supervised contrastive loss (docs/losses.md §5): ``SupConLoss(temperature=0.1,
     base_temperature=None)(embeddings, labels=None, indices_tuple=None, ref_emb=None,
     ref_labels=None)`` — pytorch-metric-learning's forward signature — with (n, D) + labels
     (PML) or (B, V, D) [+ (B,) labels] (HobbitLong). ``ref_emb``/``ref_labels``: anchors from
@@ -155,7 +155,7 @@ class SupConLoss(LossModule):
 
 
 class DCLLoss(LossModule):
-    """Decoupled contrastive loss (LOSSES.md §6): ``DCLLoss(temperature=0.1, weight_fn=None)(out0,
+    """Decoupled contrastive loss (docs/losses.md §6): ``DCLLoss(temperature=0.1, weight_fn=None)(out0,
     out1)``; ``weight_fn(a, b)`` as in lightly (called with the normalised views)."""
 
     def __init__(self, temperature: float = 0.1,
@@ -178,7 +178,7 @@ class DCLLoss(LossModule):
 
 
 class DCLWLoss(LossModule):
-    """Weighted DCL (LOSSES.md §6): ``DCLWLoss(temperature=0.1, sigma=0.5)(out0, out1)``."""
+    """Weighted DCL (docs/losses.md §6): ``DCLWLoss(temperature=0.1, sigma=0.5)(out0, out1)``."""
 
     def __init__(self, temperature: float = 0.1, sigma: float = 0.5, *, backend: str = "auto",
                  distributed=None, group=None,
@@ -197,7 +197,7 @@ class DCLWLoss(LossModule):
 
 
 class DHELLoss(LossModule):
-    """Decoupled hyperspherical energy loss (LOSSES.md §7): ``DHELLoss(temperature=0.3,
+    """Decoupled hyperspherical energy loss (docs/losses.md §7): ``DHELLoss(temperature=0.3,
     include_augs=True)(out0, out1)``."""
 
     def __init__(self, temperature: float = 0.3, include_augs: bool = True, *, backend: str = "auto",
@@ -217,7 +217,7 @@ class DHELLoss(LossModule):
 
 
 class MultiViewInfoNCELoss(LossModule):
-    """MV-InfoNCE (LOSSES.md §8): ``MultiViewInfoNCELoss(temperature=0.1,
+    """MV-InfoNCE (docs/losses.md §8): ``MultiViewInfoNCELoss(temperature=0.1,
     same_view_negatives=True)(views)`` with views (V, M, D) or a list of V (M, D)."""
 
     def __init__(self, temperature: float = 0.1, same_view_negatives: bool = True, *, backend: str = "auto",
@@ -238,7 +238,7 @@ class MultiViewInfoNCELoss(LossModule):
 
 
 class MultiViewDHELLoss(LossModule):
-    """MV-DHEL (LOSSES.md §8): ``MultiViewDHELLoss(temperature=0.1)(views)``."""
+    """MV-DHEL (docs/losses.md §8): ``MultiViewDHELLoss(temperature=0.1)(views)``."""
 
     def __init__(self, temperature: float = 0.1, *, backend: str = "auto", distributed=None, group=None,
                  check_finite: bool = False):
@@ -254,7 +254,7 @@ class MultiViewDHELLoss(LossModule):
 
 
 class HardNegativeLoss(LossModule):
-    """HCL (LOSSES.md §12): ``HardNegativeLoss(temperature=0.5, tau_plus=0.1, beta=1.0)(out0, out1)``."""
+    """HCL (docs/losses.md §12): ``HardNegativeLoss(temperature=0.5, tau_plus=0.1, beta=1.0)(out0, out1)``."""
 
     def __init__(self, temperature: float = 0.5, tau_plus: float = 0.1, beta: float = 1.0, *,
                  backend: str = "auto", distributed=None, group=None,

@@ -1,4 +1,4 @@
-"""The fused primitives every loss reduces to (DESIGN.md, "The primitives").
+"""The fused primitives every loss reduces to (docs/design.md, "The primitives").
 
 ``similarity_lse``, ``pairwise_sigmoid`` and ``similarity_kl`` are ``torch.library`` custom ops
 (``torch.ops.mmloss.*``) dispatched per call to a backend (see ``available_backends()``);

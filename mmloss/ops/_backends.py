@@ -1,4 +1,4 @@
-"""Backend registry and per-call dispatch (DESIGN.md, "Backends").
+"""Backend registry and per-call dispatch (docs/design.md, "Backends").
 
 ``backend="auto"`` picks per call from the device of the inputs: CUDA tensors → ``triton``
 (``torch`` where Triton does not work, and for fp64 inputs), CPU tensors → ``cpu`` when

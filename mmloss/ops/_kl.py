@@ -1,6 +1,6 @@
 """``similarity_kl``: row/column KL (or cross-entropy) between a teacher's and a student's
-softmax over the same N×M pairs, without storing either matrix (LOSSES.md, "The three fused
-primitives"; DESIGN.md, "The primitives").
+softmax over the same N×M pairs, without storing either matrix (docs/losses.md, "The three fused
+primitives"; docs/design.md, "The primitives").
 
 The primitive is the ``torch.library`` custom op ``mmloss::similarity_kl`` with a fake kernel
 for symbolic shapes; its autograd formula calls the custom op ``mmloss::similarity_kl_backward``
@@ -259,7 +259,7 @@ def similarity_kl(
     cols: bool = True, cross_entropy: bool = False, backend: str = "auto",
     chunk_size: Optional[int] = None, deterministic: Optional[bool] = None,
 ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """Per-row and per-column KL(p_t‖p_s) between teacher and student softmaxes (LOSSES.md,
+    """Per-row and per-column KL(p_t‖p_s) between teacher and student softmaxes (docs/losses.md,
     "The three fused primitives").
 
     ``L^s = s_s·x_s·y_sᵀ``, ``L^t = s_t·x_t·y_tᵀ``; for row i, ``p^t = softmax_j(L^t_i)`` and

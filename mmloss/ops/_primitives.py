@@ -374,7 +374,7 @@ def similarity_lse(
     cols: bool = True, backend: str = "auto", chunk_size: Optional[int] = None,
     deterministic: Optional[bool] = None,
 ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """Row and column log-sum-exp of ``L = s·x·yᵀ + b`` over allowed pairs (LOSSES.md, primitives).
+    """Row and column log-sum-exp of ``L = s·x·yᵀ + b`` over allowed pairs (docs/losses.md, primitives).
 
     Args:
         x: (N, D) fp16/bf16/fp32/fp64, any strides. y: (M, D), same device; dtypes are promoted
@@ -429,7 +429,7 @@ def pairwise_sigmoid(
     (all negatives, e.g. a remote shard). Returns (N,) fp32 (fp64 for fp64 inputs), or with
     ``reduction="sum"`` the 0-d total Σ_i, whose gradients are formed during the forward pass
     (one recompute fewer). Gradients reach x, y, scale and bias. Memory O((N+M)·D) plus the
-    backend's bounded workspace. LOSSES.md, primitives.
+    backend's bounded workspace. docs/losses.md, primitives.
     """
     x, y, scale, bias, name, chunk = _common(x, y, scale, bias, backend, chunk_size)
     x_labels, y_labels = _check_marks("positives", positives, offset, x_labels, y_labels, x.shape[0],

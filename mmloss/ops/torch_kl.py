@@ -85,7 +85,7 @@ def _empty(spec: KLSpec, dtype) -> torch.Tensor:
 
 
 class _ColumnStats:
-    """Online per-column statistics merged over row chunks (KERNELS.md, "similarity_kl").
+    """Online per-column statistics merged over row chunks (docs/kernels.md, "similarity_kl").
 
     Per chunk call ``add_student`` and then ``add_teacher``; the first chunk initialises.
     """

@@ -1,4 +1,4 @@
-"""Dense, literal implementations of LOSSES.md: the oracle every fast path is tested against.
+"""Dense, literal implementations of docs/losses.md: the oracle every fast path is tested against.
 
 Every function materialises the full N×M logit matrix with plain torch and lets autograd do
 the rest: small inputs only, never on a fast path. Names and arguments match

@@ -1,10 +1,10 @@
-"""Dense references of the primitives and of LOSSES.md §1–§3, with shared oracle helpers.
+"""Dense references of the primitives and of docs/losses.md §1–§3, with shared oracle helpers.
 
 Every function materialises the full logit matrix with plain torch and lets autograd do the
 rest, so memory is O(N·M): small inputs only, never on a fast path. Inputs are computed in
 float64 when any input is float64, else float32 (half inputs are upcast first). Function names
 and arguments match ``mmloss.functional`` (minus ``backend``) and ``mmloss.ops``.
-Single-positive rows use the softplus form of DESIGN.md ("Numerics rules"), like the fast paths.
+Single-positive rows use the softplus form of docs/design.md ("Numerics rules"), like the fast paths.
 """
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def _softmax_ce_rows(L: Tensor, targets: Optional[Tensor], smoothing: float) -> 
 
 def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, labels=None,
               label_smoothing=0.0, reduction="mean"):
-    """LOSSES.md §1. ``reduction="none"`` gives the (N,) terms ½(image_i + text_i)."""
+    """docs/losses.md §1. ``reduction="none"`` gives the (N,) terms ½(image_i + text_i)."""
     if image_features.shape[0] != text_features.shape[0]:
         raise ValueError("clip_loss needs as many texts as images")
     L = _logits(image_features, text_features, logit_scale, logit_bias)
@@ -148,7 +148,7 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, la
 
 def infonce_loss(query, keys, logit_scale, *, targets=None, query_labels=None, key_labels=None,
                  soft_targets=None, reduction="mean"):
-    """LOSSES.md §2: queries (N, D) against keys (M, D)."""
+    """docs/losses.md §2: queries (N, D) against keys (M, D)."""
     L = _logits(query, keys, logit_scale)
     n, m = L.shape
     if soft_targets is not None:
@@ -176,7 +176,7 @@ def siglip_positives(n: int, m: int, labels, device) -> Tensor:
 
 def siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *, labels=None,
                 reduction="mean"):
-    """LOSSES.md §3: −(1/N) Σ_ij log sigmoid(z_ij·L_ij); "none" gives the (N,) row sums."""
+    """docs/losses.md §3: −(1/N) Σ_ij log sigmoid(z_ij·L_ij); "none" gives the (N,) row sums."""
     L = _logits(image_features, text_features, logit_scale, logit_bias)
     pos = siglip_positives(L.shape[0], L.shape[1], labels, L.device)
     z = torch.where(pos, 1.0, -1.0).to(L.dtype)

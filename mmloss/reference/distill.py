@@ -1,4 +1,4 @@
-"""Dense references of LOSSES.md §13–§15 and of the ``similarity_kl`` / ``similarity_topk``
+"""Dense references of docs/losses.md §13–§15 and of the ``similarity_kl`` / ``similarity_topk``
 primitives.
 
 Every function materialises its N×M matrices with plain torch and lets autograd do the rest
@@ -60,7 +60,7 @@ def similarity_topk(x, y, k, *, scale=1.0, chunk=None):
 
 def contrastive_distill_loss(image_features, text_features, logit_scale, teacher_image_features,
                              teacher_text_features, teacher_logit_scale, *, cross_entropy=True):
-    """LOSSES.md §13: ½·[mean_i H(p^t_i, p^s_i) + mean_j H(p^t_{·j}, p^s_{·j})] (KL when
+    """docs/losses.md §13: ½·[mean_i H(p^t_i, p^s_i) + mean_j H(p^t_{·j}, p^s_{·j})] (KL when
     ``cross_entropy=False``)."""
     row, col = similarity_kl(image_features, text_features, teacher_image_features, teacher_text_features,
                              logit_scale, teacher_logit_scale, cross_entropy=cross_entropy)
@@ -75,7 +75,7 @@ def _diagonal_is_argmax(x, y) -> Tensor:
 
 
 def modx_loss(image_features, text_features, logit_scale, old_image_features, old_text_features, alpha=20.0):
-    """LOSSES.md §13 ModX, literally as the authors' script: CLIP on the student (scale
+    """docs/losses.md §13 ModX, literally as the authors' script: CLIP on the student (scale
     ``logit_scale``) + α·½(Σ_{kept rows} KL + Σ_{kept columns} KL) on unscaled cosines, a row
     (column) kept where the old model's argmax over that row (column) is the diagonal."""
     clip = clip_loss(image_features, text_features, logit_scale)
@@ -93,7 +93,7 @@ def modx_loss(image_features, text_features, logit_scale, old_image_features, ol
 
 
 def cyclip_loss(image_features, text_features, logit_scale, lambda_in=0.25, lambda_cross=0.25):
-    """LOSSES.md §14: CLIP + λ_in·(1/N)Σ_ij(x_i·x_j − y_i·y_j)² + λ_cross·(1/N)Σ_ij(x_i·y_j − x_j·y_i)²
+    """docs/losses.md §14: CLIP + λ_in·(1/N)Σ_ij(x_i·x_j − y_i·y_j)² + λ_cross·(1/N)Σ_ij(x_i·y_j − x_j·y_i)²
     on the raw cosines (dense N×N matrices)."""
     clip = clip_loss(image_features, text_features, logit_scale)
     dt = _compute_dtype(image_features, text_features)
@@ -109,7 +109,7 @@ def cyclip_loss(image_features, text_features, logit_scale, lambda_in=0.25, lamb
 
 
 def score_distill_loss(student_scores, teacher_scores, positive_index=0, alpha=0.2):
-    """LOSSES.md §15: α·mean_ic (t_ic − u_ic)² + (1−α)·Σ_i w_i·mean_c BCEWithLogits(u_ic, y_ic),
+    """docs/losses.md §15: α·mean_ic (t_ic − u_ic)² + (1−α)·Σ_i w_i·mean_c BCEWithLogits(u_ic, y_ic),
     y one-hot at ``positive_index``, w_i = H(softmax(t_i)) / Σ_i' H(softmax(t_i')) (uniform 1/B
     when every teacher row has zero entropy)."""
     dt = _compute_dtype(student_scores, teacher_scores)

@@ -1,4 +1,4 @@
-"""Dense references of §9 Symile, §10 TCL and §11 iSogCLR (LOSSES.md).
+"""Dense references of §9 Symile, §10 TCL and §11 iSogCLR (docs/losses.md).
 
 Each function materialises every logit (Symile "n_squared": the full N^{K−1} candidate table)
 and lets autograd do the rest: small inputs only. Inputs are computed in float64 when any input
@@ -39,7 +39,7 @@ def _hadamard(factors) -> Tensor:
 
 
 def symile_loss(representations, logit_scale, negative_sampling="n", generator=None, *, reduction="mean"):
-    """LOSSES.md §9, literally: "n" builds the shuffled N×N logits and overwrites the diagonal
+    """docs/losses.md §9, literally: "n" builds the shuffled N×N logits and overwrites the diagonal
     with the positive; "n_squared" builds the (N, N^{K−1}) table of every candidate tuple.
     Permutations are drawn exactly as the fast path draws them (anchors in order, then the other
     modalities in order, ``torch.randperm(N, generator=generator)``)."""
@@ -80,7 +80,7 @@ def symile_loss(representations, logit_scale, negative_sampling="n", generator=N
 def tcl_loss(image_features, text_features, image_features_m, text_features_m, temperature, *,
              image_queue=None, text_queue=None, image_locals_m=None, text_locals_m=None,
              image_local_mask=None, text_local_mask=None, alpha=0.4, weights=None, return_terms=False):
-    """LOSSES.md §10 with dense logits: soft-target cross-entropy over ``log_softmax`` of the
+    """docs/losses.md §10 with dense logits: soft-target cross-entropy over ``log_softmax`` of the
     concatenated keys (as TCL's code), IMC InfoNCE, LMI with explicit masks."""
     given = [image_features, text_features, image_features_m, text_features_m]
     given += [q for q in (image_queue, text_queue, image_locals_m, text_locals_m) if q is not None]
@@ -136,7 +136,7 @@ def _lmi(g, local, mask, tau):
 def isogclr_loss(features_a, features_b, index, log_u, tau, tau_momentum, seen, *, running_max=None,
                  bimodal=False, rho=None, gamma=0.9, beta=0.9, eta=0.01, tau_min=None, tau_max=None,
                  form="libauc"):
-    """LOSSES.md §11, dense: explicit weights ``p_z = exp(x_z/τ)/u`` on every negative (x = h, or
+    """docs/losses.md §11, dense: explicit weights ``p_z = exp(x_z/τ)/u`` on every negative (x = h, or
     the raw similarity for the unimodal "libauc" form) and the surrogate ``Σ_z p_z·x_z`` with p
     detached (scaled as the form prescribes), so autograd yields the algorithm's gradient. u is
     handled in linear space with a per-row shift: for the bimodal "libauc" form LibAUC's running

@@ -1,6 +1,6 @@
-"""Dense references of the self-supervised family: LOSSES.md §4–§8 and §12.
+"""Dense references of the self-supervised family: docs/losses.md §4–§8 and §12.
 
-Each function is a literal transcription of its LOSSES.md section: it L2-normalises the inputs
+Each function is a literal transcription of its docs/losses.md section: it L2-normalises the inputs
 (``F.normalize``, eps 1e-12, as lightly and the authors' code do, with long rows scaled down
 first so that ‖x‖² cannot overflow), materialises the whole
 similarity matrix and masks it, and lets autograd do the rest. Memory O((V·N)²): small inputs

@@ -1,4 +1,4 @@
-"""torch.library registration and torch.compile (DESIGN.md "The primitives").
+"""torch.library registration and torch.compile (docs/design.md "The primitives").
 
 Each primitive is a ``torch.library`` custom op with a fake kernel that works with symbolic
 shapes: ``torch.library.opcheck`` passes on the ops the public functions reach (recorded below the

@@ -1,9 +1,9 @@
-"""torch.compile of the self-supervised family (LOSSES.md §4 NT-Xent, §5 SupCon, §6 DCL/DCLW,
+"""torch.compile of the self-supervised family (docs/losses.md §4 NT-Xent, §5 SupCon, §6 DCL/DCLW,
 §7 DHEL, §8 MV-InfoNCE / MV-DHEL, §12 HCL) — issue 8, item 6.
 
 Every loss compiles with ``fullgraph=True, dynamic=True``; ten steps with batch sizes 3…12
 compile once (the stance is ``fail_on_recompile`` after the first step, forward and backward);
-each step's value and gradients equal eager mode under DESIGN.md's fp32 rule. The losses run
+each step's value and gradients equal eager mode under docs/design.md's fp32 rule. The losses run
 under the AOTAutograd backend ("aot_eager": dynamo, fake tensors, the custom ops' fake kernels
 and the autograd.Functions traced with symbolic shapes, without code generation, which would
 cost ~30 s a loss on two cores); NT-Xent, which reaches every autograd.Function of

@@ -1,4 +1,4 @@
-"""The Triton interpreter suite: kernels run on CPU tensors with numpy (DESIGN.md, "Testing rules").
+"""The Triton interpreter suite: kernels run on CPU tensors with numpy (docs/design.md, "Testing rules").
 
 TRITON_INTERPRET=1 must be in the environment before Python imports triton (scripts/run_tests.sh
 runs this directory in its own pytest process with it set): the kernels are compiled or

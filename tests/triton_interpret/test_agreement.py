@@ -6,7 +6,7 @@ backend="triton": random N, M (1..24), D (1..40), fp32 or fp16 (the interpreter 
 logit bounds L from 0.1 to 1e4 (and scale 0), scalar / 0-d tensor / frozen / per-row scales,
 no / float / tensor bias, every exclude / positives mode with offsets and labels, rows-only /
 cols-only outputs, non-contiguous features, the summed sigmoid, KL with a teacher of another D
-and cross-entropy. Values and gradients are held to DESIGN.md's rules as ``mmloss.check`` states
+and cross-entropy. Values and gradients are held to docs/design.md's rules as ``mmloss.check`` states
 them. CI runs 45 + 30 + 25 = 100 derandomized examples (about a minute on 2 cores);
 ``MMLOSS_HYPOTHESIS_EXAMPLES=<n>`` runs n per test.
 """

@@ -1,7 +1,7 @@
 """NaN/Inf propagation (issue 8, item 2) and the bfloat16 refusal (item 10) of the triton
 backend under TRITON_INTERPRET=1.
 
-Policy (DESIGN.md): non-finite inputs propagate as torch propagates them — the float64
+Policy (docs/design.md): non-finite inputs propagate as torch propagates them — the float64
 reference, which is plain torch, gives the expected pattern: a NaN feature makes NaN every LSE
 whose row or column holds an allowed pair with it (an excluded pair hides it, as
 ``masked_fill(−inf)`` does), a +inf logit makes its LSE +inf (``torch.logsumexp``), and the

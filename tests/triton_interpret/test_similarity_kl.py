@@ -57,7 +57,7 @@ def run_case(n, m, d_s, d_t, *, rows=True, cols=True, cross_entropy=False, scale
     bound = max(logit_bound(x_s, y_s, s), logit_bound(x_t, y_t, scale_t))
     if not conditioned:
         return compare(fast, ref, [x_s, y_s, s], dtype, "similarity_kl", weights=weights, logit_bound=bound)
-    # Values checked against the DESIGN.md rule plus their first-order sensitivity to fp32
+    # Values checked against the docs/design.md rule plus their first-order sensitivity to fp32
     # logit rounding (kl_rounding_bound), gradients by the gradient rule.
     out = fast(x_s, y_s, s)
     ref_inputs = [oracle(t) for t in (x_s, y_s, s)]

@@ -1,5 +1,5 @@
 """The ``triton`` backend: fused Triton kernels for ``similarity_lse``, ``pairwise_sigmoid`` and
-``similarity_kl`` (DESIGN.md "Backends", KERNELS.md). ``mmloss.ops._primitives`` calls the first
+``similarity_kl`` (docs/design.md "Backends", docs/kernels.md). ``mmloss.ops._primitives`` calls the first
 five functions below with a ``PairSpec`` (they mirror ``mmloss.ops.torch_chunked``);
 ``mmloss.ops._kl`` calls ``similarity_kl_forward`` / ``similarity_kl_backward`` with a ``KLSpec``
 (they mirror ``mmloss.ops.torch_kl``).

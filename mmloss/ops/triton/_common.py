@@ -1,7 +1,7 @@
 """Shared ``@triton.jit`` helpers: logit tiles with scale and marks, online log-sum-exp merges,
 the softplus/sigmoid pair, and one output-chunk step of the owner kernels.
 
-Conventions (KERNELS.md): a kernel sees an "A" operand (the rows it owns, ``n_a × D``) and a "B"
+Conventions (docs/kernels.md): a kernel sees an "A" operand (the rows it owns, ``n_a × D``) and a "B"
 operand (the rows it streams, ``n_b × D``); A is x or y depending on the orientation the host
 chose. Logits are handled in log2 units, ``t2 = log2(e)·s·⟨a, b⟩`` (log2(e) folded into the scale,
 so every exponential is one ``exp2``), bias added where a formula needs it. All index vectors are

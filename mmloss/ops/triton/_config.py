@@ -1,4 +1,4 @@
-"""Per-architecture tile table for the triton kernels (one place; KERNELS.md, "Forward"/"Backward").
+"""Per-architecture tile table for the triton kernels (one place; docs/kernels.md, "Forward"/"Backward").
 
 Every launch asks ``tiles(kind, device, dtype)`` for its block sizes. Keys:
 
@@ -20,7 +20,7 @@ Fields of the matrix kernels: ``block_a`` rows owned per program, ``block_b`` ro
 operand per tile, ``block_k`` the D-chunk of the logit GEMM, ``block_dv`` the widest output
 D-chunk per accumulator and ``max_width`` the most output columns (accumulator chunks × width)
 one program holds in registers — wider D is split into slices that each recompute the logit tile
-(KERNELS.md: the register budget limits ``block_a · D``). ``programs_per_sm`` sizes persistent /
+(docs/kernels.md: the register budget limits ``block_a · D``). ``programs_per_sm`` sizes persistent /
 split grids. The sm_90 and sm_80 entries were chosen to compile without register spills and
 within the shared-memory budget (tests/triton_compile checks both); their speed is tuned on the
 GPU (benchmarks/gpu/README.md says what to try first). ``MMLOSS_TRITON_AUTOTUNE=1`` lets the

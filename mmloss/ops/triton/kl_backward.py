@@ -1,4 +1,4 @@
-"""``similarity_kl`` backward (student only) from the forward's saved statistics (KERNELS.md,
+"""``similarity_kl`` backward (student only) from the forward's saved statistics (docs/kernels.md,
 "similarity_kl" and "Backward").
 
 The gradient of ``⟨g, row⟩ + ⟨h, col⟩`` with respect to the student logit ``S_ij`` is
@@ -16,7 +16,7 @@ columns per program, wider D_s sliced over grid axis 1, few A blocks → column 
 axis 2 into fp32 partial outputs summed by torch in a fixed order). The teacher gets nothing.
 
 Passes (deterministic default): the row owner (A = x_s) writes dx_s and the scale-gradient rows
-``⟨x_i, (G·y)_i⟩`` (formed before the scale is applied, so s_s = 0 works; KERNELS.md's O(N·D)
+``⟨x_i, (G·y)_i⟩`` (formed before the scale is applied, so s_s = 0 works; docs/kernels.md's O(N·D)
 identity), the column owner (A = y_s, B = x_s) writes dy_s; no atomics. With
 ``deterministic=False`` and both gradients wanted, one row-owner pass also adds Gᵀ·x_s to an
 fp32 buffer with atomics (scaled by s_s afterwards, in fp32) when that costs fewer

@@ -1,6 +1,6 @@
 """``similarity_kl`` forward: per-row and per-column KL(p_t‖p_s) (or the cross-entropy
 H(p_t, p_s)) of the student logits ``S = s_s·x_s·y_sᵀ`` against the teacher logits
-``T = s_t·x_t·y_tᵀ`` from one pass over the tiles (KERNELS.md, "similarity_kl"; LOSSES.md, "The
+``T = s_t·x_t·y_tᵀ`` from one pass over the tiles (docs/kernels.md, "similarity_kl"; docs/losses.md, "The
 three fused primitives"). The teacher's D may differ from the student's.
 
 Statistics per row (and, from the same tiles, per column), all fp32 in log2 units (log2(e) is

@@ -1,4 +1,4 @@
-"""``similarity_lse`` backward from the forward's saved statistics (KERNELS.md, "Backward").
+"""``similarity_lse`` backward from the forward's saved statistics (docs/kernels.md, "Backward").
 
 ``dL/dL_ij = g_i·exp(L_ij − r_i) + h_j·exp(L_ij − c_j)`` on allowed pairs, formed in log2 units
 as ``g_i·2^((t2_ij − m2_i) − lg2_i) + h_j·2^((t2_ij − m2_j) − lg2_j)`` from the (2, ·) fp32

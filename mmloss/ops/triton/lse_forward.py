@@ -1,5 +1,5 @@
 """``similarity_lse`` forward: row and column log-sum-exp of ``L = s·x·yᵀ + b`` from one pass
-over the logit tiles (KERNELS.md, "Forward").
+over the logit tiles (docs/kernels.md, "Forward").
 
 Kernels:
 - ``_lse_stats_kernel``: a persistent grid of ``progs_a × splits`` programs. Program (r, c) owns

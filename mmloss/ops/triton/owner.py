@@ -1,5 +1,5 @@
 """Owner kernels: recompute logit tiles, form the logit-gradient tile G and accumulate one
-operand's gradient ``out_a = s ∘ (G·B)`` in registers, written once (KERNELS.md, "Backward" and
+operand's gradient ``out_a = s ∘ (G·B)`` in registers, written once (docs/kernels.md, "Backward" and
 "pairwise_sigmoid"). The same kernel, by constexpr flags, is
 
 - the row owner (A = x): dx, the scale-gradient partials ⟨x_i, (G·y)_i⟩ and, for the sigmoid,

@@ -1,5 +1,5 @@
 """``pairwise_sigmoid``: per-row sums of softplus(−z·L) and their gradients, and the summed
-SigLIP path (KERNELS.md, "pairwise_sigmoid"). All passes are ``owner.py`` kernels (KIND 1).
+SigLIP path (docs/kernels.md, "pairwise_sigmoid"). All passes are ``owner.py`` kernels (KIND 1).
 
 - forward (per-row output): one row-owner pass that only sums softplus — 1 GEMM-equivalent;
 - backward with a per-row upstream gradient g: row owner (dx, dscale rows, dbias partials) and
