@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -19,3 +20,8 @@ def device_guard(device: torch.device):
     if device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+def triton_interpreting() -> bool:
+    """True when ``TRITON_INTERPRET`` asks Triton to run kernels on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

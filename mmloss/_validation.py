@@ -21,6 +21,53 @@ _REDUCTIONS = ("mean", "sum", "none")
 Scalar = Union[float, int, torch.Tensor]
 
 
+def compute_dtype(t: Union[torch.Tensor, torch.dtype]) -> torch.dtype:
+    """The accumulation dtype of a tensor (or dtype): fp64 stays fp64 (gradcheck), the rest
+    accumulate in fp32 (docs/design.md, "Numerics")."""
+    dtype = t if isinstance(t, torch.dtype) else t.dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast casts matmul inputs to on ``device``, or None when it is off."""
+    if device.type not in ("cpu", "cuda"):
+        return None
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def common_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """One dtype for several feature tensors, chosen as a matmul would: type promotion, then
+    the autocast dtype when autocast is on (fp64 is never lowered)."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    cast = autocast_dtype(tensors[0].device)
+    if cast is not None and dtype != torch.float64:
+        dtype = cast
+    return dtype
+
+
+def prepare_features(x_name: str, x, y_name: str, y) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate two (rows × D) feature matrices (floating, same device, same D) and bring them
+    to their ``common_dtype``."""
+    check_features(x_name, x)
+    check_features(y_name, y)
+    check_same_device((x_name, x), (y_name, y))
+    check_same_dim(x_name, x, y_name, y)
+    dtype = common_dtype(x, y)
+    return x.to(dtype), y.to(dtype)
+
+
+def check_real(name: str, value, kind: str = "a float"):
+    """A real Python (or numpy) number that is not a bool; TypeError "``name`` must be ``kind``"
+    otherwise. Returned unchanged (a traced symbolic float stays symbolic under torch.compile)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    return value
+
+
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
 

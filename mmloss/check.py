@@ -46,13 +46,14 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import os
 import sys
 import time
 import zlib
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+
+from ._device import triton_interpreting
 
 Tensor = torch.Tensor
 
@@ -877,10 +878,6 @@ def usable_backends(device: torch.device) -> dict[str, Optional[str]]:
     return out
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def supported_dtypes(backend: str, device: torch.device) -> dict[str, Optional[str]]:
     """dtype name → None when ``backend`` supports it on ``device``, else why not.
 
@@ -889,7 +886,7 @@ def supported_dtypes(backend: str, device: torch.device) -> dict[str, Optional[s
     out = {name: None for name in ("fp32", "fp16", "bf16", "fp64")}
     if backend not in ("torch", "cpu"):
         out["fp64"] = f"the {backend} backend has no fp64 kernels (use torch or reference)"
-    if backend == "triton" and device.type == "cpu" and _interpreting():
+    if backend == "triton" and device.type == "cpu" and triton_interpreting():
         out["bf16"] = "the Triton interpreter has no bf16"
     return out
 
@@ -1008,7 +1005,7 @@ def run_checks(backends: Optional[Sequence[str]] = None, dtypes: Optional[Sequen
                             ok = all(c.ok for c in comparisons)
                             emit(Result(str(device), backend, dtype_name, check.name,
                                         problem.describe(check.square), "ok" if ok else "FAIL", w))
-                if (backend == "triton" and device.type == "cpu" and _interpreting()
+                if (backend == "triton" and device.type == "cpu" and triton_interpreting()
                         and (not dtypes or "bf16" in dtypes)):
                     emit(_interpreter_refuses_bf16(device))
     return results

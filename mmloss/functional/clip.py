@@ -8,7 +8,6 @@ import torch
 from .. import _validation as V
 from .. import distributed as D
 from ..ops import similarity_lse
-from ..ops._primitives import prepare_features
 from ._common import LabelClasses, attach_unused, compute_dtype, reduce, rowwise_dot, scale_as, softplus
 
 Tensor = torch.Tensor
@@ -70,7 +69,7 @@ def _clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, l
                configured_world_size=1, loss_name="clip_loss"):
     """clip_loss; ``local_share=True`` is open_clip's ``local_loss=True`` under gathering: the
     mean of this rank's terms with its own gradient (no scalar all-reduces)."""
-    x, y = prepare_features("image_features", image_features, "text_features", text_features)
+    x, y = V.prepare_features("image_features", image_features, "text_features", text_features)
     n = x.shape[0]
     if y.shape[0] != n:
         raise ValueError(

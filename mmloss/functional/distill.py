@@ -7,8 +7,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import similarity_kl, similarity_topk
-from ..ops._backends import _CHOICES
-from ..ops._primitives import prepare_features
+from ..ops import BACKEND_CHOICES
 from ._common import as_compute, compute_dtype, softplus
 from .clip import clip_loss
 
@@ -17,7 +16,7 @@ Tensor = torch.Tensor
 
 def _prepare_pair(name_x: str, x, name_y: str, y, n: int, m: int, who: str):
     """A second (teacher / old-model) feature pair with the same rows as the student's."""
-    x, y = prepare_features(name_x, x, name_y, y)
+    x, y = V.prepare_features(name_x, x, name_y, y)
     if x.shape[0] != n or y.shape[0] != m:
         raise ValueError(
             f"{who} features must cover the same batch as the student: {name_x} {tuple(x.shape)} and "
@@ -73,7 +72,7 @@ def contrastive_distill_loss(
     Returns an fp32 scalar (fp64 for fp64 inputs). Memory O((N+M)·(D+D_t)) plus the
     ``similarity_kl`` workspace; no N×M tensor.
     """
-    x, y = prepare_features("image_features", image_features, "text_features", text_features)
+    x, y = V.prepare_features("image_features", image_features, "text_features", text_features)
     xt, yt = _prepare_pair("teacher_image_features", teacher_image_features, "teacher_text_features",
                            teacher_text_features, x.shape[0], y.shape[0], "teacher")
     V.check_same_device(("image_features", x), ("teacher_image_features", xt))
@@ -135,7 +134,7 @@ def modx_loss(
     Returns an fp32 scalar (fp64 for fp64 inputs). Memory O(N·(D+D_old)) plus the primitives'
     workspaces; no N×N tensor.
     """
-    x, y = prepare_features("image_features", image_features, "text_features", text_features)
+    x, y = V.prepare_features("image_features", image_features, "text_features", text_features)
     n = x.shape[0]
     if y.shape[0] != n:
         raise ValueError(
@@ -257,7 +256,7 @@ def cyclip_loss(
     Returns an fp32 scalar (fp64 for fp64 inputs). Memory O(N·D + D²) plus the CLIP
     primitive's workspace.
     """
-    x, y = prepare_features("image_features", image_features, "text_features", text_features)
+    x, y = V.prepare_features("image_features", image_features, "text_features", text_features)
     n = x.shape[0]
     if y.shape[0] != n:
         raise ValueError(
@@ -337,7 +336,7 @@ def score_distill_loss(
     V.check_same_shape("student_scores", u, "teacher_scores", t)
     V.check_same_device(("student_scores", u), ("teacher_scores", t))
     alpha = V.check_fraction("alpha", alpha, upper_open=False)
-    V.check_choice("backend", backend, _CHOICES)
+    V.check_choice("backend", backend, BACKEND_CHOICES)
     b, c = u.shape
     target = _positive_targets(positive_index, b, c, u.device)
     if V.check_bool("check_finite", check_finite):

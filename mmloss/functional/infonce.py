@@ -8,7 +8,6 @@ import torch
 from .. import _validation as V
 from .. import distributed as D
 from ..ops import similarity_lse
-from ..ops._primitives import prepare_features
 from ._common import LabelClasses, as_compute, compute_dtype, reduce, rowwise_dot, scale_as, softplus
 
 Tensor = torch.Tensor
@@ -64,9 +63,9 @@ def infonce_loss(
     Returns fp32 (fp64 for fp64 inputs); memory O((N+M+Q)·D) plus the backend's workspace (and
     the N×M soft targets when given; gathered, M is the global key count).
     """
-    x, y = prepare_features("query", query, "keys", keys)
+    x, y = V.prepare_features("query", query, "keys", keys)
     if extra_keys is not None:
-        x, extra_keys = prepare_features("query", x, "extra_keys", extra_keys)
+        x, extra_keys = V.prepare_features("query", x, "extra_keys", extra_keys)
         y = y.to(x.dtype)
     if (extra_key_labels is not None) and (extra_keys is None or key_labels is None):
         raise ValueError("extra_key_labels needs extra_keys and key_labels")

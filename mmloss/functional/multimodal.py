@@ -28,7 +28,6 @@ import torch
 
 from .. import _validation as V
 from ..ops import similarity_kl, similarity_lse, similarity_topk
-from ..ops._primitives import _autocast_dtype, prepare_features
 from ._common import as_compute, compute_dtype, reduce, rowwise_dot, scale_as, softplus
 
 try:  # loops with a symbolic trip count under torch.compile (Symile "n_squared", K ≥ 3)
@@ -67,7 +66,7 @@ _LOCAL_CHUNK_ELEMENTS = 1 << 20
 def _common_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     """One dtype for several feature tensors: promotion, then autocast (as a matmul would)."""
     dtype = _fold(torch.promote_types, [t.dtype for t in tensors])
-    cast = _autocast_dtype(tensors[0].device)
+    cast = V.autocast_dtype(tensors[0].device)
     if cast is not None and dtype != torch.float64:
         dtype = cast
     return dtype
@@ -567,7 +566,7 @@ def tcl_loss(
     Works under ``torch.no_grad()``, ``torch.inference_mode()`` and ``torch.compile(fullgraph=True)``
     (except with a local mask: the number of real locals is a data-dependent shape).
     """
-    v, t = prepare_features("image_features", image_features, "text_features", text_features)
+    v, t = V.prepare_features("image_features", image_features, "text_features", text_features)
     V.check_same_shape("image_features", v, "text_features", t)
     b, d = v.shape
     device = v.device
@@ -892,7 +891,7 @@ def isogclr_loss(
     for the bimodal "libauc" form's running max (``similarity_topk``, k = 1).
     """
     _require_autograd("isogclr_loss")
-    x, y = prepare_features("features_a", features_a, "features_b", features_b)
+    x, y = V.prepare_features("features_a", features_a, "features_b", features_b)
     V.check_same_shape("features_a", x, "features_b", y)
     n = x.shape[0]
     if n < 2:

@@ -6,7 +6,6 @@ import torch
 from .. import _validation as V
 from .. import distributed as D
 from ..ops import pairwise_sigmoid
-from ..ops._primitives import prepare_features
 
 Tensor = torch.Tensor
 
@@ -59,7 +58,7 @@ def siglip_loss(
 def _siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *, labels=None,
                  reduction="mean", backend="auto", check_finite=False, distributed=None, group=None,
                  uniform_shards=False, configured_world_size=1, loss_name="siglip_loss"):
-    x, y = prepare_features("image_features", image_features, "text_features", text_features)
+    x, y = V.prepare_features("image_features", image_features, "text_features", text_features)
     n, m = x.shape[0], y.shape[0]
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     logit_scale = V.check_scalar("logit_scale", logit_scale, device=x.device, positive=True, dtype=dt)

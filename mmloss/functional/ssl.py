@@ -52,7 +52,6 @@ import torch
 
 from .. import _validation as V
 from ..ops import similarity_lse
-from ..ops._primitives import _autocast_dtype, prepare_features
 from ._common import LabelClasses, as_compute, class_slots, compute_dtype, reduce, softplus
 
 Tensor = torch.Tensor
@@ -134,7 +133,7 @@ def _two_views(out0, out1, min_rows: int, loss: str, check_finite: bool) -> tupl
             f"{out1.dtype} of shape {shape}. (embeddings, labels) is SupCon's call style "
             f"(pytorch-metric-learning): use mmloss.supcon_loss(embeddings, labels)"
         )
-    x0, x1 = prepare_features("out0", out0, "out1", out1)
+    x0, x1 = V.prepare_features("out0", out0, "out1", out1)
     V.check_same_shape("out0", x0, "out1", x1)
     if x0.shape[0] < min_rows:
         raise ValueError(
@@ -171,7 +170,7 @@ def _view_list(views, min_instances: int, loss: str, check_finite: bool) -> list
     dtype = parts[0].dtype
     for t in parts[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
-    cast = _autocast_dtype(parts[0].device)
+    cast = V.autocast_dtype(parts[0].device)
     if cast is not None and dtype != torch.float64:
         dtype = cast
     parts = [t.to(dtype) for t in parts]
@@ -528,7 +527,7 @@ def _supcon_views(embeddings, labels, check_finite: bool) -> tuple[list[Tensor],
         )
     if V.check_bool("check_finite", check_finite):
         V.check_all_finite(("embeddings", embeddings))
-    cast = _autocast_dtype(embeddings.device)
+    cast = V.autocast_dtype(embeddings.device)
     if cast is not None and embeddings.dtype != torch.float64:
         parts = [t.to(cast) for t in parts]
     return parts, labels
@@ -631,7 +630,7 @@ def _supcon_against_refs(embeddings, labels, ref_emb, ref_labels, temperature, b
     # PML's quirk, kept for drop-in fidelity: ref_labels that *is* the labels tensor makes the
     # pairs (i, i) neither positive nor negative (get_matches_and_diffs fills the diagonal).
     same_rows = ref_labels is labels
-    x, r = prepare_features("embeddings", embeddings, "ref_emb", ref_emb)
+    x, r = V.prepare_features("embeddings", embeddings, "ref_emb", ref_emb)
     V.check_same_dim("embeddings", x, "ref_emb", r)
     if same_rows and x.shape[0] != r.shape[0]:
         raise ValueError(

@@ -5,7 +5,7 @@ import torch
 
 from .. import _validation as V
 from .. import distributed as D
-from ..ops._backends import _CHOICES
+from ..ops import BACKEND_CHOICES
 
 
 class LossModule(torch.nn.Module):
@@ -18,7 +18,7 @@ class LossModule(torch.nn.Module):
     def __init__(self, *, backend: str = "auto", distributed="auto", group=None, world_size: int = 1,
                  check_finite: bool = False, uniform_shards: bool = False):
         super().__init__()
-        V.check_choice("backend", backend, _CHOICES)  # TypeError / ValueError, as the functions
+        V.check_choice("backend", backend, BACKEND_CHOICES)  # TypeError / ValueError, as the functions
         D.check_mode(distributed)
         self.backend = backend
         self.distributed = distributed

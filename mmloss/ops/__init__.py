@@ -4,12 +4,13 @@
 (``torch.ops.mmloss.*``) dispatched per call to a backend (see ``available_backends()``);
 ``similarity_topk`` is a chunked no-grad utility.
 """
-from ._backends import BACKENDS, available_backends, resolve_backend
+from ._backends import BACKEND_CHOICES, BACKENDS, available_backends, resolve_backend
 from ._kl import similarity_kl
 from ._primitives import pairwise_sigmoid, similarity_lse
 from .topk import similarity_topk
 
 __all__ = [
+    "BACKEND_CHOICES",
     "BACKENDS",
     "available_backends",
     "pairwise_sigmoid",

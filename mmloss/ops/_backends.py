@@ -13,12 +13,10 @@ from typing import Optional
 
 import torch
 
+from .._device import triton_interpreting
+
 BACKENDS = ("reference", "torch", "triton", "cuda", "cpu")
-_CHOICES = ("auto",) + BACKENDS
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+BACKEND_CHOICES = ("auto",) + BACKENDS  # what a ``backend=`` argument accepts
 
 
 def deterministic_default() -> bool:
@@ -58,14 +56,14 @@ def triton_unavailable_reason(device: Optional[torch.device] = None) -> Optional
     if err is not None:
         return err
     if device is None:
-        if _interpreting() or torch.cuda.is_available():
+        if triton_interpreting() or torch.cuda.is_available():
             return None
         return "no CUDA GPU is available (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
     if device.type == "cuda":
-        if _interpreting():
+        if triton_interpreting():
             return "TRITON_INTERPRET=1 is set: the interpreter runs kernels on CPU tensors only"
         return None
-    if device.type == "cpu" and _interpreting():
+    if device.type == "cpu" and triton_interpreting():
         return None
     return (
         f"triton kernels run on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), "
@@ -97,7 +95,7 @@ def _auto(device: torch.device, dtype: Optional[torch.dtype]) -> str:
     env = os.environ.get("MMLOSS_BACKEND", "").strip()
     if env and env != "auto":
         if env not in BACKENDS:
-            raise ValueError(f"MMLOSS_BACKEND must be one of {list(_CHOICES)}, got {env!r}")
+            raise ValueError(f"MMLOSS_BACKEND must be one of {list(BACKEND_CHOICES)}, got {env!r}")
         return env
     if device.type == "cuda":
         if dtype == torch.float64:
@@ -116,8 +114,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dt
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    if backend not in _CHOICES:
-        raise ValueError(f"backend must be one of {list(_CHOICES)}, got {backend!r}")
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {list(BACKEND_CHOICES)}, got {backend!r}")
     return _resolve(backend, device, dtype)
 
 

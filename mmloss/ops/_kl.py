@@ -29,7 +29,6 @@ from ._primitives import (
     _no_setup,
     _resolve_deterministic,
     _split_scalar,
-    prepare_features,
 )
 from ._spec import PairSpec
 
@@ -234,8 +233,8 @@ _similarity_kl_backward_op.register_autograd(_kl_double_backward_error, setup_co
 def _prepare(x_s, y_s, x_t, y_t):
     """Validate the four feature matrices; bring each pair to one dtype (and all four to fp64
     when any is fp64, so the statistics and the output are fp64)."""
-    x_s, y_s = prepare_features("x_s", x_s, "y_s", y_s)
-    x_t, y_t = prepare_features("x_t", x_t, "y_t", y_t)
+    x_s, y_s = V.prepare_features("x_s", x_s, "y_s", y_s)
+    x_t, y_t = V.prepare_features("x_t", x_t, "y_t", y_t)
     V.check_same_device(("x_s", x_s), ("x_t", x_t))
     if x_t.shape[0] != x_s.shape[0]:
         raise ValueError(

@@ -280,29 +280,6 @@ _pairwise_sigmoid_sum_op.register_autograd(_sigmoid_sum_backward, setup_context=
 # ----------------------------------------------------------------------------- public wrappers
 
 
-def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
-    if device.type not in ("cpu", "cuda"):
-        return None
-    try:
-        enabled = torch.is_autocast_enabled(device.type)
-    except TypeError:  # pragma: no cover - torch < 2.4 signature
-        enabled = torch.is_autocast_cpu_enabled() if device.type == "cpu" else torch.is_autocast_enabled()
-    return torch.get_autocast_dtype(device.type) if enabled else None
-
-
-def prepare_features(x_name: str, x: Tensor, y_name: str, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Validate two feature matrices and bring them to one dtype (promotion, then autocast)."""
-    V.check_features(x_name, x)
-    V.check_features(y_name, y)
-    V.check_same_device((x_name, x), (y_name, y))
-    V.check_same_dim(x_name, x, y_name, y)
-    dtype = torch.promote_types(x.dtype, y.dtype)
-    cast = _autocast_dtype(x.device)
-    if cast is not None and dtype != torch.float64:
-        dtype = cast
-    return x.to(dtype), y.to(dtype)
-
-
 def _split_scalar(value, x: Tensor) -> tuple[Optional[Tensor], float]:
     if isinstance(value, Tensor):
         if value.device != x.device:
@@ -350,7 +327,7 @@ def _deterministic_default() -> bool:
 
 def _common(x, y, scale, bias, backend, chunk_size):
     """Validated (x, y, scale, bias, backend name, chunk rows); numpy scalars become floats."""
-    x, y = prepare_features("x", x, "y", y)
+    x, y = V.prepare_features("x", x, "y", y)
     dt = _out_dtype(x)
     scale = V.check_scalar("scale", scale, rows=x.shape[0], device=x.device, dtype=dt)
     if bias is not None:

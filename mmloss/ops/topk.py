@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from .. import _validation as V
-from ._primitives import _split_scalar, prepare_features
+from ._primitives import _split_scalar
 from ._spec import PairSpec
 from .torch_chunked import _MIN_ROWS, _ChunkedLogits, workspace_budget
 
@@ -52,7 +52,7 @@ def similarity_topk(x: Tensor, y: Tensor, k: int, *, scale=1.0, chunk: Optional[
     Memory: O((N+M)·D + N·k) plus a chunk workspace of C×M (k = 1: two fp32 buffers; k > 1:
     about six fp32-sized buffers, the sort's outputs included) within the budget.
     """
-    x, y = prepare_features("x", x, "y", y)
+    x, y = V.prepare_features("x", x, "y", y)
     n, m = x.shape[0], y.shape[0]
     k = V.check_int("k", k)
     if k < 1 or k > m:
