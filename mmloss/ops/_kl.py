@@ -14,7 +14,6 @@ module: ``mmloss.ops.torch_kl`` for "torch", ``mmloss.ops.triton`` for "triton".
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -30,60 +29,13 @@ from ._primitives import (
     _resolve_deterministic,
     _split_scalar,
 )
-from ._spec import PairSpec
+from ._spec import KLSpec
 
 Tensor = torch.Tensor
 
 # Backend name → module that may define similarity_kl_forward / similarity_kl_backward.
 _KL_MODULES = {"torch": "mmloss.ops.torch_kl", "triton": "mmloss.ops.triton"}
 _KL_FUNCTIONS = ("similarity_kl_forward", "similarity_kl_backward")
-
-
-@dataclass(frozen=True)
-class KLSpec:
-    """The problem every ``similarity_kl`` backend receives.
-
-    Student logits ``L^s = s_s·x_s·y_sᵀ`` (x_s (N, D_s), y_s (M, D_s)) and teacher logits
-    ``L^t = s_t·x_t·y_tᵀ`` (x_t (N, D_t), y_t (M, D_t)); D_s and D_t may differ. Each pair has
-    one dtype (fp16/bf16/fp32, or fp64 for all four); statistics are fp32 (fp64 for fp64).
-    Scales are scalars: a 0-d tensor, or ``None`` with the value in ``*_value``. Only the
-    student receives gradients (teacher tensors arrive detached).
-    """
-
-    x_s: Tensor
-    y_s: Tensor
-    x_t: Tensor
-    y_t: Tensor
-    scale_s: Optional[Tensor]
-    scale_s_value: float
-    scale_t: Optional[Tensor]
-    scale_t_value: float
-    chunk_size: int = 0                # rows per chunk for chunked backends; 0 = from the budget
-    deterministic: bool = True         # False allows atomics where a backend has them
-
-    @property
-    def n(self) -> int:
-        return self.x_s.shape[0]
-
-    @property
-    def m(self) -> int:
-        return self.y_s.shape[0]
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return torch.float64 if self.x_s.dtype == torch.float64 else torch.float32
-
-    def student(self, chunk_size: Optional[int] = None) -> PairSpec:
-        """The student's logits as a ``PairSpec`` (no bias, no marks)."""
-        return PairSpec(self.x_s, self.y_s, self.scale_s, self.scale_s_value, None, 0.0, "none", 0,
-                        None, None, self.chunk_size if chunk_size is None else chunk_size,
-                        self.deterministic)
-
-    def teacher(self, chunk_size: Optional[int] = None) -> PairSpec:
-        """The teacher's logits as a ``PairSpec`` (no bias, no marks)."""
-        return PairSpec(self.x_t, self.y_t, self.scale_t, self.scale_t_value, None, 0.0, "none", 0,
-                        None, None, self.chunk_size if chunk_size is None else chunk_size,
-                        self.deterministic)
 
 
 def _out_dtype(x: Tensor) -> torch.dtype:
@@ -316,4 +268,4 @@ def similarity_kl(
     return (row if rows else None), (col if cols else None)
 
 
-__all__ = ["KLSpec", "similarity_kl"]
+__all__ = ["similarity_kl"]

@@ -1,4 +1,6 @@
-"""The problem description every backend receives.
+"""The problem descriptions every backend receives: ``PairSpec`` (one logit matrix; the
+similarity_lse and pairwise_sigmoid primitives) and ``KLSpec`` (a student and a teacher matrix;
+similarity_kl).
 
 A backend computes statistics of the logits ``L_ij = s_i·⟨x_i, y_j⟩ + b`` over "marked" pairs:
 for ``similarity_lse`` marked pairs are *excluded*, for ``pairwise_sigmoid`` they are the
@@ -46,6 +48,53 @@ class PairSpec:
     @property
     def per_row_scale(self) -> bool:
         return self.scale is not None and self.scale.dim() == 1
+
+
+@dataclass(frozen=True)
+class KLSpec:
+    """The problem every ``similarity_kl`` backend receives.
+
+    Student logits ``L^s = s_s·x_s·y_sᵀ`` (x_s (N, D_s), y_s (M, D_s)) and teacher logits
+    ``L^t = s_t·x_t·y_tᵀ`` (x_t (N, D_t), y_t (M, D_t)); D_s and D_t may differ. Each pair has
+    one dtype (fp16/bf16/fp32, or fp64 for all four); statistics are fp32 (fp64 for fp64).
+    Scales are scalars: a 0-d tensor, or ``None`` with the value in ``*_value``. Only the
+    student receives gradients (teacher tensors arrive detached).
+    """
+
+    x_s: Tensor
+    y_s: Tensor
+    x_t: Tensor
+    y_t: Tensor
+    scale_s: Optional[Tensor]
+    scale_s_value: float
+    scale_t: Optional[Tensor]
+    scale_t_value: float
+    chunk_size: int = 0                # rows per chunk for chunked backends; 0 = from the budget
+    deterministic: bool = True         # False allows atomics where a backend has them
+
+    @property
+    def n(self) -> int:
+        return self.x_s.shape[0]
+
+    @property
+    def m(self) -> int:
+        return self.y_s.shape[0]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.float64 if self.x_s.dtype == torch.float64 else torch.float32
+
+    def student(self, chunk_size: Optional[int] = None) -> PairSpec:
+        """The student's logits as a ``PairSpec`` (no bias, no marks)."""
+        return PairSpec(self.x_s, self.y_s, self.scale_s, self.scale_s_value, None, 0.0, "none", 0,
+                        None, None, self.chunk_size if chunk_size is None else chunk_size,
+                        self.deterministic)
+
+    def teacher(self, chunk_size: Optional[int] = None) -> PairSpec:
+        """The teacher's logits as a ``PairSpec`` (no bias, no marks)."""
+        return PairSpec(self.x_t, self.y_t, self.scale_t, self.scale_t_value, None, 0.0, "none", 0,
+                        None, None, self.chunk_size if chunk_size is None else chunk_size,
+                        self.deterministic)
 
 
 def scale_vector(spec: PairSpec, rows: slice) -> Optional[torch.Tensor]:

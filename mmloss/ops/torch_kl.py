@@ -49,7 +49,7 @@ from typing import Optional
 
 import torch
 
-from ._kl import KLSpec
+from ._spec import KLSpec
 from .torch_chunked import _MIN_ROWS, _ChunkedLogits, _FeatureGrads, workspace_budget
 
 # Chunk buffers held at once: the student and teacher tiles and one scratch buffer each; all

@@ -21,7 +21,7 @@ import torch
 
 import _capture as C
 from mmloss.ops import triton as backend
-from mmloss.ops._kl import KLSpec
+from mmloss.ops._spec import KLSpec
 from mmloss.ops.triton import kl_backward, kl_forward
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

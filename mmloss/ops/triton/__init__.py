@@ -35,8 +35,7 @@ from typing import Optional
 
 import torch
 
-from .._kl import KLSpec
-from .._spec import PairSpec
+from .._spec import KLSpec, PairSpec
 from ..._device import device_guard
 from ._launch import check_supported
 from .kl_backward import kl_gradients

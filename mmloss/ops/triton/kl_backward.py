@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._kl import KLSpec
+from .._spec import KLSpec
 from . import _autotune
 from ._common import (finish_slices, load_scalar, load_weighted_shift, pair_logits, row_indices,
                       slice_accumulators, step_slices, weighted_probabilities)

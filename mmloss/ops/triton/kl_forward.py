@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._kl import KLSpec
+from .._spec import KLSpec
 from . import _autotune
 from ._common import finite_shift, load_scalar, log2_sum, pair_logits, row_indices
 from ._config import tiles
