@@ -9,7 +9,8 @@ import torch
 from oracle import assert_grad_close, assert_loss_close, compare, features, logit_bound
 
 from mmloss import reference as R
-from mmloss.ops import _kl, similarity_kl
+from mmloss.ops import similarity_kl
+from mmloss.ops._spec import KLSpec
 from mmloss.ops.torch_kl import kl_chunk_rows
 
 F64, F32 = torch.float64, torch.float32
@@ -155,13 +156,13 @@ def test_chunk_budget_from_environment(monkeypatch):
     """A tiny MMLOSS_CHUNK_BYTES forces the 16-row floor: several chunks with a ragged last one."""
     monkeypatch.setenv("MMLOSS_CHUNK_BYTES", "1")
     args = _inputs(50, 29, 3, 4, dtype=F32)
-    spec = _kl.KLSpec(*args[:4], args[4].detach(), 0.0, None, args[5])
+    spec = KLSpec(*args[:4], args[4].detach(), 0.0, None, args[5])
     assert kl_chunk_rows(spec) == 16
     _check(args, F32, cross_entropy=True)
 
 
 def test_default_chunks_stay_within_half_the_budget():
-    spec = _kl.KLSpec(*(t.detach() for t in _inputs(4096, 4096, 1, 1, dtype=F32)[:4]), None, 1.0, None, 1.0)
+    spec = KLSpec(*(t.detach() for t in _inputs(4096, 4096, 1, 1, dtype=F32)[:4]), None, 1.0, None, 1.0)
     rows = kl_chunk_rows(spec)
     assert 4 * rows * 4096 * 4 <= (4096 * 4096 * 4 // 16) // 2
 
@@ -195,16 +196,14 @@ def test_autocast_bf16():
 
 def test_opcheck():
     xs, ys, xt, yt, ss, st = _inputs(9, 7, 5, 3, dtype=F32)
-    torch.library.opcheck(_kl._similarity_kl_op,
-                          (xs, ys, xt, yt, ss, 0.0, None, st, True, True, False, "torch", 4, True))
-    torch.library.opcheck(_kl._similarity_kl_op,
-                          (xs, ys, xt, yt, None, 2.0, torch.tensor(3.0), 0.0, False, True, True, "torch", 0, True))
-    _, _, row_stats, col_stats = _kl._similarity_kl_op(
-        xs.detach(), ys.detach(), xt, yt, ss.detach(), 0.0, None, st, True, True, False, "torch", 4, True)
+    op, backward_op = torch.ops.mmloss.similarity_kl.default, torch.ops.mmloss.similarity_kl_backward.default
+    torch.library.opcheck(op, (xs, ys, xt, yt, ss, 0.0, None, st, True, True, False, "torch", 4, True))
+    torch.library.opcheck(op, (xs, ys, xt, yt, None, 2.0, torch.tensor(3.0), 0.0, False, True, True, "torch", 0, True))
+    forward_args = (xs.detach(), ys.detach(), xt, yt, ss.detach(), 0.0, None, st, True, True, False, "torch", 4, True)
+    _, _, row_stats, col_stats = op(*forward_args)
     torch.library.opcheck(
-        _kl._similarity_kl_backward_op,
-        (torch.randn(9), torch.randn(7), xs.detach(), ys.detach(), xt, yt, ss.detach(), 0.0, None, st,
-         row_stats, col_stats, "torch", 4, True, True, True, True),
+        backward_op,
+        (torch.randn(9), torch.randn(7), *forward_args, row_stats, col_stats, True, True, True),
     )
 
 
@@ -240,19 +239,6 @@ def test_explicit_triton_on_cpu_without_interpreter_raises():
     args = _inputs(5, 4, 3, 3, dtype=F32)
     with pytest.raises(RuntimeError, match="triton"):
         similarity_kl(*args, backend="triton")
-
-
-def test_backend_without_kl_kernel(monkeypatch):
-    """A backend module lacking similarity_kl_forward/backward: explicit → RuntimeError; auto →
-    the torch backend."""
-    monkeypatch.setattr(_kl, "resolve_backend", lambda backend, device: "triton")
-    real = _kl._module_with_kl
-    monkeypatch.setattr(_kl, "_module_with_kl", lambda name: None if name == "triton" else real(name))
-    args = _inputs(5, 4, 3, 3, dtype=F32)
-    with pytest.raises(RuntimeError, match="no similarity_kl kernel yet"):
-        similarity_kl(*args, backend="triton")
-    assert _kl._kl_backend("auto", torch.device("cpu")) == "torch"
-    _check(args, F32, backend="auto")
 
 
 # ----------------------------------------------------------------------------- bad inputs

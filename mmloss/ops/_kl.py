@@ -2,181 +2,69 @@
 softmax over the same N×M pairs, without storing either matrix (docs/losses.md, "The three fused
 primitives"; docs/design.md, "The primitives").
 
-The primitive is the ``torch.library`` custom op ``mmloss::similarity_kl`` with a fake kernel
-for symbolic shapes; its autograd formula calls the custom op ``mmloss::similarity_kl_backward``
-(whose own backward raises: no double backward). The ``reference`` backend bypasses the ops: it
+The primitive is the ``torch.library`` custom op ``mmloss::similarity_kl``, generated with its
+fake kernel and autograd formula from the ``SIMILARITY_KL`` declaration (``_schema.py``); the
+formula calls the op ``mmloss::similarity_kl_backward`` (whose own backward raises: no double
+backward). The ``reference`` backend bypasses the ops: it
 is dense torch and autograd (``mmloss.reference.similarity_kl``).
 
 Backends implement ``similarity_kl_forward`` / ``similarity_kl_backward`` (signatures in the
-docstring of ``mmloss.ops.torch_kl``) on a ``KLSpec``. Dispatch looks them up in the backend
-module: ``mmloss.ops.torch_kl`` for "torch", ``mmloss.ops.triton`` for "triton".
+docstring of ``mmloss.ops.torch_kl``) on a ``KLSpec``: ``mmloss.ops.torch_kl`` for "torch",
+``mmloss.ops.triton`` for "triton" (the ``SIMILARITY_KL`` declaration below).
 """
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
 
 from .. import _validation as V
-from .._device import no_autocast
+from ._args import check_chunk_size, resolve_deterministic, split_scalar
 from ._backends import resolve_backend
-from ._primitives import (
-    _check_chunk,
-    _empty_if_none,
-    _keep_needed,
-    _no_setup,
-    _resolve_deterministic,
-    _split_scalar,
-)
+from ._schema import Arg, Out, Primitive, register
 from ._spec import KLSpec
 
 Tensor = torch.Tensor
 
-# Backend name → module that may define similarity_kl_forward / similarity_kl_backward.
-_KL_MODULES = {"torch": "mmloss.ops.torch_kl", "triton": "mmloss.ops.triton"}
-_KL_FUNCTIONS = ("similarity_kl_forward", "similarity_kl_backward")
+
+def _kl_fake(p):
+    dt = V.compute_dtype(p.x_s)
+    n = p.x_s.shape[0] if p.rows else 0
+    m = p.y_s.shape[0] if p.cols else 0
+    return (p.x_s.new_empty(n, dtype=dt), p.x_s.new_empty(m, dtype=dt), p.x_s.new_empty((4, n), dtype=dt),
+            p.x_s.new_empty((4, m), dtype=dt))
 
 
-def _out_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def _kl_backward(module, spec, p, grads, saved, needs):
+    row = grads.row if p.rows else None
+    col = grads.col if p.cols else None
+    if row is None and col is None:
+        return (None,) * len(needs)
+    return module.similarity_kl_backward(spec, row, col, saved.row_stats, saved.col_stats, needs)
 
 
-def _module_with_kl(name: str):
-    """The backend module of ``name`` if it implements similarity_kl, else None."""
-    module_name = _KL_MODULES.get(name)
-    if module_name is None:
-        return None
-    module = importlib.import_module(module_name)
-    if all(hasattr(module, f) for f in _KL_FUNCTIONS):
-        return module
-    return None
-
-
-@torch.compiler.assume_constant_result
-def _kl_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs similarity_kl for this call.
-
-    ``resolve_backend`` first (unknown / unavailable backends raise there). An explicitly
-    requested backend without a similarity_kl kernel raises ``RuntimeError``; "auto" falls back
-    to the chunked torch backend in that case, so the losses work wherever the other
-    primitives do.
-    """
-    name = resolve_backend(backend, device)
-    if name == "reference" or _module_with_kl(name) is not None:
-        return name
-    if backend == "auto":
-        return "torch"
-    if name == "triton":
-        raise RuntimeError(
-            "mmloss backend 'triton' has no similarity_kl kernel yet (mmloss.ops.triton defines no "
-            "similarity_kl_forward / similarity_kl_backward); use backend='torch' or 'auto'"
-        )
-    raise RuntimeError(f"mmloss backend {name!r} has no similarity_kl kernel; use backend='torch' or 'auto'")
-
-
-def _kl_module(name: str):
-    module = _module_with_kl(name)
-    if module is None:  # pragma: no cover - _kl_backend refuses these first
-        raise RuntimeError(f"mmloss backend {name!r} has no similarity_kl kernel")
-    return module
-
-
-def _spec(x_s, y_s, x_t, y_t, scale_s, scale_s_value, scale_t, scale_t_value, chunk_size, deterministic):
-    return KLSpec(x_s, y_s, x_t, y_t, scale_s, scale_s_value, scale_t, scale_t_value, chunk_size, deterministic)
-
-
-# ----------------------------------------------------------------------------- custom ops
-
-
-@torch.library.custom_op("mmloss::similarity_kl", mutates_args=())
-def _similarity_kl_op(
-    x_s: Tensor, y_s: Tensor, x_t: Tensor, y_t: Tensor, scale_s: Optional[Tensor], scale_s_value: float,
-    scale_t: Optional[Tensor], scale_t_value: float, rows: bool, cols: bool, cross_entropy: bool,
-    backend: str, chunk_size: int, deterministic: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(row (N,) | (0,), col (M,) | (0,), row_stats (4, N|0), col_stats (4, M|0)).
-
-    The statistics are the backend's unrounded record of the student's and the teacher's
-    softmax per row / column (max and sum, in the backend's units), saved for its backward."""
-    spec = _spec(x_s, y_s, x_t, y_t, scale_s, scale_s_value, scale_t, scale_t_value, chunk_size, deterministic)
-    with no_autocast(x_s.device):
-        return _kl_module(backend).similarity_kl_forward(spec, rows, cols, cross_entropy)
-
-
-@_similarity_kl_op.register_fake
-def _(x_s, y_s, x_t, y_t, scale_s, scale_s_value, scale_t, scale_t_value, rows, cols, cross_entropy, backend,
-      chunk_size, deterministic):
-    dt = _out_dtype(x_s)
-    n = x_s.shape[0] if rows else 0
-    m = y_s.shape[0] if cols else 0
-    return (x_s.new_empty(n, dtype=dt), x_s.new_empty(m, dtype=dt), x_s.new_empty((4, n), dtype=dt),
-            x_s.new_empty((4, m), dtype=dt))
-
-
-@torch.library.custom_op("mmloss::similarity_kl_backward", mutates_args=())
-def _similarity_kl_backward_op(
-    grad_row: Optional[Tensor], grad_col: Optional[Tensor], x_s: Tensor, y_s: Tensor, x_t: Tensor,
-    y_t: Tensor, scale_s: Optional[Tensor], scale_s_value: float, scale_t: Optional[Tensor],
-    scale_t_value: float, row_stats: Tensor, col_stats: Tensor, backend: str, chunk_size: int,
-    deterministic: bool, need_x: bool, need_y: bool, need_scale: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    spec = _spec(x_s, y_s, x_t, y_t, scale_s, scale_s_value, scale_t, scale_t_value, chunk_size, deterministic)
-    with no_autocast(x_s.device):
-        grads = _kl_module(backend).similarity_kl_backward(
-            spec, grad_row, grad_col, row_stats, col_stats, (need_x, need_y, need_scale)
-        )
-    return tuple(_empty_if_none(g, x_s) for g in grads)
-
-
-@_similarity_kl_backward_op.register_fake
-def _(grad_row, grad_col, x_s, y_s, x_t, y_t, scale_s, scale_s_value, scale_t, scale_t_value, row_stats,
-      col_stats, backend, chunk_size, deterministic, need_x, need_y, need_scale):
-    empty = x_s.new_empty(0)
-    return (
-        x_s.new_empty(x_s.shape) if need_x else empty,
-        y_s.new_empty(y_s.shape) if need_y else x_s.new_empty(0),
-        scale_s.new_empty(scale_s.shape) if need_scale else x_s.new_empty(0),
-    )
-
-
-def _kl_setup(ctx, inputs, output):
-    (x_s, y_s, x_t, y_t, scale_s, scale_s_value, scale_t, scale_t_value, rows, cols, cross_entropy,
-     backend, chunk_size, deterministic) = inputs
-    _, _, row_stats, col_stats = output
-    ctx.mark_non_differentiable(row_stats, col_stats)
-    ctx.save_for_backward(x_s, y_s, x_t, y_t, scale_s, scale_t, row_stats, col_stats)
-    ctx.args = (scale_s_value, scale_t_value, rows, cols, backend, chunk_size, deterministic)
-    ctx.set_materialize_grads(False)
-
-
-def _kl_backward(ctx, grad_row, grad_col, grad_row_stats, grad_col_stats):
-    x_s, y_s, x_t, y_t, scale_s, scale_t, row_stats, col_stats = ctx.saved_tensors
-    scale_s_value, scale_t_value, rows, cols, backend, chunk_size, deterministic = ctx.args
-    grad_row = grad_row if rows else None
-    grad_col = grad_col if cols else None
-    need = ctx.needs_input_grad
-    need_x, need_y, need_scale = need[0], need[1], need[4]
-    dx = dy = ds = None
-    if (grad_row is not None or grad_col is not None) and any((need_x, need_y, need_scale)):
-        dx, dy, ds = _similarity_kl_backward_op(
-            grad_row, grad_col, x_s, y_s, x_t, y_t, scale_s, scale_s_value, scale_t, scale_t_value,
-            row_stats, col_stats, backend, chunk_size, deterministic, need_x, need_y, need_scale,
-        )
-        dx, dy, ds = _keep_needed((dx, dy, ds), (need_x, need_y, need_scale))
-    # The teacher (x_t, y_t, scale_t) never receives a gradient.
-    return (dx, dy, None, None, ds) + (None,) * 9
-
-
-def _kl_double_backward_error(ctx, *grads):
-    raise RuntimeError(
-        "similarity_kl does not support double backward (create_graph=True through the fused "
-        "primitive); compute higher-order terms with backend='reference'"
-    )
-
-
-_similarity_kl_op.register_autograd(_kl_backward, setup_context=_kl_setup)
-_similarity_kl_backward_op.register_autograd(_kl_double_backward_error, setup_context=_no_setup)
+SIMILARITY_KL = register(Primitive(
+    name="similarity_kl",
+    # Only the student (x_s, y_s, scale_s) receives gradients; the teacher arrives detached.
+    args=(
+        Arg("x_s", "Tensor", grad=True), Arg("y_s", "Tensor", grad=True),
+        Arg("x_t", "Tensor"), Arg("y_t", "Tensor"),
+        Arg("scale_s", "Tensor?", grad=True), Arg("scale_s_value", "float"),
+        Arg("scale_t", "Tensor?"), Arg("scale_t_value", "float"),
+        Arg("rows", "bool"), Arg("cols", "bool"), Arg("cross_entropy", "bool"),
+        Arg("backend", "str"), Arg("chunk_size", "int"), Arg("deterministic", "bool"),
+    ),
+    # (row (N,) | (0,), col (M,) | (0,), row_stats (4, N|0), col_stats (4, M|0)): the statistics
+    # are the backend's unrounded record of the student's and the teacher's softmax per row /
+    # column (max and sum, in the backend's units), saved for its backward.
+    outputs=(Out("row"), Out("col"), Out("row_stats", saved=True), Out("col_stats", saved=True)),
+    modules={"torch": "mmloss.ops.torch_kl", "triton": "mmloss.ops.triton"},
+    spec=lambda p: KLSpec(p.x_s, p.y_s, p.x_t, p.y_t, p.scale_s, p.scale_s_value, p.scale_t, p.scale_t_value,
+                          p.chunk_size, p.deterministic),
+    forward=lambda module, spec, p: module.similarity_kl_forward(spec, p.rows, p.cols, p.cross_entropy),
+    fake=_kl_fake,
+    backward=_kl_backward,
+))
 
 
 # ----------------------------------------------------------------------------- public wrapper
@@ -244,26 +132,24 @@ def similarity_kl(
     chunk buffers within the workspace budget). Double backward raises.
     """
     x_s, y_s, x_t, y_t = _prepare(x_s, y_s, x_t, y_t)
-    scale_s = V.check_scalar("scale_s", scale_s, device=x_s.device, dtype=_out_dtype(x_s))
-    scale_t = V.check_scalar("scale_t", scale_t, device=x_s.device, dtype=_out_dtype(x_s))
+    scale_s = V.check_scalar("scale_s", scale_s, device=x_s.device, dtype=V.compute_dtype(x_s))
+    scale_t = V.check_scalar("scale_t", scale_t, device=x_s.device, dtype=V.compute_dtype(x_s))
     V.check_bool("rows", rows)
     V.check_bool("cols", cols)
     V.check_bool("cross_entropy", cross_entropy)
     if not (rows or cols):
         raise ValueError("similarity_kl needs rows=True or cols=True")
-    chunk = _check_chunk(chunk_size)
-    name = _kl_backend(backend, x_s.device)
+    chunk = check_chunk_size(chunk_size)
+    name = resolve_backend(backend, x_s.device)
     x_t, y_t, scale_t = x_t.detach(), y_t.detach(), _detached_scalar(scale_t)
     if name == "reference":
         from .. import reference
 
         return reference.similarity_kl(x_s, y_s, x_t, y_t, scale_s, scale_t, rows=rows, cols=cols,
                                        cross_entropy=cross_entropy)
-    scale_s_t, scale_s_v = _split_scalar(scale_s, x_s)
-    scale_t_t, scale_t_v = _split_scalar(scale_t, x_s)
-    row, col, _, _ = _similarity_kl_op(
-        x_s, y_s, x_t, y_t, scale_s_t, scale_s_v, scale_t_t, scale_t_v, rows, cols, cross_entropy,
-        name, chunk, _resolve_deterministic(deterministic),
+    row, col, _, _ = SIMILARITY_KL(
+        x_s, y_s, x_t, y_t, *split_scalar(scale_s, x_s), *split_scalar(scale_t, x_s), rows, cols,
+        cross_entropy, name, chunk, resolve_deterministic(deterministic),
     )
     return (row if rows else None), (col if cols else None)
 

@@ -10,13 +10,13 @@ from typing import Optional
 import torch
 
 from .. import _validation as V
-from ._primitives import _split_scalar
+from ._args import split_scalar
 from ._spec import PairSpec
-from .torch_chunked import _MIN_ROWS, _ChunkedLogits, workspace_budget
+from .torch_chunked import MIN_CHUNK_ROWS, ChunkedLogits, workspace_budget
 
 Tensor = torch.Tensor
 
-# A chunk's memory in C×M fp32 units: the logit tile and its scratch twin (``_ChunkedLogits``),
+# A chunk's memory in C×M fp32 units: the logit tile and its scratch twin (``ChunkedLogits``),
 # and for k > 1 the sorted values, the int64 indices (two units) and the sort's own scratch.
 _UNITS_ARGMAX = 2
 _UNITS_SORT = 6
@@ -28,7 +28,7 @@ def _chunk_rows(n: int, m: int, k: int, device: torch.device, dtype: torch.dtype
     elem = torch.finfo(dtype).bits // 8
     units = _UNITS_ARGMAX if k == 1 else _UNITS_SORT
     rows = workspace_budget(device, n * m * elem) // (units * m * elem)
-    return max(1, min(n, max(_MIN_ROWS, rows)))
+    return max(1, min(n, max(MIN_CHUNK_ROWS, rows)))
 
 
 def similarity_topk(x: Tensor, y: Tensor, k: int, *, scale=1.0, chunk: Optional[int] = None) -> tuple[Tensor, Tensor]:
@@ -63,7 +63,7 @@ def similarity_topk(x: Tensor, y: Tensor, k: int, *, scale=1.0, chunk: Optional[
         if chunk < 1:
             raise ValueError(f"chunk must be ≥ 1 rows, got {chunk}")
     scale = scale.detach() if isinstance(scale, Tensor) else scale
-    scale_t, scale_v = _split_scalar(scale, x)
+    scale_t, scale_v = split_scalar(scale, x)
     return _similarity_topk_op(x.detach(), y.detach(), k, scale_t, scale_v, 0 if chunk is None else chunk)
 
 
@@ -76,7 +76,7 @@ def _similarity_topk_op(x: Tensor, y: Tensor, k: int, scale: Optional[Tensor], s
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     rows = _chunk_rows(n, m, k, x.device, cdt, chunk or None)
     spec = PairSpec(x, y, scale, scale_value, None, 0.0, "none", 0, None, None, rows)
-    tiles = _ChunkedLogits(spec, exclude_marks=False)
+    tiles = ChunkedLogits(spec, exclude_marks=False)
     values = torch.empty(n, k, dtype=cdt, device=x.device)
     indices = torch.empty(n, k, dtype=torch.long, device=x.device)
     with torch.no_grad():

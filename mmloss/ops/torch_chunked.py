@@ -36,7 +36,7 @@ _OPERAND_FRACTION = 2
 # many bytes (and at most 1/8 of the workspace), so the scratch stays cache-sized instead of
 # doubling the workspace.
 _BLOCK_BYTES = 2 << 20
-_MIN_ROWS = 16
+MIN_CHUNK_ROWS = 16
 
 
 def _parse_bytes(text: str) -> int:
@@ -86,10 +86,10 @@ def chunk_rows(spec: PairSpec) -> int:
     d = spec.x.shape[1]
     budget = workspace_budget(spec.x.device, spec.n * spec.m * elem, (spec.n + spec.m) * d * elem)
     rows = (budget - _scratch_bytes(budget)) // ((spec.m + 2 * d) * elem)
-    return max(1, min(spec.n, max(_MIN_ROWS, rows)))
+    return max(1, min(spec.n, max(MIN_CHUNK_ROWS, rows)))
 
 
-class _ChunkedLogits:
+class ChunkedLogits:
     """Recomputes row chunks of ``S = s·x·yᵀ`` (bias not added) with marks applied."""
 
     def __init__(self, spec: PairSpec, exclude_marks: bool):
@@ -193,7 +193,7 @@ def similarity_lse_forward(spec: PairSpec, rows: bool, cols: bool):
     ``exp(S − shift)/sum`` reproduces each probability to fp32 accuracy whatever |S| is — a
     single rounded LSE would shift every exponent by up to |S|·2⁻²⁴ (docs/guarantees.md).
     """
-    ch = _ChunkedLogits(spec, exclude_marks=True)
+    ch = ChunkedLogits(spec, exclude_marks=True)
     cdt = ch.cdt
     dev = spec.x.device
     if rows:
@@ -260,7 +260,7 @@ def similarity_lse_backward(
     """Gradients (dx, dy, dscale, dbias) of ⟨grad_row, row_lse⟩ + ⟨grad_col, col_lse⟩, from the
     forward's statistics (``similarity_lse_forward``); every chunk is recomputed exactly as the
     forward computed it (same chunk rows, same GEMM), so ``S − shift`` is exact."""
-    ch = _ChunkedLogits(spec, exclude_marks=True)
+    ch = ChunkedLogits(spec, exclude_marks=True)
     cdt = ch.cdt
     g = h = None
     if grad_row is not None:
@@ -269,7 +269,7 @@ def similarity_lse_backward(
     if grad_col is not None:
         h = grad_col.to(cdt)
         shift_c, w_c = col_stats[0], _probability_weights(h, col_stats)
-    grads = _FeatureGrads(ch, needs)
+    grads = FeatureGrads(ch, needs)
     for i0, i1 in ch.ranges():
         s = ch.logits(i0, i1)
         if g is not None and h is not None:
@@ -307,7 +307,7 @@ def _softplus(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.softplus.out(t, 1, 20, out=out)
 
 
-def _signed_logits(ch: _ChunkedLogits, i0: int, i1: int) -> torch.Tensor:
+def _signed_logits(ch: ChunkedLogits, i0: int, i1: int) -> torch.Tensor:
     """T = −z·L: the logit for negatives, minus the logit for positives."""
     s = ch.logits(i0, i1)
     s.add_(ch.bias)
@@ -317,7 +317,7 @@ def _signed_logits(ch: _ChunkedLogits, i0: int, i1: int) -> torch.Tensor:
 
 def pairwise_sigmoid_forward(spec: PairSpec) -> torch.Tensor:
     """Per-row sums Σ_j softplus(−z_ij·L_ij), shape (N,)."""
-    ch = _ChunkedLogits(spec, exclude_marks=False)
+    ch = ChunkedLogits(spec, exclude_marks=False)
     out = torch.empty(spec.n, dtype=ch.cdt, device=spec.x.device)
     for i0, i1 in ch.ranges():
         t = _signed_logits(ch, i0, i1)
@@ -327,9 +327,9 @@ def pairwise_sigmoid_forward(spec: PairSpec) -> torch.Tensor:
 
 def pairwise_sigmoid_backward(spec: PairSpec, grad: torch.Tensor, needs):
     """Gradients (dx, dy, dscale, dbias) of ⟨grad, per-row sums⟩."""
-    ch = _ChunkedLogits(spec, exclude_marks=False)
+    ch = ChunkedLogits(spec, exclude_marks=False)
     g = grad.to(ch.cdt)
-    grads = _FeatureGrads(ch, needs)
+    grads = FeatureGrads(ch, needs)
     dbias = torch.zeros((), dtype=ch.cdt, device=spec.x.device) if needs[3] else None
     for i0, i1 in ch.ranges():
         t = _signed_logits(ch, i0, i1)
@@ -350,10 +350,10 @@ def pairwise_sigmoid_sum(spec: PairSpec, needs):
     The gradients stay in the compute dtype (fp32): they are the unscaled gradients of a sum
     over N·M pairs, which can exceed fp16's range before the upstream gradient scales them.
     """
-    ch = _ChunkedLogits(spec, exclude_marks=False)
+    ch = ChunkedLogits(spec, exclude_marks=False)
     total = torch.zeros((), dtype=ch.cdt, device=spec.x.device)
     want_grads = any(needs)
-    grads = _FeatureGrads(ch, needs, keep_compute_dtype=True) if want_grads else None
+    grads = FeatureGrads(ch, needs, keep_compute_dtype=True) if want_grads else None
     dbias = torch.zeros((), dtype=ch.cdt, device=spec.x.device) if needs[3] else None
     for i0, i1 in ch.ranges():
         t = _signed_logits(ch, i0, i1)
@@ -377,10 +377,10 @@ def pairwise_sigmoid_sum(spec: PairSpec, needs):
 # --------------------------------------------------------------------------- shared backward
 
 
-class _FeatureGrads:
+class FeatureGrads:
     """Accumulates dx, dy and dscale from logit-gradient chunks G (w.r.t. L = s·⟨x,y⟩ + b)."""
 
-    def __init__(self, ch: _ChunkedLogits, needs, keep_compute_dtype: bool = False):
+    def __init__(self, ch: ChunkedLogits, needs, keep_compute_dtype: bool = False):
         self.ch = ch
         spec = ch.spec
         self.need_x, self.need_y, self.need_scale, self.need_bias = needs

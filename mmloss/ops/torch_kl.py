@@ -34,7 +34,7 @@ teacher's running max with its rescaled sum, ``A_j`` and entropy sum, all rescal
 ``H = KL + log l_t + Σ e^{T−max}(max − T)/l_t`` (both clamped at 0 against rounding).
 Backward: recompute both tiles per chunk (same chunk plan, so bit-identical to the forward's)
 and, from the saved maxima and sums, form G in place, and apply it with
-``_FeatureGrads`` (dx, dy, dscale: two GEMMs). Cost: 2 GEMM-equivalents forward, 4 backward.
+``FeatureGrads`` (dx, dy, dscale: two GEMMs). Cost: 2 GEMM-equivalents forward, 4 backward.
 
 Memory: O((N+M)·(D_s+D_t)) plus four C×M compute-dtype chunk buffers (two per tile source)
 whose total stays within half of ``workspace_budget`` (by default half the operands' size, or
@@ -50,7 +50,7 @@ from typing import Optional
 import torch
 
 from ._spec import KLSpec
-from .torch_chunked import _MIN_ROWS, _ChunkedLogits, _FeatureGrads, workspace_budget
+from .torch_chunked import MIN_CHUNK_ROWS, ChunkedLogits, FeatureGrads, workspace_budget
 
 # Chunk buffers held at once: the student and teacher tiles and one scratch buffer each; all
 # four together take 1/_BUDGET_SHARE of the workspace budget (see the module docstring).
@@ -67,13 +67,13 @@ def kl_chunk_rows(spec: KLSpec) -> int:
     dims = spec.x_s.shape[1] + spec.x_t.shape[1]
     budget = workspace_budget(spec.x_s.device, spec.n * spec.m * elem, (spec.n + spec.m) * dims * elem)
     rows = budget // (_BUDGET_SHARE * _BUFFERS * spec.m * elem)
-    return max(1, min(spec.n, max(_MIN_ROWS, rows)))
+    return max(1, min(spec.n, max(MIN_CHUNK_ROWS, rows)))
 
 
-def _tiles(spec: KLSpec) -> tuple[_ChunkedLogits, _ChunkedLogits]:
+def _tiles(spec: KLSpec) -> tuple[ChunkedLogits, ChunkedLogits]:
     rows = kl_chunk_rows(spec)
-    return (_ChunkedLogits(spec.student(rows), exclude_marks=False),
-            _ChunkedLogits(spec.teacher(rows), exclude_marks=False))
+    return (ChunkedLogits(spec.student(rows), exclude_marks=False),
+            ChunkedLogits(spec.teacher(rows), exclude_marks=False))
 
 
 def _empty_stats(spec: KLSpec, dtype) -> torch.Tensor:
@@ -212,7 +212,7 @@ def similarity_kl_backward(
         row_s, row_t, w_rs, w_rt = row_stats[0], row_stats[2], g / row_stats[1], g / row_stats[3]
     if h is not None:
         col_s, col_t, w_cs, w_ct = col_stats[0], col_stats[2], h / col_stats[1], h / col_stats[3]
-    grads = _FeatureGrads(ch_s, needs + (False,))
+    grads = FeatureGrads(ch_s, needs + (False,))
     for i0, i1 in ch_s.ranges():
         s = ch_s.logits(i0, i1)
         t = ch_t.logits(i0, i1)

@@ -2,7 +2,6 @@
 registration and the backend's outputs agree)."""
 import torch
 
-from mmloss.ops import _primitives as P
 
 
 def test_opcheck_triton_backend():
@@ -12,7 +11,7 @@ def test_opcheck_triton_backend():
     s = torch.tensor(2.0, requires_grad=True)
     b = torch.tensor(-0.5, requires_grad=True)
     lse = (x, y, s, 0.0, b, 0.0, "diagonal", 1, None, None, True, True, "triton", 0, True)
-    torch.library.opcheck(P._similarity_lse_op, lse)
+    torch.library.opcheck(torch.ops.mmloss.similarity_lse.default, lse)
     sig = (x, y, s, 0.0, b, 0.0, "diagonal", 0, None, None, "triton", 0, True)
-    torch.library.opcheck(P._pairwise_sigmoid_op, sig)
-    torch.library.opcheck(P._pairwise_sigmoid_sum_op, sig + (True, True, True, True))
+    torch.library.opcheck(torch.ops.mmloss.pairwise_sigmoid.default, sig)
+    torch.library.opcheck(torch.ops.mmloss.pairwise_sigmoid_sum.default, sig + (True, True, True, True))

@@ -13,7 +13,7 @@ import mmloss.functional as F
 import mmloss.reference as reference
 from mmloss import ops
 from mmloss.losses import DistillClipLoss
-from mmloss.ops import _kl
+from mmloss.ops._spec import KLSpec
 from oracle import assert_grad_close, assert_loss_close, compare, features, logit_bound, oracle
 
 F32 = torch.float32
@@ -247,15 +247,16 @@ def test_opcheck_triton_backend():
     y_s = torch.randn(17, 5, generator=g).requires_grad_()
     x_t, y_t = torch.randn(20, 3, generator=g), torch.randn(17, 3, generator=g)
     s = torch.tensor(2.0, requires_grad=True)
+    op, backward_op = torch.ops.mmloss.similarity_kl.default, torch.ops.mmloss.similarity_kl_backward.default
     for ce in (False, True):
-        torch.library.opcheck(_kl._similarity_kl_op,
-                              (x_s, y_s, x_t, y_t, s, 0.0, None, 1.5, True, True, ce, "triton", 0, True))
-    _, _, row_stats, col_stats = _kl._similarity_kl_op(
-        x_s.detach(), y_s.detach(), x_t, y_t, s.detach(), 0.0, None, 1.5, True, True, False, "triton", 0, True)
+        torch.library.opcheck(op, (x_s, y_s, x_t, y_t, s, 0.0, None, 1.5, True, True, ce, "triton", 0, True))
+    forward_args = (x_s.detach(), y_s.detach(), x_t, y_t, s.detach(), 0.0, None, 1.5, True, True, False,
+                    "triton", 0, True)
+    _, _, row_stats, col_stats = op(*forward_args)
     torch.library.opcheck(
-        _kl._similarity_kl_backward_op,
-        (torch.randn(20, generator=g), torch.randn(17, generator=g), x_s.detach(), y_s.detach(), x_t, y_t,
-         s.detach(), 0.0, None, 1.5, row_stats, col_stats, "triton", 0, True, True, True, True),
+        backward_op,
+        (torch.randn(20, generator=g), torch.randn(17, generator=g), *forward_args, row_stats, col_stats,
+         True, True, True),
     )
 
 
@@ -323,7 +324,7 @@ def test_saved_statistics_layout(rows, cols):
 
     x_s, y_s = features(7, 3, seed=61, requires_grad=False), features(9, 3, seed=62, requires_grad=False)
     x_t, y_t = teacher_features(7, 4, 63), teacher_features(9, 4, 64)
-    spec = _kl.KLSpec(x_s, y_s, x_t, y_t, torch.tensor(4.0), 0.0, None, 6.0, 0, True)
+    spec = KLSpec(x_s, y_s, x_t, y_t, torch.tensor(4.0), 0.0, None, 6.0, 0, True)
     _, _, row_stats, col_stats = backend.similarity_kl_forward(spec, rows, cols, False)
     ln2 = torch.log(torch.tensor(2.0, dtype=torch.float64))
     s2 = (x_s.double() @ y_s.double().T) * 4.0 / ln2
