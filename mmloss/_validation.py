@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -66,6 +67,17 @@ def check_real(name: str, value, kind: str = "a float"):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
     return value
+
+
+def renamed_argument(caller: str, old: str, old_value, new: str, new_value, *, unset=None):
+    """The value of an argument that was renamed from ``old`` to ``new``: the old spelling still
+    works with a DeprecationWarning; passing both is a TypeError. ``unset`` marks "not given"."""
+    if old_value is unset:
+        return new_value
+    if new_value is not unset:
+        raise TypeError(f"{caller}() got both {new}= and its deprecated alias {old}=; pass only {new}=")
+    warnings.warn(f"{caller}({old}=...) is deprecated; use {new}=", DeprecationWarning, stacklevel=3)
+    return old_value
 
 
 def _compiling() -> bool:

@@ -26,7 +26,7 @@ def test_matches_dense_sort(n, m, d, chunk):
     x = features(n, d, dtype=F64, seed=1)
     y = features(m, d, dtype=F64, seed=2)
     for k in sorted({1, min(2, m), m}):
-        values, indices = similarity_topk(x, y, k, scale=3.0, chunk=chunk)
+        values, indices = similarity_topk(x, y, k, scale=3.0, chunk_size=chunk)
         ref_values, ref_indices = _dense(x, y, k, 3.0)
         assert values.shape == (n, k) and indices.dtype == torch.long
         assert torch.equal(indices, ref_indices)
@@ -36,7 +36,7 @@ def test_matches_dense_sort(n, m, d, chunk):
 def test_fp32_values_and_indices():
     x = features(37, 67, dtype=F32, seed=3)
     y = features(29, 67, dtype=F32, seed=4)
-    values, indices = similarity_topk(x, y, 4, scale=torch.tensor(2.0), chunk=6)
+    values, indices = similarity_topk(x, y, 4, scale=torch.tensor(2.0), chunk_size=6)
     ref_values, ref_indices = _dense(x, y, 4, 2.0)
     assert values.dtype == F32
     assert torch.equal(indices, ref_indices)
@@ -61,9 +61,9 @@ def test_ties_go_to_the_lower_index():
     y = torch.stack([base[1], base[0], base[1], base[2], base[1], base[3]])  # column 0, 2, 4 tie
     x = base[[1, 1, 0, 1]]
     for chunk in (None, 1, 3):
-        _, top1 = similarity_topk(x, y, 1, chunk=chunk)
+        _, top1 = similarity_topk(x, y, 1, chunk_size=chunk)
         assert top1[[0, 1, 3], 0].tolist() == [0, 0, 0]
-        _, top3 = similarity_topk(x, y, 3, chunk=chunk)
+        _, top3 = similarity_topk(x, y, 3, chunk_size=chunk)
         assert top3[0].tolist() == [0, 2, 4]
 
 
@@ -74,17 +74,17 @@ def test_many_ties_keep_index_order():
     y = torch.zeros(3000, 1)
     y[::7] = 1.0
     for chunk in (None, 2):
-        values, indices = similarity_topk(x, y, 10, chunk=chunk)
+        values, indices = similarity_topk(x, y, 10, chunk_size=chunk)
         assert indices.tolist() == [list(range(0, 70, 7))] * 3
         assert bool((values == 1).all())
-        assert similarity_topk(x, y, 1, chunk=chunk)[1].flatten().tolist() == [0, 0, 0]
+        assert similarity_topk(x, y, 1, chunk_size=chunk)[1].flatten().tolist() == [0, 0, 0]
 
 
 def test_per_row_scale_with_a_negative_row():
     x = features(6, 5, dtype=F64, seed=8)
     y = features(9, 5, dtype=F64, seed=9)
     scale = torch.tensor([1.0, -2.0, 3.0, 0.5, 1.0, -1.0], dtype=F64)
-    values, indices = similarity_topk(x, y, 3, scale=scale, chunk=4)
+    values, indices = similarity_topk(x, y, 3, scale=scale, chunk_size=4)
     ref_values, ref_indices = _dense(x, y, 3, scale)
     assert torch.equal(indices, ref_indices)
     assert_loss_close(values, ref_values, F64)
@@ -101,7 +101,7 @@ def test_no_gradient_and_grad_mode_untouched():
 def test_noncontiguous_inputs():
     x = features(17, 6, dtype=F64, seed=12, noncontig=True)
     y = features(13, 6, dtype=F64, seed=13, noncontig=True)
-    _, indices = similarity_topk(x, y, 5, chunk=4)
+    _, indices = similarity_topk(x, y, 5, chunk_size=4)
     assert torch.equal(indices, _dense(x, y, 5)[1])
 
 
@@ -142,13 +142,25 @@ def test_error_k_not_int():
 
 
 def test_error_chunk():
-    with pytest.raises(ValueError, match="chunk"):
-        similarity_topk(*_xy(), 1, chunk=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        similarity_topk(*_xy(), 1, chunk_size=0)
+
+
+def test_chunk_is_a_deprecated_alias_of_chunk_size():
+    x, y = _xy()
+    with pytest.warns(DeprecationWarning, match="chunk_size"):
+        old = similarity_topk(x, y, 2, chunk=1)
+    new = similarity_topk(x, y, 2, chunk_size=1)
+    assert torch.equal(old[0], new[0]) and torch.equal(old[1], new[1])
+    with pytest.raises(TypeError, match="both"):
+        similarity_topk(x, y, 2, chunk=1, chunk_size=1)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="chunk_size"):
+        similarity_topk(x, y, 1, chunk=0)
 
 
 def test_error_chunk_type():
     with pytest.raises(TypeError, match="chunk"):
-        similarity_topk(*_xy(), 1, chunk=2.0)
+        similarity_topk(*_xy(), 1, chunk_size=2.0)
 
 
 def test_error_dims_differ():

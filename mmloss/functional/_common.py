@@ -11,8 +11,7 @@ from .._device import no_autocast
 Tensor = torch.Tensor
 
 
-def compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+compute_dtype = V.compute_dtype  # fp64 stays fp64, the rest accumulate in fp32
 
 
 def softplus(t: Tensor) -> Tensor:

@@ -57,17 +57,17 @@ def clip_loss(
     (gathered: O(N_global·D) for the gathered features);
     single-positive rows use the softplus form ``softplus(LSE_{j≠i} L_ij − L_ii)``.
     """
-    return _clip_loss(image_features, text_features, logit_scale, logit_bias, labels=labels,
-                      label_smoothing=label_smoothing, reduction=reduction, backend=backend,
-                      check_finite=check_finite, distributed=distributed, group=group,
-                      uniform_shards=uniform_shards)
+    return clip_loss_core(image_features, text_features, logit_scale, logit_bias, labels=labels,
+                          label_smoothing=label_smoothing, reduction=reduction, backend=backend,
+                          check_finite=check_finite, distributed=distributed, group=group,
+                          uniform_shards=uniform_shards)
 
 
-def _clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, labels=None,
-               label_smoothing=0.0, reduction="mean", backend="auto", check_finite=False,
-               distributed=None, group=None, uniform_shards=False, local_share=False,
-               configured_world_size=1, loss_name="clip_loss"):
-    """clip_loss; ``local_share=True`` is open_clip's ``local_loss=True`` under gathering: the
+def clip_loss_core(image_features, text_features, logit_scale, logit_bias=None, *, labels=None,
+                   label_smoothing=0.0, reduction="mean", backend="auto", check_finite=False,
+                   distributed=None, group=None, uniform_shards=False, local_share=False,
+                   configured_world_size=1, loss_name="clip_loss"):
+    """``clip_loss`` plus the options only ``ClipLoss`` sets: ``local_share=True`` is open_clip's ``local_loss=True`` under gathering: the
     mean of this rank's terms with its own gradient (no scalar all-reduces)."""
     x, y = V.prepare_features("image_features", image_features, "text_features", text_features)
     n = x.shape[0]

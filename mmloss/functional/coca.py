@@ -19,10 +19,9 @@ from .clip import clip_loss
 Tensor = torch.Tensor
 
 
-def _weight(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
-    return float(V.check_scalar(name, value))
+def check_loss_weight(name: str, value) -> float:
+    """A finite Python number weighting one of CoCa's two terms."""
+    return float(V.check_scalar(name, V.check_real(name, value, "a Python number")))
 
 
 def caption_loss(logits: Tensor, labels: Tensor, pad_id: Optional[int] = 0, *, check_finite: bool = False) -> Tensor:
@@ -88,8 +87,8 @@ def coca_loss(
     Returns the pair ``(contrastive, caption)`` of 0-d tensors. Memory: ``clip_loss``'s O(N·D)
     plus the caption cross-entropy's workspace.
     """
-    clip_w = _weight("clip_loss_weight", clip_loss_weight)
-    caption_w = _weight("caption_loss_weight", caption_loss_weight)
+    clip_w = check_loss_weight("clip_loss_weight", clip_loss_weight)
+    caption_w = check_loss_weight("caption_loss_weight", caption_loss_weight)
     if clip_w:
         contrastive = clip_w * clip_loss(image_features, text_features, logit_scale, backend=backend,
                                          check_finite=check_finite)

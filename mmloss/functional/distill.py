@@ -1,13 +1,11 @@
 """§13 similarity-matrix distillation, §14 CyCLIP, §15 score distillation (docs/losses.md)."""
 from __future__ import annotations
 
-import numbers
 
 import torch
 
 from .. import _validation as V
-from ..ops import similarity_kl, similarity_topk
-from ..ops import BACKEND_CHOICES
+from ..ops import BACKEND_CHOICES, similarity_kl, similarity_topk
 from ._common import as_compute, compute_dtype, softplus
 from .clip import clip_loss
 
@@ -25,11 +23,9 @@ def _prepare_pair(name_x: str, x, name_y: str, y, n: int, m: int, who: str):
     return x, y
 
 
-def _check_weight(name: str, value) -> float:
+def check_weight(name: str, value) -> float:
     """A finite, non-negative Python number (loss weights such as α, λ)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
+    value = float(V.check_real(name, value))
     if not (value >= 0.0 and value != float("inf")):
         raise ValueError(f"{name} must be a finite number ≥ 0, got {value}")
     return value
@@ -146,7 +142,7 @@ def modx_loss(
     V.check_same_device(("image_features", x), ("old_image_features", xo))
     logit_scale = V.check_scalar("logit_scale", logit_scale, device=x.device, positive=True,
                                  dtype=compute_dtype(x))
-    alpha = _check_weight("alpha", alpha)
+    alpha = check_weight("alpha", alpha)
     if V.check_bool("check_finite", check_finite):
         V.check_all_finite(("image_features", x), ("text_features", y), ("logit_scale", logit_scale),
                            ("old_image_features", xo), ("old_text_features", yo))
@@ -263,8 +259,8 @@ def cyclip_loss(
             f"cyclip_loss needs as many texts as images: image_features has {n} rows, "
             f"text_features {y.shape[0]}"
         )
-    lambda_in = _check_weight("lambda_in", lambda_in)
-    lambda_cross = _check_weight("lambda_cross", lambda_cross)
+    lambda_in = check_weight("lambda_in", lambda_in)
+    lambda_cross = check_weight("lambda_cross", lambda_cross)
     if V.check_bool("check_finite", check_finite):
         V.check_all_finite(("image_features", x), ("text_features", y), ("logit_scale", logit_scale))
     if lambda_in == 0.0 and lambda_cross == 0.0:

@@ -50,17 +50,19 @@ def siglip_loss(
     Returns fp32 (fp64 for fp64 inputs). Memory O((N+M)·D) plus the backend's workspace
     (gathered: O(M_global·D) for the gathered texts).
     """
-    return _siglip_loss(image_features, text_features, logit_scale, logit_bias, labels=labels,
-                        reduction=reduction, backend=backend, check_finite=check_finite,
-                        distributed=distributed, group=group, uniform_shards=uniform_shards)
+    return siglip_loss_core(image_features, text_features, logit_scale, logit_bias, labels=labels,
+                            reduction=reduction, backend=backend, check_finite=check_finite,
+                            distributed=distributed, group=group, uniform_shards=uniform_shards)
 
 
-def _siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *, labels=None,
-                 reduction="mean", backend="auto", check_finite=False, distributed=None, group=None,
-                 uniform_shards=False, configured_world_size=1, loss_name="siglip_loss"):
+def siglip_loss_core(image_features, text_features, logit_scale, logit_bias=None, *, labels=None,
+                     reduction="mean", backend="auto", check_finite=False, distributed=None, group=None,
+                     uniform_shards=False, configured_world_size=1, loss_name="siglip_loss"):
+    """``siglip_loss`` plus the options only ``SigLipLoss`` sets (the world size it was built
+    with, the name its errors use)."""
     x, y = V.prepare_features("image_features", image_features, "text_features", text_features)
     n, m = x.shape[0], y.shape[0]
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dt = V.compute_dtype(x)
     logit_scale = V.check_scalar("logit_scale", logit_scale, device=x.device, positive=True, dtype=dt)
     if logit_bias is not None:
         logit_bias = V.check_scalar("logit_bias", logit_bias, device=x.device, dtype=dt)

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from .. import _validation as V
-from ..functional.clip import _clip_loss
+from ..functional.clip import clip_loss_core
 from ._base import LossModule
 
 
@@ -76,7 +76,7 @@ class ClipLoss(LossModule):
         output_dict: bool = False,
         labels: Optional[torch.Tensor] = None,
     ):
-        loss = _clip_loss(
+        loss = clip_loss_core(
             image_features, text_features, logit_scale, logit_bias, labels=labels,
             label_smoothing=self.label_smoothing, backend=self.backend, check_finite=self.check_finite,
             distributed=self.distributed, group=self.group, uniform_shards=self.uniform_shards,

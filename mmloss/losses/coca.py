@@ -40,8 +40,8 @@ class CoCaLoss(ClipLoss):
         super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
                          rank=rank, world_size=world_size, use_horovod=use_horovod, distributed=distributed,
                          group=group, backend=backend, check_finite=check_finite)
-        self.caption_loss_weight = F._weight("caption_loss_weight", caption_loss_weight)
-        self.clip_loss_weight = F._weight("clip_loss_weight", clip_loss_weight)
+        self.caption_loss_weight = F.check_loss_weight("caption_loss_weight", caption_loss_weight)
+        self.clip_loss_weight = F.check_loss_weight("clip_loss_weight", clip_loss_weight)
         self.pad_id = pad_id
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logits: torch.Tensor,

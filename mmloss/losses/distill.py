@@ -8,7 +8,7 @@ import torch
 
 from .. import _validation as V
 from ..functional import clip_loss, contrastive_distill_loss, cyclip_loss, modx_loss, score_distill_loss
-from ..functional.distill import _check_weight
+from ..functional.distill import check_weight
 from ._base import LossModule
 from .clip import ClipLoss
 
@@ -85,7 +85,7 @@ class ModXLoss(LossModule):
     def __init__(self, alpha: float = 20.0, *, distributed=None, group=None, backend: str = "auto",
                  check_finite: bool = False):
         super().__init__(backend=backend, distributed=distributed, group=group, check_finite=check_finite)
-        self.alpha = _check_weight("alpha", alpha)
+        self.alpha = check_weight("alpha", alpha)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, old_image_features: Tensor,
                 old_text_features: Tensor) -> Tensor:
@@ -108,8 +108,8 @@ class CyCLIPLoss(LossModule):
     def __init__(self, lambda_in: float = 0.25, lambda_cross: float = 0.25, *, distributed=None, group=None,
                  backend: str = "auto", check_finite: bool = False):
         super().__init__(backend=backend, distributed=distributed, group=group, check_finite=check_finite)
-        self.lambda_in = _check_weight("lambda_in", lambda_in)
-        self.lambda_cross = _check_weight("lambda_cross", lambda_cross)
+        self.lambda_in = check_weight("lambda_in", lambda_in)
+        self.lambda_cross = check_weight("lambda_cross", lambda_cross)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale) -> Tensor:
         self._require_local()

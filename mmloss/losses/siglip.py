@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..functional.siglip import _siglip_loss
+from ..functional.siglip import siglip_loss_core
 from ._base import LossModule
 
 _DIST_IMPLS = (None, "bidir", "shift", "reduce", "gather")
@@ -57,8 +57,9 @@ class SigLipLoss(LossModule):
                 f"SigLipLoss: dist_impl={self.dist_impl!r} maps to mmloss's ring, which is not "
                 "available yet; use dist_impl='gather' (or 'reduce'), which is exact"
             )
-        loss = _siglip_loss(image_features, text_features, logit_scale, logit_bias, labels=labels,
-                            backend=self.backend, check_finite=self.check_finite, distributed=self.distributed,
-                            group=self.group, uniform_shards=self.uniform_shards,
-                            configured_world_size=self.world_size, loss_name="SigLipLoss")
+        loss = siglip_loss_core(image_features, text_features, logit_scale, logit_bias, labels=labels,
+                                backend=self.backend, check_finite=self.check_finite,
+                                distributed=self.distributed, group=self.group,
+                                uniform_shards=self.uniform_shards, configured_world_size=self.world_size,
+                                loss_name="SigLipLoss")
         return {"contrastive_loss": loss} if output_dict else loss

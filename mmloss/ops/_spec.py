@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+Tensor = torch.Tensor
+
 MARKS = ("none", "diagonal", "same_label")
 
 

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from .. import _validation as V
-from ._args import split_scalar
+from ._args import check_chunk_size, split_scalar
 from ._spec import PairSpec
 from .torch_chunked import MIN_CHUNK_ROWS, ChunkedLogits, workspace_budget
 
@@ -31,7 +31,8 @@ def _chunk_rows(n: int, m: int, k: int, device: torch.device, dtype: torch.dtype
     return max(1, min(n, max(MIN_CHUNK_ROWS, rows)))
 
 
-def similarity_topk(x: Tensor, y: Tensor, k: int, *, scale=1.0, chunk: Optional[int] = None) -> tuple[Tensor, Tensor]:
+def similarity_topk(x: Tensor, y: Tensor, k: int, *, scale=1.0, chunk_size: Optional[int] = None,
+                    chunk: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """The k largest logits ``L_ij = s·⟨x_i, y_j⟩`` of every row, and their column indices.
 
     Args:
@@ -39,8 +40,9 @@ def similarity_topk(x: Tensor, y: Tensor, k: int, *, scale=1.0, chunk: Optional[
             promoted as a matmul would; tiles are computed in fp32, fp64 for fp64 inputs).
         k: 1 ≤ k ≤ M.
         scale: the logit scale s: a float, a 0-d tensor or an (N,) per-row tensor (finite).
-        chunk: rows per chunk (≥ 1); default from the torch backend's workspace budget
+        chunk_size: rows per chunk (≥ 1); default from the torch backend's workspace budget
             (1/16 of the N×M fp32 matrix within its bounds, or ``MMLOSS_CHUNK_BYTES``).
+        chunk: deprecated spelling of ``chunk_size`` (DeprecationWarning).
 
     Returns:
         ``(values (N, k), indices (N, k))``: values in fp32 (fp64 for fp64 inputs), sorted in
@@ -58,13 +60,11 @@ def similarity_topk(x: Tensor, y: Tensor, k: int, *, scale=1.0, chunk: Optional[
     if k < 1 or k > m:
         raise ValueError(f"k must satisfy 1 ≤ k ≤ M = {m} (the rows of y), got k={k}")
     scale = V.check_scalar("scale", scale, rows=n, device=x.device)
-    if chunk is not None:
-        chunk = V.check_int("chunk", chunk)
-        if chunk < 1:
-            raise ValueError(f"chunk must be ≥ 1 rows, got {chunk}")
+    chunk_size = V.renamed_argument("similarity_topk", "chunk", chunk, "chunk_size", chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     scale = scale.detach() if isinstance(scale, Tensor) else scale
     scale_t, scale_v = split_scalar(scale, x)
-    return _similarity_topk_op(x.detach(), y.detach(), k, scale_t, scale_v, 0 if chunk is None else chunk)
+    return _similarity_topk_op(x.detach(), y.detach(), k, scale_t, scale_v, chunk_size)
 
 
 @torch.library.custom_op("mmloss::similarity_topk", mutates_args=())

@@ -46,9 +46,10 @@ def similarity_kl(x_s, y_s, x_t, y_t, scale_s, scale_t, *, rows=True, cols=True,
     return row, col
 
 
-def similarity_topk(x, y, k, *, scale=1.0, chunk=None):
+def similarity_topk(x, y, k, *, scale=1.0, chunk_size=None, chunk=None):
     """Dense ``similarity_topk``: the k largest ``s·⟨x_i, y_j⟩`` per row, ties to the lower
-    index (a stable descending sort); no gradient."""
+    index (a stable descending sort); no gradient. ``chunk_size`` / ``chunk`` are accepted for
+    signature parity and ignored (one dense matrix)."""
     with torch.no_grad():
         L = _logits(x.detach(), y.detach(), _detach(scale))
         values, indices = torch.sort(L, dim=1, descending=True, stable=True)
