@@ -13,6 +13,7 @@ import torch
 
 import mmloss
 from mmloss import check
+from mmloss.check import runner
 from mmloss.ops import torch_chunked
 
 SMALL = ["--backends", "torch", "--dtypes", "fp32", "--quick", "--checks", "lse,clip_loss"]
@@ -86,12 +87,12 @@ def test_fails_on_a_wrong_gradient(monkeypatch, capsys):
 
 
 def test_a_named_backend_that_cannot_run_fails(monkeypatch, capsys):
-    real = check.usable_backends
+    real = runner.usable_backends
 
     def without_cpu_extension(device):
         return {**real(device), "cpu": "mmloss._C is not built (test)"}
 
-    monkeypatch.setattr(check, "usable_backends", without_cpu_extension)
+    monkeypatch.setattr(runner, "usable_backends", without_cpu_extension)  # where run_checks looks it up
     assert check.main(["--backends", "torch,cpu", "--dtypes", "fp64", "--quick", "--checks", "sigmoid/none"]) == 1
     out = capsys.readouterr().out
     failed = _rows(out, "FAIL")
@@ -101,12 +102,12 @@ def test_a_named_backend_that_cannot_run_fails(monkeypatch, capsys):
 
 
 def test_unsupported_dtype_is_skipped_not_failed(monkeypatch, capsys):
-    real = check.supported_dtypes
+    real = runner.supported_dtypes
 
     def no_fp64(backend, device):
         return {**real(backend, device), "fp64": "no fp64 kernels (test)"}
 
-    monkeypatch.setattr(check, "supported_dtypes", no_fp64)
+    monkeypatch.setattr(runner, "supported_dtypes", no_fp64)
     assert check.main(["--backends", "torch", "--dtypes", "fp64", "--quick", "--checks", "lse/none"]) == 1
     out = capsys.readouterr().out
     assert "no fp64 kernels (test)" in out and "no check ran" in out
