@@ -147,9 +147,12 @@ def similarity_kl(
 
         return reference.similarity_kl(x_s, y_s, x_t, y_t, scale_s, scale_t, rows=rows, cols=cols,
                                        cross_entropy=cross_entropy)
+    scale_s, scale_s_value = split_scalar(scale_s, x_s)
+    scale_t, scale_t_value = split_scalar(scale_t, x_s)
     row, col, _, _ = SIMILARITY_KL(
-        x_s, y_s, x_t, y_t, *split_scalar(scale_s, x_s), *split_scalar(scale_t, x_s), rows, cols,
-        cross_entropy, name, chunk, resolve_deterministic(deterministic),
+        x_s=x_s, y_s=y_s, x_t=x_t, y_t=y_t, scale_s=scale_s, scale_s_value=scale_s_value, scale_t=scale_t,
+        scale_t_value=scale_t_value, rows=rows, cols=cols, cross_entropy=cross_entropy, backend=name,
+        chunk_size=chunk, deterministic=resolve_deterministic(deterministic),
     )
     return (row if rows else None), (col if cols else None)
 

@@ -175,9 +175,11 @@ def similarity_lse(
             x, y, scale, bias, exclude=exclude, offset=offset, x_labels=x_labels,
             y_labels=y_labels, rows=rows, cols=cols,
         )
+    scale_t, scale_value, bias_t, bias_value = scale_and_bias(x, scale, bias)
     row, col, _, _ = SIMILARITY_LSE(
-        x, y, *scale_and_bias(x, scale, bias), exclude, offset, x_labels, y_labels, rows, cols,
-        name, chunk, resolve_deterministic(deterministic),
+        x=x, y=y, scale=scale_t, scale_value=scale_value, bias=bias_t, bias_value=bias_value,
+        exclude=exclude, offset=offset, x_labels=x_labels, y_labels=y_labels, rows=rows, cols=cols,
+        backend=name, chunk_size=chunk, deterministic=resolve_deterministic(deterministic),
     )
     return (row if rows else None), (col if cols else None)
 
@@ -209,9 +211,11 @@ def pairwise_sigmoid(
             y_labels=y_labels,
         )
         return rows.sum() if reduction == "sum" else rows
-    args = (x, y, *scale_and_bias(x, scale, bias), positives, offset, x_labels, y_labels, name, chunk,
-            resolve_deterministic(deterministic))
+    scale_t, scale_value, bias_t, bias_value = scale_and_bias(x, scale, bias)
+    args = dict(x=x, y=y, scale=scale_t, scale_value=scale_value, bias=bias_t, bias_value=bias_value,
+                positives=positives, offset=offset, x_labels=x_labels, y_labels=y_labels, backend=name,
+                chunk_size=chunk, deterministic=resolve_deterministic(deterministic))
     if reduction == "none":
-        return PAIRWISE_SIGMOID(*args)
-    needs = (requires_grad(x), requires_grad(y), requires_grad(scale), requires_grad(bias))
-    return PAIRWISE_SIGMOID_SUM(*args, *needs)[0]
+        return PAIRWISE_SIGMOID(**args)
+    return PAIRWISE_SIGMOID_SUM(**args, need_x=requires_grad(x), need_y=requires_grad(y),
+                                need_scale=requires_grad(scale), need_bias=requires_grad(bias))[0]

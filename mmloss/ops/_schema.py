@@ -109,8 +109,11 @@ class Primitive:
         except KeyError:  # pragma: no cover - resolve_backend refuses these first
             raise RuntimeError(f"mmloss backend {backend!r} has no implementation of {self.name}")
 
-    def __call__(self, *args):
-        """Run the forward op on positional arguments in declaration order."""
+    def __call__(self, *args, **named):
+        """Run the forward op on its arguments, positional in declaration order or by name
+        (every argument named: the call then reads like the declaration)."""
+        if named:
+            args = args + tuple(named[a.name] for a in self.args[len(args):])
         return self.ops["forward"](*args)
 
     def run_backward(self, *args):

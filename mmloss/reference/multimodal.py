@@ -134,16 +134,19 @@ def _lmi(g, local, mask, tau):
 
 
 def isogclr_loss(features_a, features_b, index, log_u, tau, tau_momentum, seen, *, running_max=None,
-                 bimodal=False, rho=None, gamma=0.9, beta=0.9, eta=0.01, tau_min=None, tau_max=None,
-                 form="libauc"):
+                 mode=None, rho=None, gamma=0.9, beta=0.9, eta=0.01, tau_min=None, tau_max=None,
+                 form="libauc", bimodal=None):
     """docs/losses.md §11, dense: explicit weights ``p_z = exp(x_z/τ)/u`` on every negative (x = h, or
     the raw similarity for the unimodal "libauc" form) and the surrogate ``Σ_z p_z·x_z`` with p
     detached (scaled as the form prescribes), so autograd yields the algorithm's gradient. u is
     handled in linear space with a per-row shift: for the bimodal "libauc" form LibAUC's running
     max b (updated in ``running_max``; u clamped at 1e-20 in shifted units), otherwise the row
     max of x/τ over the negatives and the old log u; the unimodal "libauc" weights use max(u, 1e-8). The state
-    stays in log space like the fast path's. Updates the state tensors in place."""
-    defaults = _ISOGCLR_DEFAULTS[bool(bimodal)]
+    stays in log space like the fast path's. Updates the state tensors in place.
+    ``mode`` "unimodal" | "bimodal" (None: "unimodal", or what ``bimodal`` says)."""
+    # mode= as in mmloss.isogclr_loss; the oracle also takes the older bimodal= without a warning.
+    bimodal = (mode == "bimodal") if mode is not None else bool(bimodal)
+    defaults = _ISOGCLR_DEFAULTS[bimodal]
     rho = defaults["rho"] if rho is None else rho
     tau_min = defaults["tau_min"] if tau_min is None else tau_min
     tau_max = defaults["tau_max"] if tau_max is None else tau_max
