@@ -9,10 +9,13 @@ Two oracles:
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 import mmloss
+from mmloss.functional.isogclr import isogclr_hyperparameters
 from oracle import assert_grad_close, assert_loss_close, features, oracle, cpu_fast_backends
 
 ref = mmloss.reference
@@ -29,6 +32,11 @@ def fresh_state(size: int, bimodal: bool, dtype=torch.float64):
     return {"log_u": torch.zeros(size, sides, dtype=dtype), "tau": torch.full((size, sides), tau, dtype=dtype),
             "tau_momentum": torch.zeros(size, sides, dtype=dtype), "seen": torch.zeros(size, dtype=torch.bool),
             "running_max": torch.zeros(size, sides, dtype=dtype)}
+
+
+def mode_of(bimodal: bool) -> str:
+    """``isogclr_loss``'s ``mode`` for the dense reference's ``bimodal`` flag."""
+    return "bimodal" if bimodal else "unimodal"
 
 
 def call(fn, x, y, index, state, **options):
@@ -66,7 +74,8 @@ def run_steps(bimodal, form, dtype, *, n, d, size, steps, seed=0, noncontig=Fals
         x = features(n, d, dtype=dtype, seed=seed + 10 * step, noncontig=noncontig)
         y = features(n, d, dtype=dtype, seed=seed + 10 * step + 1, noncontig=noncontig)
         index = torch.randperm(size, generator=g)[:n]             # mixes new and seen samples
-        loss, objective = call(mmloss.isogclr_loss, x, y, index, fast, bimodal=bimodal, form=form, backend=backend)
+        loss, objective = call(mmloss.isogclr_loss, x, y, index, fast, mode=mode_of(bimodal), form=form,
+                               backend=backend)
         xr, yr = oracle(x), oracle(y)
         expected, expected_objective = call(ref.isogclr_loss, xr, yr, index, dense, bimodal=bimodal, form=form)
         assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -108,14 +117,15 @@ def test_half_inputs(dtype, bimodal):
 
 def test_every_non_default_option_at_once():
     """Bimodal, paper form, custom ρ/γ/β/η/τ range, fp32 state, non-contiguous inputs."""
-    options = dict(bimodal=True, form="paper", rho=2.0, gamma=0.5, beta=0.3, eta=0.05, tau_min=0.02, tau_max=0.2)
+    options = dict(form="paper", rho=2.0, gamma=0.5, beta=0.3, eta=0.05, tau_min=0.02, tau_max=0.2)
     fast, dense = fresh_state(10, True, torch.float32), fresh_state(10, True, torch.float32)
     for step in range(3):
         x = features(6, 3, dtype=torch.float64, seed=step, noncontig=True)
         y = features(6, 3, dtype=torch.float64, seed=step + 7, noncontig=True)
         index = torch.tensor([step, 3, 9, 5 + step, 8, 1])
-        loss, objective = call(mmloss.isogclr_loss, x, y, index, fast, backend="torch", **options)
-        expected, expected_objective = call(ref.isogclr_loss, oracle(x), oracle(y), index, dense, **options)
+        loss, objective = call(mmloss.isogclr_loss, x, y, index, fast, mode="bimodal", backend="torch", **options)
+        expected, expected_objective = call(ref.isogclr_loss, oracle(x), oracle(y), index, dense, bimodal=True,
+                                            **options)
         assert_loss_close(loss, expected, torch.float64)
         assert_loss_close(objective, expected_objective, torch.float64)
     assert_states_close(fast, dense, torch.float32, eta=0.05)
@@ -274,7 +284,7 @@ def test_rejects_mismatched_views():
 
 def test_rejects_state_of_the_wrong_mode():
     with pytest.raises(ValueError, match="log_u"):
-        call(mmloss.isogclr_loss, features(3, 3), features(3, 3), torch.arange(3), _state(), bimodal=True)
+        call(mmloss.isogclr_loss, features(3, 3), features(3, 3), torch.arange(3), _state(), mode="bimodal")
 
 
 def test_rejects_a_non_bool_seen():
@@ -288,7 +298,7 @@ def test_bimodal_libauc_needs_the_running_max():
     state = _state(bimodal=True)
     with pytest.raises(ValueError, match="running_max"):
         mmloss.isogclr_loss(features(3, 3), features(3, 3), torch.arange(3), state["log_u"], state["tau"],
-                            state["tau_momentum"], state["seen"], bimodal=True)
+                            state["tau_momentum"], state["seen"], mode="bimodal")
 
 
 def test_rejects_gamma_out_of_range():
@@ -404,10 +414,10 @@ def test_repeated_indices_get_their_first_occurrence_update(mode):
 def test_repeated_indices_are_deterministic_in_the_write_order():
     """Every occurrence writes its group's first-occurrence values, so the scatter order of the
     duplicates cannot matter (on CUDA it is unspecified)."""
-    from mmloss.functional.multimodal import _first_occurrence
+    from mmloss.functional.isogclr import first_occurrence
 
     index = torch.tensor([4, 1, 4, 4, 0, 1, 7])
-    assert _first_occurrence(index).tolist() == [0, 1, 0, 0, 4, 1, 6]
+    assert first_occurrence(index).tolist() == [0, 1, 0, 0, 4, 1, 6]
 
 
 @pytest.mark.parametrize("mode", ["unimodal", "bimodal"])
@@ -442,7 +452,7 @@ def test_functional_update_state_false_writes_nothing():
     state = fresh_state(8, True)
     before = {k: v.clone() for k, v in state.items()}
     x, y = features(4, 3, dtype=torch.float64, seed=38), features(4, 3, dtype=torch.float64, seed=39)
-    loss, objective = call(mmloss.isogclr_loss, x, y, torch.arange(4), state, bimodal=True, update_state=False)
+    loss, objective = call(mmloss.isogclr_loss, x, y, torch.arange(4), state, mode="bimodal", update_state=False)
     for name in state:
         assert torch.equal(state[name], before[name]), name
     expected, expected_objective = call(ref.isogclr_loss, oracle(x), oracle(y), torch.arange(4), fresh_state(8, True),
@@ -584,7 +594,7 @@ def test_bimodal_large_logits_are_as_accurate_as_dense_fp32():
         x = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1) * 5
         y = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1) * 5
         index = torch.randperm(size, generator=g)[:n]
-        got, _ = call(mmloss.isogclr_loss, x, y, index, fast, bimodal=True, backend="torch")
+        got, _ = call(mmloss.isogclr_loss, x, y, index, fast, mode="bimodal", backend="torch")
         rounded, _ = call(ref.isogclr_loss, x, y, index, dense32, bimodal=True)
         exact, _ = call(ref.isogclr_loss, x.double(), y.double(), index, dense64, bimodal=True)
         err, dense_err = abs(float(got) - float(exact)), abs(float(rounded) - float(exact))
@@ -602,7 +612,65 @@ def test_reference_paper_form_does_not_overflow_when_u_dwarfs_the_batch():
         x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1) * 5
         y = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1) * 5
         index = torch.randperm(size, generator=g)[:n]
-        got, _ = call(mmloss.isogclr_loss, x, y, index, fast, bimodal=True, form="paper", backend="torch")
+        got, _ = call(mmloss.isogclr_loss, x, y, index, fast, mode="bimodal", form="paper", backend="torch")
         expected, _ = call(ref.isogclr_loss, x, y, index, dense, bimodal=True, form="paper")
         assert_loss_close(got, expected, torch.float64, what=f"loss at step {step}")
         assert bool(torch.isfinite(dense["log_u"]).all())
+
+
+# ----------------------------------------------------------------------------- mode and its deprecated alias (issue 9)
+
+
+@pytest.mark.parametrize("mode", ["unimodal", "bimodal"])
+def test_bimodal_alias_warns_and_behaves_as_mode(mode):
+    """``isogclr_loss(bimodal=)`` is the deprecated spelling of ``mode=`` (the module's name):
+    same loss, gradient, objective and state update, plus a DeprecationWarning."""
+    x, y = features(5, 3, dtype=torch.float64, seed=50), features(5, 3, dtype=torch.float64, seed=51)
+    index = torch.tensor([4, 0, 7, 2, 5])
+    new, old = fresh_state(8, mode == "bimodal"), fresh_state(8, mode == "bimodal")
+    for step in range(2):                                       # a first visit, then a seen one
+        loss, objective = call(mmloss.isogclr_loss, x, y, index, new, mode=mode, backend="torch")
+        with pytest.warns(DeprecationWarning, match="bimodal"):
+            old_loss, old_objective = call(mmloss.isogclr_loss, x, y, index, old, bimodal=mode == "bimodal",
+                                           backend="torch")
+        assert torch.equal(loss, old_loss) and torch.equal(objective, old_objective), step
+        for a, e in zip(torch.autograd.grad(loss, [x, y]), torch.autograd.grad(old_loss, [x, y])):
+            assert torch.equal(a, e), step
+        for name in new:
+            assert torch.equal(new[name], old[name]), (step, name)
+
+
+def test_mode_defaults_to_unimodal_without_a_warning():
+    x, y = features(4, 3, dtype=torch.float64, seed=52), features(4, 3, dtype=torch.float64, seed=53)
+    default, explicit = fresh_state(6, False), fresh_state(6, False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                          # neither call nor the module warns
+        got, _ = call(mmloss.isogclr_loss, x, y, torch.arange(4), default, backend="torch")
+        expected, _ = call(mmloss.isogclr_loss, x, y, torch.arange(4), explicit, mode="unimodal", backend="torch")
+        mmloss.ISogCLRLoss(6, "bimodal", backend="torch")(x, y, torch.arange(4))
+    assert torch.equal(got, expected)
+
+
+def test_mode_and_its_alias_together_are_a_type_error():
+    with pytest.raises(TypeError, match="both mode= and its deprecated alias bimodal="):
+        call(mmloss.isogclr_loss, features(3, 3), features(3, 3), torch.arange(3), _state(), mode="unimodal",
+             bimodal=False)
+    with pytest.raises(TypeError, match="both mode= and its deprecated alias bimodal="):
+        isogclr_hyperparameters("bimodal", bimodal=True)
+
+
+def test_bad_mode_and_bad_alias_are_rejected():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        call(mmloss.isogclr_loss, features(3, 3), features(3, 3), torch.arange(3), _state(), mode="trimodal")
+    with pytest.raises(TypeError, match="bimodal must be a bool"):
+        call(mmloss.isogclr_loss, features(3, 3), features(3, 3), torch.arange(3), _state(), bimodal=1)
+
+
+def test_hyperparameters_take_mode_and_the_deprecated_alias():
+    assert isogclr_hyperparameters() == isogclr_hyperparameters("unimodal") == (0.3, 0.9, 0.9, 0.01, 0.05, 0.7)
+    assert isogclr_hyperparameters(mode="bimodal") == (6.0, 0.9, 0.9, 0.01, 0.005, 0.05)
+    for flag, mode in ((True, "bimodal"), (False, "unimodal")):
+        with pytest.warns(DeprecationWarning, match="bimodal"):
+            assert isogclr_hyperparameters(bimodal=flag, rho=1.0) == isogclr_hyperparameters(mode, rho=1.0)
+        with pytest.warns(DeprecationWarning, match="bimodal"):           # the old positional flag
+            assert isogclr_hyperparameters(flag) == isogclr_hyperparameters(mode)

@@ -7,7 +7,8 @@ each step's value and gradients equal eager mode under docs/design.md's fp32 rul
 under the AOTAutograd backend ("aot_eager": dynamo, fake tensors, the custom ops' fake kernels
 and the autograd.Functions traced with symbolic shapes, without code generation, which would
 cost ~30 s a loss on two cores); NT-Xent, which reaches every autograd.Function of
-``mmloss/functional/ssl.py`` and ``similarity_lse``, also runs under inductor. The modules
+``mmloss/functional/ssl_common.py`` (the blocks every SSL loss is built of) and
+``similarity_lse``, also runs under inductor. The modules
 compile with their float attributes and ``check_finite=True`` (skipped while compiling).
 
 This directory runs in its own pytest process (scripts/run_tests.sh, stage "compile").
@@ -143,7 +144,7 @@ def test_function_with_float_temperature_argument(fresh_dynamo):
 
 # ----------------------------------------------------------------------------- upstream pin
 
-_EPS = 1e-12  # a module-level float, as functional/ssl.py had (_NORM_EPS) before the fix
+_EPS = 1e-12  # a module-level float, as functional/ssl.py (now ssl_common.py) had (_NORM_EPS) before the fix
 
 
 class _ClampWithGlobalFloat(torch.autograd.Function):
@@ -161,11 +162,12 @@ def test_upstream_bug_module_float_read_in_two_autograd_functions(fresh_dynamo):
     dynamic=True dynamo makes a module-level float a symbolic input; realised inside the first
     application's forward subgraph, the second application reuses that proxy and dynamo fails
     with "lift_tracked_freevar_to_input should not be called on root SubgraphTracer" (torch 2.13,
-    even with fullgraph=False). functional/ssl.py therefore reads no module-level float inside
-    an autograd.Function (``_norm_eps()`` returns a literal; Functions receive tensors).
+    even with fullgraph=False). The SSL modules (functional/ssl_common.py and the losses built on
+    it) therefore read no module-level float inside an autograd.Function (``norm_eps()`` returns a
+    literal; Functions receive tensors).
 
-    When this test fails, torch has fixed the bug: the rule in functional/ssl.py's docstring
-    may be relaxed (keep the compile tests above)."""
+    When this test fails, torch has fixed the bug: the rule in functional/ssl_common.py's
+    docstring may be relaxed (keep the compile tests above)."""
     compiled = torch.compile(lambda a, b: _ClampWithGlobalFloat.apply(a) + _ClampWithGlobalFloat.apply(b),
                              dynamic=True, backend="eager")
     x, y = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)

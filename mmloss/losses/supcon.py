@@ -1,0 +1,49 @@
+"""SupCon module (docs/losses.md §5), pytorch-metric-learning's ``forward(embeddings, labels=None,
+indices_tuple=None, ref_emb=None, ref_labels=None)``, which also takes HobbitLong's (B, V, D)
+tensor (no math here; ``mmloss.functional.supcon``).
+
+L2-normalised inside, rank-local, ``backend=`` and ``check_finite=``: as ``mmloss.losses.ntxent``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..functional.supcon import supcon_loss
+from ..functional.ssl_common import check_positive_float, check_temperature
+from ._base import LossModule
+
+Tensor = torch.Tensor
+
+
+class SupConLoss(LossModule):
+    """Supervised contrastive loss (docs/losses.md §5): ``SupConLoss(temperature=0.1,
+    base_temperature=None)(embeddings, labels=None, indices_tuple=None, ref_emb=None,
+    ref_labels=None)`` — pytorch-metric-learning's forward signature — with (n, D) + labels
+    (PML) or (B, V, D) [+ (B,) labels] (HobbitLong). ``ref_emb``/``ref_labels``: anchors from
+    ``embeddings``, positives and negatives from the reference set (``supcon_loss``);
+    ``indices_tuple`` from a miner raises NotImplementedError."""
+
+    def __init__(self, temperature: float = 0.1, base_temperature: Optional[float] = None, *,
+                 backend: str = "auto", distributed=None, group=None,
+                 check_finite: bool = False):
+        super().__init__(backend=backend, distributed=distributed, group=group, check_finite=check_finite)
+        self.temperature = check_temperature("temperature", temperature)
+        self.base_temperature = (None if base_temperature is None
+                                 else check_positive_float("base_temperature", base_temperature))
+
+    def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, indices_tuple=None,
+                ref_emb: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None) -> Tensor:
+        """Returns the 0-d loss, fp32 (fp64 for fp64 inputs); see ``mmloss.supcon_loss``."""
+        self._require_local()
+        return supcon_loss(embeddings, labels, self.temperature, self.base_temperature,
+                             ref_emb=ref_emb, ref_labels=ref_labels, indices_tuple=indices_tuple,
+                             backend=self.backend, check_finite=self.check_finite)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, base_temperature={self.base_temperature}, "
+                f"{super().extra_repr()}")
+
+
+__all__ = ["SupConLoss"]

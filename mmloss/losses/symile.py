@@ -1,0 +1,36 @@
+"""§9 Symile module (docs/losses.md); the math is ``mmloss.functional.symile_loss``."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _validation as V
+from ..functional.symile import SYMILE_SAMPLING, symile_loss
+from ._base import LossModule
+
+__all__ = ["SymileLoss"]
+
+
+class SymileLoss(LossModule):
+    """Symile loss of K ≥ 2 modalities (docs/losses.md §9); see ``mmloss.functional.symile_loss``.
+
+    ``SymileLoss(negative_sampling="n", *, reduction="mean", check_finite=False, distributed=None,
+    backend="auto")``
+    ``.forward(representations (list of K (N, D)), logit_scale, generator=None)``.
+    Stateless.
+    """
+
+    def __init__(self, negative_sampling: str = "n", *, reduction: str = "mean", check_finite: bool = False,
+                 distributed=None, group=None, backend: str = "auto"):
+        super().__init__(backend=backend, distributed=distributed, group=group, check_finite=check_finite)
+        self.negative_sampling = V.check_choice("negative_sampling", negative_sampling, SYMILE_SAMPLING)
+        self.reduction = V.check_reduction(reduction)
+
+    def forward(self, representations, logit_scale, generator: Optional[torch.Generator] = None):
+        self._require_local()
+        return symile_loss(representations, logit_scale, self.negative_sampling, generator,
+                           reduction=self.reduction, check_finite=self.check_finite, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"negative_sampling={self.negative_sampling!r}, " + super().extra_repr()
