@@ -14,6 +14,18 @@ Tensor = torch.Tensor
 compute_dtype = V.compute_dtype  # fp64 stays fp64, the rest accumulate in fp32
 
 
+def paired_features(loss: str, image_features, text_features, hint: str = "") -> tuple[Tensor, Tensor]:
+    """Validated (N, D) image and text features of one dtype, as many texts as images (pair i
+    is the positive of row i)."""
+    x, y = V.prepare_features("image_features", image_features, "text_features", text_features)
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{loss} needs as many texts as images: image_features has {x.shape[0]} rows, "
+            f"text_features {y.shape[0]}{hint}"
+        )
+    return x, y
+
+
 def softplus(t: Tensor) -> Tensor:
     """log(1 + e^t), exact at every magnitude (aten's softplus switches to t above 20)."""
     return torch.logaddexp(t, torch.zeros((), dtype=t.dtype, device=t.device))

@@ -8,7 +8,8 @@ import torch
 from .. import _validation as V
 from .. import distributed as D
 from ..ops import similarity_lse
-from ._common import LabelClasses, attach_unused, compute_dtype, reduce, rowwise_dot, scale_as, softplus
+from ._common import (LabelClasses, attach_unused, compute_dtype, paired_features, reduce, rowwise_dot, scale_as,
+                      softplus)
 
 Tensor = torch.Tensor
 
@@ -67,15 +68,12 @@ def clip_loss_core(image_features, text_features, logit_scale, logit_bias=None, 
                    label_smoothing=0.0, reduction="mean", backend="auto", check_finite=False,
                    distributed=None, group=None, uniform_shards=False, local_share=False,
                    configured_world_size=1, loss_name="clip_loss"):
-    """``clip_loss`` plus the options only ``ClipLoss`` sets: ``local_share=True`` is open_clip's ``local_loss=True`` under gathering: the
-    mean of this rank's terms with its own gradient (no scalar all-reduces)."""
-    x, y = V.prepare_features("image_features", image_features, "text_features", text_features)
+    """``clip_loss`` plus the options only ``ClipLoss`` sets: ``local_share=True`` is open_clip's
+    ``local_loss=True`` under gathering: the mean of this rank's terms with its own gradient (no
+    scalar all-reduces)."""
+    x, y = paired_features("clip_loss", image_features, text_features,
+                           hint=" (use infonce_loss for rectangular problems)")
     n = x.shape[0]
-    if y.shape[0] != n:
-        raise ValueError(
-            f"clip_loss needs as many texts as images: image_features has {n} rows, "
-            f"text_features {y.shape[0]} (use infonce_loss for rectangular problems)"
-        )
     dt = compute_dtype(x)
     logit_scale = V.check_scalar("logit_scale", logit_scale, device=x.device, positive=True, dtype=dt)
     if logit_bias is not None:
@@ -99,18 +97,26 @@ def clip_loss_core(image_features, text_features, logit_scale, logit_bias=None, 
         # the O(N·D) positive-pair gradients are materialised, one at a time.
         diag = s * rowwise_dot(x, y)
         row_lse, col_lse = similarity_lse(x, y, logit_scale, exclude="diagonal", backend=backend)
-        rows = softplus(row_lse - diag)
-        cols = softplus(col_lse - diag)
-        if eps > 0.0:
-            # CE against the uniform target: LSE over all pairs minus the mean logit.
-            rows = (1.0 - eps) * rows + eps * (torch.logaddexp(row_lse, diag) - s * _mean_logit(x, y, dt))
-            cols = (1.0 - eps) * cols + eps * (torch.logaddexp(col_lse, diag) - s * _mean_logit(y, x, dt))
+        rows, cols = _diagonal_terms(row_lse, col_lse, diag, eps, s, (x, y), (y, x), dt)
     else:
         row_lse, col_lse = similarity_lse(x, y, logit_scale, backend=backend)
         rows = row_lse - s * _target_logit(x, y, labels, eps, dt)
         cols = col_lse - s * _target_logit(y, x, labels, eps, dt)
     loss = reduce(0.5 * (rows + cols), reduction)
     return attach_unused(loss, logit_bias)
+
+
+def _diagonal_terms(row_lse, col_lse, diag, eps, s, row_pair, col_pair, dt):
+    """Row and column terms of single-positive CLIP from the LSEs over the negatives:
+    ``softplus(LSE_{j≠i} − L_ii)``, mixed with label smoothing ε's CE against the uniform target
+    (LSE over all pairs minus the mean logit; ``row_pair`` / ``col_pair`` are the (anchors,
+    candidates) the row / column means run over)."""
+    rows = softplus(row_lse - diag)
+    cols = softplus(col_lse - diag)
+    if eps > 0.0:
+        rows = (1.0 - eps) * rows + eps * (torch.logaddexp(row_lse, diag) - s * _mean_logit(*row_pair, dt))
+        cols = (1.0 - eps) * cols + eps * (torch.logaddexp(col_lse, diag) - s * _mean_logit(*col_pair, dt))
+    return rows, cols
 
 
 def _clip_gathered(x, y, logit_scale, logit_bias, labels, eps, reduction, backend, dt, group,
@@ -133,11 +139,7 @@ def _clip_gathered(x, y, logit_scale, logit_bias, labels, eps, reduction, backen
                                     backend=backend)
         col_lse, _ = similarity_lse(y, x_all, logit_scale, exclude="diagonal", offset=offset, cols=False,
                                     backend=backend)
-        rows = softplus(row_lse - diag)
-        cols = softplus(col_lse - diag)
-        if eps > 0.0:
-            rows = (1.0 - eps) * rows + eps * (torch.logaddexp(row_lse, diag) - s * _mean_logit(x, y_all, dt))
-            cols = (1.0 - eps) * cols + eps * (torch.logaddexp(col_lse, diag) - s * _mean_logit(y, x_all, dt))
+        rows, cols = _diagonal_terms(row_lse, col_lse, diag, eps, s, (x, y_all), (y, x_all), dt)
     else:
         labels_all = comm.gather("image_features", labels)
         row_lse, _ = similarity_lse(x, y_all, logit_scale, cols=False, backend=backend)

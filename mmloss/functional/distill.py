@@ -6,7 +6,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import BACKEND_CHOICES, similarity_kl, similarity_topk
-from ._common import as_compute, compute_dtype, softplus
+from ._common import as_compute, compute_dtype, paired_features, softplus
 from .clip import clip_loss
 
 Tensor = torch.Tensor
@@ -130,13 +130,8 @@ def modx_loss(
     Returns an fp32 scalar (fp64 for fp64 inputs). Memory O(N·(D+D_old)) plus the primitives'
     workspaces; no N×N tensor.
     """
-    x, y = V.prepare_features("image_features", image_features, "text_features", text_features)
+    x, y = paired_features("modx_loss", image_features, text_features)
     n = x.shape[0]
-    if y.shape[0] != n:
-        raise ValueError(
-            f"modx_loss needs as many texts as images: image_features has {n} rows, "
-            f"text_features {y.shape[0]}"
-        )
     xo, yo = _prepare_pair("old_image_features", old_image_features, "old_text_features", old_text_features,
                            n, n, "old-model")
     V.check_same_device(("image_features", x), ("old_image_features", xo))
@@ -252,13 +247,8 @@ def cyclip_loss(
     Returns an fp32 scalar (fp64 for fp64 inputs). Memory O(N·D + D²) plus the CLIP
     primitive's workspace.
     """
-    x, y = V.prepare_features("image_features", image_features, "text_features", text_features)
+    x, y = paired_features("cyclip_loss", image_features, text_features)
     n = x.shape[0]
-    if y.shape[0] != n:
-        raise ValueError(
-            f"cyclip_loss needs as many texts as images: image_features has {n} rows, "
-            f"text_features {y.shape[0]}"
-        )
     lambda_in = check_weight("lambda_in", lambda_in)
     lambda_cross = check_weight("lambda_cross", lambda_cross)
     if V.check_bool("check_finite", check_finite):

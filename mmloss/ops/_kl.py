@@ -21,26 +21,10 @@ import torch
 from .. import _validation as V
 from ._args import check_chunk_size, resolve_deterministic, split_scalar
 from ._backends import resolve_backend
-from ._schema import Arg, Out, Primitive, register
+from ._schema import Arg, Out, Primitive, register, row_col_backward, row_col_fake
 from ._spec import KLSpec
 
 Tensor = torch.Tensor
-
-
-def _kl_fake(p):
-    dt = V.compute_dtype(p.x_s)
-    n = p.x_s.shape[0] if p.rows else 0
-    m = p.y_s.shape[0] if p.cols else 0
-    return (p.x_s.new_empty(n, dtype=dt), p.x_s.new_empty(m, dtype=dt), p.x_s.new_empty((4, n), dtype=dt),
-            p.x_s.new_empty((4, m), dtype=dt))
-
-
-def _kl_backward(module, spec, p, grads, saved, needs):
-    row = grads.row if p.rows else None
-    col = grads.col if p.cols else None
-    if row is None and col is None:
-        return (None,) * len(needs)
-    return module.similarity_kl_backward(spec, row, col, saved.row_stats, saved.col_stats, needs)
 
 
 SIMILARITY_KL = register(Primitive(
@@ -62,8 +46,8 @@ SIMILARITY_KL = register(Primitive(
     spec=lambda p: KLSpec(p.x_s, p.y_s, p.x_t, p.y_t, p.scale_s, p.scale_s_value, p.scale_t, p.scale_t_value,
                           p.chunk_size, p.deterministic),
     forward=lambda module, spec, p: module.similarity_kl_forward(spec, p.rows, p.cols, p.cross_entropy),
-    fake=_kl_fake,
-    backward=_kl_backward,
+    fake=lambda p: row_col_fake(p.x_s, p.y_s, p.rows, p.cols, stat_fields=4),
+    backward=row_col_backward("similarity_kl_backward"),
 ))
 
 

@@ -16,7 +16,7 @@ import torch
 from .. import _validation as V
 from ._args import check_chunk_size, check_marks, requires_grad, resolve_deterministic, scale_and_bias
 from ._backends import resolve_backend
-from ._schema import Arg, Out, Primitive, register
+from ._schema import Arg, Out, Primitive, register, row_col_backward, row_col_fake
 from ._spec import PairSpec
 
 Tensor = torch.Tensor
@@ -49,21 +49,6 @@ def _pair_spec(marks: str):
 # ----------------------------------------------------------------------------- similarity_lse
 
 
-def _lse_fake(p):
-    dt = V.compute_dtype(p.x)
-    n, m = (p.x.shape[0] if p.rows else 0), (p.y.shape[0] if p.cols else 0)
-    return (p.x.new_empty(n, dtype=dt), p.x.new_empty(m, dtype=dt), p.x.new_empty((2, n), dtype=dt),
-            p.x.new_empty((2, m), dtype=dt))
-
-
-def _lse_backward(module, spec, p, grads, saved, needs):
-    row = grads.row_lse if p.rows else None
-    col = grads.col_lse if p.cols else None
-    if row is None and col is None:
-        return (None,) * len(needs)
-    return module.similarity_lse_backward(spec, row, col, saved.row_stats, saved.col_stats, needs)
-
-
 SIMILARITY_LSE = register(Primitive(
     name="similarity_lse",
     args=_pair_args("exclude", Arg("rows", "bool"), Arg("cols", "bool")),
@@ -75,8 +60,8 @@ SIMILARITY_LSE = register(Primitive(
     modules=PAIR_MODULES,
     spec=_pair_spec("exclude"),
     forward=lambda module, spec, p: module.similarity_lse_forward(spec, p.rows, p.cols),
-    fake=_lse_fake,
-    backward=_lse_backward,
+    fake=lambda p: row_col_fake(p.x, p.y, p.rows, p.cols, stat_fields=2),
+    backward=row_col_backward("similarity_lse_backward"),
 ))
 
 

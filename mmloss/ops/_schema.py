@@ -121,6 +121,28 @@ class Primitive:
         return self.ops["backward"](*args)
 
 
+def row_col_fake(x: Tensor, y: Tensor, rows: bool, cols: bool, stat_fields: int):
+    """Fake outputs of a primitive returning (row (N,) | (0,), col (M,) | (0,), row statistics
+    (stat_fields, N | 0), column statistics (stat_fields, M | 0)) in the compute dtype."""
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n, m = (x.shape[0] if rows else 0), (y.shape[0] if cols else 0)
+    return (x.new_empty(n, dtype=dt), x.new_empty(m, dtype=dt), x.new_empty((stat_fields, n), dtype=dt),
+            x.new_empty((stat_fields, m), dtype=dt))
+
+
+def row_col_backward(backend_function: str):
+    """The ``backward`` of a row/column primitive: the upstream gradients of the directions that
+    were computed (outputs named "row…"/"col…", first two), the saved ``row_stats`` /
+    ``col_stats``, handed to the backend's ``backend_function``."""
+    def backward(module, spec, p, grads, saved, needs):
+        row = grads[0] if p.rows else None
+        col = grads[1] if p.cols else None
+        if row is None and col is None:
+            return (None,) * len(needs)
+        return getattr(module, backend_function)(spec, row, col, saved.row_stats, saved.col_stats, needs)
+    return backward
+
+
 def _schema(args, n_outputs: int) -> str:
     outs = "Tensor" if n_outputs == 1 else "(" + ", ".join(["Tensor"] * n_outputs) + ")"
     return f"({', '.join(f'{a.type} {a.name}' for a in args)}) -> {outs}"
