@@ -1,0 +1,98 @@
+"""Distributed cases of the CLIP family: clip_loss / siglip_loss / infonce_loss and their
+modules (harness.py says what a case is)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import mmloss
+from harness import D_OUT, DT, SHARDS, ids, part_of
+
+
+def loss_cases(size):
+    """name → (sizes_x, sizes_y, loss_call, reduction)."""
+    sx = SHARDS[size]
+    n = sum(sx)
+    sy_rect = tuple(s + 1 + (r % 2) for r, s in enumerate(sx))  # texts per rank differ from images
+    m_rect = sum(sy_rect)
+    labels = ids(n, 3, 1)
+    text_labels = ids(m_rect, 3, 2)
+    queue_gen = torch.Generator().manual_seed(3)
+    queue = F.normalize(torch.randn(4, D_OUT, generator=queue_gen, dtype=DT), dim=1)
+    queue_labels = ids(4, 3, 4)
+    targets = ids(n, n + 4, 5)  # index the global keys followed by the queue
+    soft = torch.softmax(torch.randn(n, n + 4, generator=queue_gen, dtype=DT), dim=1)
+
+    def part(t, p, sizes=sx):
+        return part_of(t, p, sizes)
+
+    def clip(**extra):
+        def call(model, xin, yin, kw, p):
+            x, y, s, b = model(xin, yin)
+            kwargs = dict(extra)
+            if "labels" in kwargs:
+                kwargs["labels"] = part(kwargs["labels"], p)
+            return mmloss.clip_loss(x, y, s, b, **kwargs, **kw)
+        return call
+
+    def siglip(pair_labels=False, **extra):
+        def call(model, xin, yin, kw, p):
+            x, y, s, b = model(xin, yin)
+            kwargs = dict(extra)
+            if "labels" in kwargs:
+                kwargs["labels"] = part(kwargs["labels"], p)
+            if pair_labels:
+                kwargs["labels"] = (part(labels, p), part(text_labels, p, sy_rect))
+            return mmloss.siglip_loss(x, y, s, b, **kwargs, **kw)
+        return call
+
+    def infonce(mode, **extra):
+        def call(model, xin, yin, kw, p):
+            x, y, s, _ = model(xin, yin)
+            kwargs = dict(extra)
+            if mode == "targets":
+                kwargs["targets"] = part(targets, p)
+            elif mode == "labels":
+                kwargs.update(query_labels=part(labels, p), key_labels=part(labels, p),
+                              extra_key_labels=queue_labels)
+            elif mode == "soft":
+                kwargs["soft_targets"] = part(soft, p)
+            return mmloss.infonce_loss(x, y, s, extra_keys=queue, **kwargs, **kw)
+        return call
+
+    def clip_module(model, xin, yin, kw, p):
+        x, y, s, b = model(xin, yin)
+        if p is None:
+            return mmloss.ClipLoss(distributed=None)(x, y, s, b)
+        return mmloss.ClipLoss(group=kw["group"])(x, y, s, b)  # the default: distributed="auto"
+
+    def siglip_module(model, xin, yin, kw, p):
+        x, y, s, b = model(xin, yin)
+        if p is None:
+            return mmloss.SigLipLoss(distributed=None)(x, y, s, b)
+        return mmloss.SigLipLoss(dist_impl="reduce", group=kw["group"])(x, y, s, b)
+
+    def infonce_module(model, xin, yin, kw, p):
+        x, y, s, _ = model(xin, yin)
+        return mmloss.InfoNCELoss(**kw)(x, y, s, extra_keys=queue)
+
+    return {
+        "clip": (sx, sx, clip(), "mean"),
+        "clip/labels": (sx, sx, clip(labels=labels), "mean"),
+        "clip/label_smoothing": (sx, sx, clip(label_smoothing=0.1), "mean"),
+        "clip/labels+smoothing/sum": (sx, sx, clip(labels=labels, label_smoothing=0.2, reduction="sum"), "sum"),
+        "clip/none": (sx, sx, clip(reduction="none"), "none"),
+        "ClipLoss(default auto)": (sx, sx, clip_module, "mean"),
+        "siglip": (sx, sx, siglip(), "mean"),
+        "siglip/labels": (sx, sx, siglip(labels=labels), "mean"),
+        "siglip/pair_labels(N!=M)": (sx, sy_rect, siglip(pair_labels=True), "mean"),
+        "siglip/sum": (sx, sx, siglip(reduction="sum"), "sum"),
+        "siglip/none": (sx, sx, siglip(reduction="none"), "none"),
+        "SigLipLoss(dist_impl=reduce)": (sx, sx, siglip_module, "mean"),
+        "infonce/default+queue": (sx, sx, infonce("default"), "mean"),
+        "infonce/targets(global)+queue": (sx, sx, infonce("targets"), "mean"),
+        "infonce/labels+queue": (sx, sx, infonce("labels"), "mean"),
+        "infonce/soft_targets+queue/sum": (sx, sx, infonce("soft", reduction="sum"), "sum"),
+        "infonce/none": (sx, sx, infonce("default", reduction="none"), "none"),
+        "InfoNCELoss(gather)": (sx, sx, infonce_module, "mean"),
+    }
