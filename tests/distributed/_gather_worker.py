@@ -19,7 +19,7 @@ from harness import (D_OUT, DT, SHARDS, TOL, Towers, check_against_single, compa
                      global_inputs, slice_rows)
 
 # Modules defining loss_cases(size); one spawn runs them all.
-CASE_MODULES = ("cases_clip",)
+CASE_MODULES = ("cases_clip", "cases_ssl", "cases_multimodal")
 
 
 def loss_cases(size):
