@@ -9,7 +9,9 @@ default the world):
 - ``"gather"``: each rank gathers the other side's features (with a gradient, see
   :func:`gather_rows`) and computes its LOCAL anchors against the GLOBAL columns through the
   fused primitives. Needs an initialised process group.
-- ``"ring"``: not available yet; asking for it raises a ValueError naming the alternative.
+- ``"ring"``: for the losses with a ring form (clip_loss, infonce_loss, siglip_loss and their
+  modules; ``mmloss.ring``): the other side's shards travel around the ranks, so per-rank memory
+  stays O(B_local·D). Same values and gradients as "gather". Other losses raise a ValueError.
 
 Convention (the one DDP users need), implemented by :meth:`Exchange.finish`:
 the VALUE returned on every rank is the single-process loss of the concatenated global batch; the
@@ -77,15 +79,21 @@ def _check_member(loss_name: str, group) -> None:
         )
 
 
-def _ring_unavailable(loss_name: str) -> ValueError:
+RING_LOSSES = ("clip_loss", "infonce_loss", "siglip_loss")
+
+
+def _ring_unavailable(loss_name: str, why: str = "") -> ValueError:
     return ValueError(
-        f"{loss_name}: distributed='ring' is not available yet in mmloss; use distributed='gather' "
-        "(exact, same result; per-rank memory holds the gathered features)"
+        f"{loss_name}: distributed='ring' is not available for this loss{why}; the ring is implemented for "
+        f"{', '.join(RING_LOSSES)} and their modules. Use distributed='gather' (exact, same result; per-rank "
+        "memory holds the gathered features)"
     )
 
 
-def resolve_mode(loss_name: str, mode, group=None, configured_world_size: int = 1) -> Optional[str]:
-    """``None`` (compute locally) or ``"gather"`` for a loss that supports gathering.
+def resolve_mode(loss_name: str, mode, group=None, configured_world_size: int = 1, *,
+                 ring: bool = False) -> Optional[str]:
+    """``None`` (compute locally), ``"gather"`` or (for a loss with a ring form, ``ring=True``)
+    ``"ring"``.
 
     ``configured_world_size`` is open_clip's ``world_size`` constructor argument: the group's
     actual size wins; a value other than 1 that differs from it raises a ValueError, and a value
@@ -94,12 +102,12 @@ def resolve_mode(loss_name: str, mode, group=None, configured_world_size: int = 
     check_mode(mode)
     if mode is None:
         return None
-    if mode == "ring":
+    if mode == "ring" and not ring:
         raise _ring_unavailable(loss_name)
     if not is_initialized():
-        if mode == "gather":
+        if mode in ("gather", "ring"):
             raise RuntimeError(
-                f"{loss_name}: distributed='gather' needs an initialised torch.distributed process "
+                f"{loss_name}: distributed={mode!r} needs an initialised torch.distributed process "
                 "group (torch.distributed.init_process_group); use distributed='auto' to compute "
                 "locally when there is none"
             )
@@ -117,7 +125,9 @@ def resolve_mode(loss_name: str, mode, group=None, configured_world_size: int = 
             f"{loss_name}: world_size={configured_world_size} was given but the process group has "
             f"world size {size}; the group's size is used, so drop world_size or make it match"
         )
-    return "gather" if size > 1 else None
+    if size == 1:
+        return None
+    return "ring" if mode == "ring" else "gather"
 
 
 def require_local(loss_name: str, mode: Optional[str], group=None, configured_world_size: int = 1) -> None:
@@ -202,6 +212,23 @@ class _GlobalScalarGrad(torch.autograd.Function):
         total = grad.contiguous().clone()
         _dist().all_reduce(total, group=ctx.group)
         return total / ctx.size, None, None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Σ over ranks; the gradient of a sum every rank uses is the sum of their gradients."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        total = t.contiguous().clone()
+        _dist().all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.contiguous().clone()
+        _dist().all_reduce(total, group=ctx.group)
+        return total, None
 
 
 class _ValueWithGradient(torch.autograd.Function):
@@ -307,6 +334,17 @@ class Exchange:
 
     def scalar(self, t):
         return global_scalar_grad(t, self.group, self.size)
+
+    def sum_rows(self, t: Tensor) -> Tensor:
+        """Σ over every rank's rows of ``t`` (rows, ...) → (...), with the gradient of an
+        all-reduce (each rank's rows receive the sum over ranks of the incoming gradients)."""
+        return _AllReduceSum.apply(t.sum(dim=0), self.group)
+
+    def ring(self, x_name: str, y_name: str):
+        """The ``mmloss.ring.Ring`` of this call: ``x_name``'s rows stay, ``y_name``'s travel."""
+        from .ring import Ring
+
+        return Ring(self.group, self.rank, self.size, self.shards[x_name].sizes, self.shards[y_name].sizes)
 
     def finish(self, terms: Tensor, reduction: str, anchors: str) -> Tensor:
         """This rank's per-anchor terms → the returned loss (module docstring's convention).

@@ -8,6 +8,7 @@ import torch
 from .. import _validation as V
 from .. import distributed as D
 from ..ops import similarity_lse
+from ..ring import similarity_lse_ring
 from ._common import (LabelClasses, attach_unused, compute_dtype, paired_features, reduce, rowwise_dot, scale_as,
                       softplus)
 
@@ -86,10 +87,13 @@ def clip_loss_core(image_features, text_features, logit_scale, logit_bias=None, 
         V.check_all_finite(("image_features", x), ("text_features", y), ("logit_scale", logit_scale),
                            ("logit_bias", logit_bias))
 
-    mode = D.resolve_mode(loss_name, distributed, group, configured_world_size)
+    mode = D.resolve_mode(loss_name, distributed, group, configured_world_size, ring=True)
     if mode == "gather":
         return _clip_gathered(x, y, logit_scale, logit_bias, labels, eps, reduction, backend, dt, group,
                               V.check_bool("uniform_shards", uniform_shards), local_share, loss_name)
+    if mode == "ring":
+        return _clip_ring(x, y, logit_scale, logit_bias, labels, eps, reduction, backend, dt, group,
+                          V.check_bool("uniform_shards", uniform_shards), local_share, loss_name)
     s = scale_as(logit_scale, dt, x.device)
     if labels is None:
         # The positive logits are formed before the primitive on purpose: autograd runs the
@@ -97,7 +101,8 @@ def clip_loss_core(image_features, text_features, logit_scale, logit_bias=None, 
         # the O(N·D) positive-pair gradients are materialised, one at a time.
         diag = s * rowwise_dot(x, y)
         row_lse, col_lse = similarity_lse(x, y, logit_scale, exclude="diagonal", backend=backend)
-        rows, cols = _diagonal_terms(row_lse, col_lse, diag, eps, s, (x, y), (y, x), dt)
+        rows, cols = _diagonal_terms(row_lse, col_lse, diag, eps, s,
+                                     lambda: (_mean_logit(x, y, dt), _mean_logit(y, x, dt)))
     else:
         row_lse, col_lse = similarity_lse(x, y, logit_scale, backend=backend)
         rows = row_lse - s * _target_logit(x, y, labels, eps, dt)
@@ -106,17 +111,47 @@ def clip_loss_core(image_features, text_features, logit_scale, logit_bias=None, 
     return attach_unused(loss, logit_bias)
 
 
-def _diagonal_terms(row_lse, col_lse, diag, eps, s, row_pair, col_pair, dt):
+def _diagonal_terms(row_lse, col_lse, diag, eps, s, mean_logits):
     """Row and column terms of single-positive CLIP from the LSEs over the negatives:
     ``softplus(LSE_{j≠i} − L_ii)``, mixed with label smoothing ε's CE against the uniform target
-    (LSE over all pairs minus the mean logit; ``row_pair`` / ``col_pair`` are the (anchors,
-    candidates) the row / column means run over)."""
+    (LSE over all pairs minus the mean logit; ``mean_logits()`` gives the (rows, cols) mean
+    unscaled logits ⟨x_i, ȳ⟩, ⟨y_j, x̄⟩ over the global batch)."""
     rows = softplus(row_lse - diag)
     cols = softplus(col_lse - diag)
     if eps > 0.0:
-        rows = (1.0 - eps) * rows + eps * (torch.logaddexp(row_lse, diag) - s * _mean_logit(*row_pair, dt))
-        cols = (1.0 - eps) * cols + eps * (torch.logaddexp(col_lse, diag) - s * _mean_logit(*col_pair, dt))
+        row_mean, col_mean = mean_logits()
+        rows = (1.0 - eps) * rows + eps * (torch.logaddexp(row_lse, diag) - s * row_mean)
+        cols = (1.0 - eps) * cols + eps * (torch.logaddexp(col_lse, diag) - s * col_mean)
     return rows, cols
+
+
+def _clip_ring(x, y, logit_scale, logit_bias, labels, eps, reduction, backend, dt, group, uniform_shards,
+               local_share, loss_name):
+    """The ring form (``mmloss.ring``): the texts travel around the ranks; this rank's image rows
+    get their LSE over every text and its texts their LSE over every image, with O(N_local·D)
+    memory per rank. Label smoothing's mean logits use one all-reduce of Σ x and Σ y."""
+    if labels is not None:
+        raise ValueError(f"{loss_name}: distributed='ring' pairs image i with text i; with labels use "
+                         "distributed='gather'")
+    comm = D.Exchange.open(loss_name, group, uniform_shards, image_features=x, text_features=y)
+    if comm.shards["image_features"].sizes != comm.shards["text_features"].sizes:  # pragma: no cover - N == M
+        raise ValueError(f"{loss_name}: every rank needs as many texts as images")
+    if not local_share:
+        logit_scale = comm.scalar(logit_scale)
+    s = scale_as(logit_scale, dt, x.device)
+    diag = s * rowwise_dot(x, y)
+    row_lse, col_lse = similarity_lse_ring(x, y, logit_scale, exclude="diagonal",
+                                           ring=comm.ring("image_features", "text_features"), backend=backend)
+    total = comm.shards["image_features"].total
+
+    def mean_logits():
+        x_mean, y_mean = (comm.sum_rows(t.to(dt)) / total for t in (x, y))
+        return x.to(dt) @ y_mean, y.to(dt) @ x_mean
+
+    rows, cols = _diagonal_terms(row_lse, col_lse, diag, eps, s, mean_logits)
+    terms = 0.5 * (rows + cols)
+    loss = reduce(terms, reduction) if local_share else comm.finish(terms, reduction, anchors="image_features")
+    return attach_unused(loss, logit_bias)
 
 
 def _clip_gathered(x, y, logit_scale, logit_bias, labels, eps, reduction, backend, dt, group,
@@ -139,7 +174,8 @@ def _clip_gathered(x, y, logit_scale, logit_bias, labels, eps, reduction, backen
                                     backend=backend)
         col_lse, _ = similarity_lse(y, x_all, logit_scale, exclude="diagonal", offset=offset, cols=False,
                                     backend=backend)
-        rows, cols = _diagonal_terms(row_lse, col_lse, diag, eps, s, (x, y_all), (y, x_all), dt)
+        rows, cols = _diagonal_terms(row_lse, col_lse, diag, eps, s,
+                                     lambda: (_mean_logit(x, y_all, dt), _mean_logit(y, x_all, dt)))
     else:
         labels_all = comm.gather("image_features", labels)
         row_lse, _ = similarity_lse(x, y_all, logit_scale, cols=False, backend=backend)

@@ -8,6 +8,7 @@ import torch
 from .. import _validation as V
 from .. import distributed as D
 from ..ops import similarity_lse
+from ..ring import similarity_lse_ring
 from ._common import LabelClasses, as_compute, compute_dtype, reduce, rowwise_dot, scale_as, softplus
 
 Tensor = torch.Tensor
@@ -100,7 +101,14 @@ def infonce_loss(
         V.check_same_device(("query", x), ("soft_targets", soft_targets))
     comm = None
     query_offset, n_total, m_total = 0, n, m
-    if D.resolve_mode("infonce_loss", distributed, group) == "gather":
+    mode = D.resolve_mode("infonce_loss", distributed, group, ring=True)
+    if mode == "ring":
+        if targets is not None or query_labels is not None or soft_targets is not None:
+            raise ValueError("infonce_loss: distributed='ring' pairs query i with key i (the default "
+                             "targets); with targets, labels or soft_targets use distributed='gather'")
+        return _infonce_ring(x, y, logit_scale, dt, extra_keys, reduction, backend, group,
+                             V.check_bool("uniform_shards", uniform_shards))
+    if mode == "gather":
         comm = D.Exchange.open("infonce_loss", group, V.check_bool("uniform_shards", uniform_shards),
                                query=x, keys=y)
         query_offset, n_total, m_total = comm.shards["query"].offset, comm.shards["query"].total, comm.shards["keys"].total
@@ -160,6 +168,26 @@ def _infonce_terms(x, y, logit_scale, dt, targets, query_labels, key_labels, sof
                                     backend=backend)
         terms = softplus(row_lse - s * rowwise_dot(x, y[query_offset: query_offset + n]))
     return terms
+
+
+def _infonce_ring(x, y, logit_scale, dt, extra_keys, reduction, backend, group, uniform_shards):
+    """The ring form (``mmloss.ring``): the keys travel around the ranks; this rank's queries get
+    their LSE over every key (and the never-gathered ``extra_keys``); O(N_local·D) per rank.
+    Query i of rank r is paired with key i of rank r, so every rank holds as many keys as queries."""
+    comm = D.Exchange.open("infonce_loss", group, uniform_shards, query=x, keys=y)
+    if comm.shards["query"].sizes != comm.shards["keys"].sizes:
+        raise ValueError("infonce_loss: distributed='ring' needs as many keys as queries on every rank "
+                         f"(query rows {list(comm.shards['query'].sizes)}, key rows {list(comm.shards['keys'].sizes)}); "
+                         "use distributed='gather'")
+    logit_scale = comm.scalar(logit_scale)
+    s = scale_as(logit_scale, dt, x.device)
+    row_lse, _ = similarity_lse_ring(x, y, logit_scale, exclude="diagonal", cols=False,
+                                     ring=comm.ring("query", "keys"), backend=backend)
+    if extra_keys is not None:
+        extra_lse, _ = similarity_lse(x, extra_keys, logit_scale, cols=False, backend=backend)
+        row_lse = torch.logaddexp(row_lse, extra_lse)
+    terms = softplus(row_lse - s * rowwise_dot(x, y))
+    return comm.finish(terms, reduction, anchors="query")
 
 
 def _check_distribution_rows(q: Tensor) -> None:

@@ -6,6 +6,7 @@ import torch
 from .. import _validation as V
 from .. import distributed as D
 from ..ops import pairwise_sigmoid
+from ..ring import pairwise_sigmoid_ring
 
 Tensor = torch.Tensor
 
@@ -91,7 +92,11 @@ def siglip_loss_core(image_features, text_features, logit_scale, logit_bias=None
     kind = "none" if reduction == "none" else "sum"
     comm = None
     offset = 0
-    if D.resolve_mode(loss_name, distributed, group, configured_world_size) == "gather":
+    mode = D.resolve_mode(loss_name, distributed, group, configured_world_size, ring=True)
+    if mode == "ring":
+        return _siglip_ring(x, y, logit_scale, logit_bias, labels, reduction, backend, group,
+                            V.check_bool("uniform_shards", uniform_shards), loss_name)
+    if mode == "gather":
         comm = D.Exchange.open(loss_name, group, V.check_bool("uniform_shards", uniform_shards),
                                image_features=x, text_features=y)
         if labels is None or isinstance(labels, torch.Tensor):
@@ -114,3 +119,17 @@ def siglip_loss_core(image_features, text_features, logit_scale, logit_bias=None
     if reduction == "none":
         return out
     return out if reduction == "sum" else out / n
+
+
+def _siglip_ring(x, y, logit_scale, logit_bias, labels, reduction, backend, group, uniform_shards, loss_name):
+    """The ring form (``mmloss.ring``): the texts travel around the ranks and this rank's image
+    rows sum their sigmoid terms over every text; O(N_local·D) memory per rank."""
+    if labels is not None:
+        raise ValueError(f"{loss_name}: distributed='ring' pairs image i with text i; with labels use "
+                         "distributed='gather'")
+    comm = D.Exchange.open(loss_name, group, uniform_shards, image_features=x, text_features=y)
+    if comm.shards["image_features"].sizes != comm.shards["text_features"].sizes:
+        raise ValueError(f"{loss_name}: every rank needs as many texts as images")
+    rows = pairwise_sigmoid_ring(x, y, comm.scalar(logit_scale), comm.scalar(logit_bias), positives="diagonal",
+                                 ring=comm.ring("image_features", "text_features"), backend=backend)
+    return comm.finish(rows, reduction, anchors="image_features")

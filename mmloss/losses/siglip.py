@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import distributed as D
 from ..functional.siglip import siglip_loss_core
 from ._base import LossModule
 
@@ -23,8 +24,8 @@ class SigLipLoss(LossModule):
     (open_clip returns this rank's rows divided by its local batch instead); the gradient is W ×
     this rank's share, scale and bias get the global gradient on every rank, so DDP's averaging
     gives the single-process gradient. ``dist_impl`` "gather"/"reduce"/None → gathering;
-    "bidir"/"shift" → the ring, not available yet: a ValueError when the loss would be
-    distributed (single-process use is unaffected). ``rank``/``world_size`` as in ``ClipLoss``:
+    "bidir"/"shift" (open_clip's neighbour exchange) → ``distributed="ring"`` (same value and
+    gradient, O(N_local·D) memory per rank) when the loss is distributed under "auto". ``rank``/``world_size`` as in ``ClipLoss``:
     the group's actual values win; a differing ``world_size`` other than 1 raises. None computes
     the rank-local loss.
     """
@@ -52,14 +53,12 @@ class SigLipLoss(LossModule):
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
                 logit_bias=None, output_dict: bool = False, labels=None):
-        if self.dist_impl in ("bidir", "shift") and self._resolve_distributed() is not None:
-            raise ValueError(
-                f"SigLipLoss: dist_impl={self.dist_impl!r} maps to mmloss's ring, which is not "
-                "available yet; use dist_impl='gather' (or 'reduce'), which is exact"
-            )
+        mode = self.distributed
+        if self.dist_impl in ("bidir", "shift") and mode == "auto" and D.world_size(self.group) > 1:
+            mode = "ring"  # open_clip's neighbour exchange: the texts travel around the ranks
         loss = siglip_loss_core(image_features, text_features, logit_scale, logit_bias, labels=labels,
                                 backend=self.backend, check_finite=self.check_finite,
-                                distributed=self.distributed, group=self.group,
+                                distributed=mode, group=self.group,
                                 uniform_shards=self.uniform_shards, configured_world_size=self.world_size,
                                 loss_name="SigLipLoss")
         return {"contrastive_loss": loss} if output_dict else loss

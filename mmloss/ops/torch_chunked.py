@@ -235,6 +235,27 @@ def similarity_lse_forward(spec: PairSpec, rows: bool, cols: bool):
     return row, col, row_stats, col_stats
 
 
+def merge_lse_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The (2, K) statistics ``[shift, sum]`` of the union of two column sets whose statistics
+    are ``a`` and ``b`` (the same rows, e.g. two shards of y): the shift is the larger exact
+    maximum (0 where neither has an allowed pair) and each sum is rescaled to it, so the merged
+    record is what one pass over both sets would hold up to the order of additions. NaN
+    propagates."""
+    floor = torch.tensor(float("-inf"), dtype=a.dtype, device=a.device)
+    top = torch.maximum(torch.where(a[1] == 0, floor, a[0]), torch.where(b[1] == 0, floor, b[0]))
+    shift = _finite_or_zero(top)
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    total = (torch.where(a[1] == 0, zero, a[1] * torch.exp(a[0] - shift))
+             + torch.where(b[1] == 0, zero, b[1] * torch.exp(b[0] - shift)))
+    return torch.stack((shift, total))
+
+
+def lse_from_stats(stats: torch.Tensor) -> torch.Tensor:
+    """The log-sum-exp (without bias) a (2, K) statistics record stands for; −inf where no pair
+    was allowed."""
+    return stats[1].log() + stats[0]
+
+
 def _probability_weights(grad: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     """``grad / sum`` per row (column): the factor that turns exp(S − shift) into the upstream
     gradient times the probability; 0 where nothing was allowed (sum 0, so 0·exp(−inf) stays 0)."""

@@ -133,9 +133,12 @@ def error_checks(rank, size):
     expect("mismatched dtype", lambda: mmloss.siglip_loss(xt, xt, 5.0, -1.0, distributed="gather"), ValueError,
            "dtype", "float64", "float32")
     y = torch.randn(2, 5, generator=g, dtype=DT)
-    expect("ring", lambda: mmloss.clip_loss(y, y, 5.0, distributed="ring"), ValueError, "ring", "not available")
-    expect("SigLipLoss bidir", lambda: mmloss.SigLipLoss(dist_impl="bidir")(y, y, 5.0, -1.0), ValueError,
-           "bidir", "ring", "not available")
+    expect("ring without a ring form", lambda: mmloss.ntxent_loss(y, y, distributed="ring"), ValueError,
+           "ntxent_loss", "ring", "not available", "gather")
+    expect("ring with labels", lambda: mmloss.clip_loss(y, y, 5.0, labels=torch.arange(2), distributed="ring"),
+           ValueError, "ring", "labels", "gather")
+    expect("ring with soft targets", lambda: mmloss.infonce_loss(y, y, 5.0, soft_targets=torch.full((2, 4), 0.25,
+           dtype=DT), distributed="ring"), ValueError, "ring", "soft_targets", "gather")
     expect("world_size disagrees", lambda: mmloss.ClipLoss(world_size=size + 1)(y, y, 5.0), ValueError,
            f"world_size={size + 1}", f"world size {size}")
     subgroup = dist.new_group([0])  # a collective: every rank creates it

@@ -66,6 +66,10 @@ def loss_cases(size):
             return mmloss.ClipLoss(distributed=None)(x, y, s, b)
         return mmloss.ClipLoss(group=kw["group"])(x, y, s, b)  # the default: distributed="auto"
 
+    def clip_module_ring(model, xin, yin, kw, p):
+        x, y, s, b = model(xin, yin)
+        return mmloss.ClipLoss(**kw)(x, y, s, b) if kw else mmloss.ClipLoss(distributed=None)(x, y, s, b)
+
     def siglip_module(model, xin, yin, kw, p):
         x, y, s, b = model(xin, yin)
         if p is None:
@@ -76,7 +80,31 @@ def loss_cases(size):
         x, y, s, _ = model(xin, yin)
         return mmloss.InfoNCELoss(**kw)(x, y, s, extra_keys=queue)
 
-    return {
+    def ring(call):
+        """The same call with distributed="ring" (the single-process call is unchanged)."""
+        def ringed(model, xin, yin, kw, p):
+            return call(model, xin, yin, dict(kw, distributed="ring") if kw else kw, p)
+        return ringed
+
+    def siglip_bidir(model, xin, yin, kw, p):
+        x, y, s, b = model(xin, yin)
+        if p is None:
+            return mmloss.SigLipLoss(distributed=None)(x, y, s, b)
+        return mmloss.SigLipLoss(dist_impl="bidir", group=kw["group"])(x, y, s, b)
+
+    ring_cases = {
+        "ring clip": (sx, sx, ring(clip()), "mean"),
+        "ring clip/label_smoothing/sum": (sx, sx, ring(clip(label_smoothing=0.1, reduction="sum")), "sum"),
+        "ring clip/none": (sx, sx, ring(clip(reduction="none")), "none"),
+        "ring ClipLoss": (sx, sx, ring(clip_module_ring), "mean"),
+        "ring siglip": (sx, sx, ring(siglip()), "mean"),
+        "ring siglip/none": (sx, sx, ring(siglip(reduction="none")), "none"),
+        "ring SigLipLoss(dist_impl=bidir)": (sx, sx, siglip_bidir, "mean"),
+        "ring infonce+queue": (sx, sx, ring(infonce("default")), "mean"),
+        "ring infonce/sum": (sx, sx, ring(infonce("default", reduction="sum")), "sum"),
+    }
+
+    return ring_cases | {
         "clip": (sx, sx, clip(), "mean"),
         "clip/labels": (sx, sx, clip(labels=labels), "mean"),
         "clip/label_smoothing": (sx, sx, clip(label_smoothing=0.1), "mean"),
