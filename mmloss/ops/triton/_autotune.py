@@ -15,13 +15,13 @@ import triton
 from ._config import AUTOTUNE_CANDIDATES, Tiles, autotuning
 
 _TUNED: dict = {}
-_TUNED_PARAMS = ("BLOCK_B",)
+TUNED_PARAMS = ("BLOCK_B",)
 
 
 def _tuned(kernel, kind: str, atomic_target):
     key = (kernel, kind, atomic_target)
     if key not in _TUNED:
-        names = [p.name for p in kernel.params if p.is_constexpr and p.name not in _TUNED_PARAMS]
+        names = [p.name for p in kernel.params if p.is_constexpr and p.name not in TUNED_PARAMS]
         configs = [
             triton.Config({"BLOCK_B": b}, num_warps=w, num_stages=s)
             for b, w, s in AUTOTUNE_CANDIDATES[kind]

@@ -1,5 +1,6 @@
-"""Shared ``@triton.jit`` helpers: logit tiles with scale and marks, online log-sum-exp merges,
-the softplus/sigmoid pair, and one output-chunk step of the owner kernels.
+"""Shared ``@triton.jit`` helpers: program coordinates, logit tiles with scale and marks, online
+log-sum-exp merges, the softplus/sigmoid pair, and the output-chunk steps and epilogue of the
+owner kernels.
 
 Conventions (docs/kernels.md): a kernel sees an "A" operand (the rows it owns, ``n_a × D``) and a "B"
 operand (the rows it streams, ``n_b × D``); A is x or y depending on the orientation the host
@@ -21,17 +22,16 @@ NaN/Inf (issue 8, item 2): NaN propagates as in torch — whatever a max does wi
 and the LSE, value and gradients follow; a +inf logit gives a +inf LSE (``finite_shift`` maps
 ±inf to 0, as ``torch.logsumexp`` does). Clamps are written with ``tl.where`` so NaN passes.
 
-Scale modes (constexpr ``SCALE_MODE``): 0 a Python float, 1 a 0-d tensor, 2 one value per A row,
-3 one value per B row (per-row scales of x when A is y). Mark modes (``MARKS``): 0 none,
-1 diagonal ``b == a + offset``, 2 same label ``a_labels[a] == b_labels[b]``.
+Modes (constexpr ``SCALE_MODE``, ``BIAS_MODE``, ``MARKS``) and tile axes are the named
+constants of ``_modes`` (``SCALE_PER_A_ROW``, ``MARKS_SAME_LABEL``, ``PER_ROW``, ...).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from ._modes import (LN2, LOG2E, MARKS_DIAGONAL, PER_ROW, SCALAR_FLOAT, SCALAR_TENSOR, SCALE_PER_A_ROW,
+                     SCALE_PER_B_ROW)
 
 
 @triton.jit
@@ -42,9 +42,32 @@ def row_indices(block, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def split_columns(pid_c, cols_per_split, n_b):
+    """[start, end) of the B columns of column split ``pid_c`` (``cols_per_split`` each)."""
+    col_start = pid_c * cols_per_split
+    return col_start, tl.minimum(col_start + cols_per_split, n_b)
+
+
+@triton.jit
+def owner_program(n_a, n_b, cols_per_split, BLOCK_A: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  NUM_DV: tl.constexpr):
+    """Where an owner-kernel program works (grid: axis 0 the owned A block, axis 1 the output
+    D slice, axis 2 the column split): (pid_a, pid_s, pid_c, owned row indices and mask,
+    column start and end, first output column of the slice)."""
+    pid_a = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    a_idx, a_ok = row_indices(pid_a, n_a, BLOCK_A)
+    col_start, col_end = split_columns(pid_c, cols_per_split, n_b)
+    d_start = pid_s * (NUM_DV * BLOCK_DV)
+    return pid_a, pid_s, pid_c, a_idx, a_ok, col_start, col_end, d_start
+
+
+@triton.jit
 def load_scalar(ptr, value, MODE: tl.constexpr):
-    """A scalar operand: the Python float ``value`` (MODE 0) or the first element of ``ptr``."""
-    if MODE == 0:
+    """A scalar operand (the bias, a scalar scale): the Python float ``value`` (MODE
+    ``SCALAR_FLOAT``) or the first element of ``ptr`` (``SCALAR_TENSOR``)."""
+    if MODE == SCALAR_FLOAT:
         out = value + 0.0  # fp32 kernel argument (a Python float under the interpreter)
     else:
         out = tl.load(ptr).to(tl.float32)
@@ -53,11 +76,12 @@ def load_scalar(ptr, value, MODE: tl.constexpr):
 
 @triton.jit
 def load_side_scale(scale_ptr, scale_value, idx, ok, SCALE_MODE: tl.constexpr, SIDE: tl.constexpr):
-    """Scale for the rows ``idx`` of side SIDE (2 = A, 3 = B) when the scale is per row of that
-    side, else the scalar scale (per-row scales of the other side return 1.0)."""
+    """Scale for the rows ``idx`` of one side (SIDE: ``SCALE_PER_A_ROW`` for A rows,
+    ``SCALE_PER_B_ROW`` for B rows) when the scale is per row of that side, else the scalar scale
+    (per-row scales of the other side return 1.0)."""
     if SCALE_MODE == SIDE:
         s = tl.load(scale_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-    elif SCALE_MODE <= 1:
+    elif SCALE_MODE == SCALAR_FLOAT or SCALE_MODE == SCALAR_TENSOR:
         s = load_scalar(scale_ptr, scale_value, SCALE_MODE)
     else:
         s = scale_value * 0.0 + 1.0  # unused by the callers (the other side carries the scale)
@@ -104,19 +128,20 @@ def pair_logits(a_ptr, b_ptr, a_idx, a_ok, b_idx, b_ok, dim, stride_a0, stride_a
 @triton.jit
 def scaled_log2(acc, s_a, s_b, SCALE_MODE: tl.constexpr):
     """t2 = log2(e)·s·acc with the scale of the right side, in fp32."""
-    if SCALE_MODE == 2:
-        t2 = acc * (s_a * 1.4426950408889634)[:, None]
-    elif SCALE_MODE == 3:
-        t2 = acc * (s_b * 1.4426950408889634)[None, :]
+    if SCALE_MODE == SCALE_PER_A_ROW:
+        t2 = acc * (s_a * LOG2E)[:, None]
+    elif SCALE_MODE == SCALE_PER_B_ROW:
+        t2 = acc * (s_b * LOG2E)[None, :]
     else:
-        t2 = acc * (s_a * 1.4426950408889634)
+        t2 = acc * (s_a * LOG2E)
     return t2
 
 
 @triton.jit
 def marked_pairs(a_idx, b_idx, b_ok, a_lab, b_lab_ptr, stride_blab, offset, MARKS: tl.constexpr):
-    """(BLOCK_A, BLOCK_B) mask of the marked pairs (MARKS 1 or 2; ``a_lab`` preloaded)."""
-    if MARKS == 1:
+    """(BLOCK_A, BLOCK_B) mask of the marked pairs (MARKS ``MARKS_DIAGONAL`` or
+    ``MARKS_SAME_LABEL``; ``a_lab`` preloaded)."""
+    if MARKS == MARKS_DIAGONAL:
         marked = b_idx[None, :] == (a_idx[:, None] + offset)
     else:
         b_lab = tl.load(b_lab_ptr + b_idx * stride_blab, mask=b_ok, other=0)
@@ -144,13 +169,14 @@ def log2_sum(l):
 def lse_from_stats(m2, lg2, bias):
     """Natural-log LSE from the log2-domain max and log-sum (+ bias); −inf for a row with no
     allowed pair (lg2 −inf), NaN where either statistic is NaN, +inf for a +inf logit."""
-    return tl.where(lg2 == float("-inf"), float("-inf"), (m2 + lg2) * 0.6931471805599453 + bias)
+    return tl.where(lg2 == float("-inf"), float("-inf"), (m2 + lg2) * LN2 + bias)
 
 
 @triton.jit
 def store_stats(out_ptr, stat_ptr, stride_stat, idx, ok, m2, l, bias):
-    """Write the LSE (``out``) and the saved statistics ``stat[0] = m2``, ``stat[1] = lg2`` of the
-    rows ``idx`` from the log2-domain running max and sum."""
+    """Write the LSE (``out``) and the saved statistics (rows ``LseStat.MAX`` = m2 at
+    ``stat_ptr``, ``LseStat.LOG_SUM`` = lg2 one ``stride_stat`` on) of the rows ``idx`` from the
+    log2-domain running max and sum."""
     lg2 = log2_sum(l)
     tl.store(out_ptr + idx, lse_from_stats(m2, lg2, bias), mask=ok)
     tl.store(stat_ptr + idx, m2, mask=ok)
@@ -159,8 +185,9 @@ def store_stats(out_ptr, stat_ptr, stride_stat, idx, ok, m2, l, bias):
 
 @triton.jit
 def load_weighted_shift(stat_ptr, stride_stat, idx, ok):
-    """(m2, w) of the rows ``idx`` from ``_launch.weighted_shifts`` (rows 0 and 1 at
-    ``stat_ptr``): ``grad·p = w·2^(t2 − m2)``. Padded rows read (+inf, 0): probability 0."""
+    """(m2, w) of the rows ``idx`` from ``_launch.weighted_shifts`` (its ``LseStat.MAX`` and
+    ``LseStat.LOG_SUM`` slots, at ``stat_ptr`` and one ``stride_stat`` on): ``grad·p =
+    w·2^(t2 − m2)``. Padded rows read (+inf, 0): probability 0."""
     m2 = tl.load(stat_ptr + idx, mask=ok, other=float("inf"))
     w = tl.load(stat_ptr + stride_stat + idx, mask=ok, other=0.0)
     return m2, w
@@ -168,10 +195,10 @@ def load_weighted_shift(stat_ptr, stride_stat, idx, ok):
 
 @triton.jit
 def weighted_probabilities(t2, m2, w, AXIS: tl.constexpr):
-    """``w·2^(t2 − m2)`` with per-row (AXIS 1: m2, w indexed by tile rows) or per-column
-    (AXIS 0) weights from ``load_weighted_shift``; ``t2 − m2`` is exact near the max, so the
-    argmax gets exactly ``w = grad·2^(−lg2)``."""
-    if AXIS == 1:
+    """``w·2^(t2 − m2)`` with per-row (AXIS ``PER_ROW``: m2, w indexed by tile rows) or
+    per-column (``PER_COLUMN``) weights from ``load_weighted_shift``; ``t2 − m2`` is exact near
+    the max, so the argmax gets exactly ``w = grad·2^(−lg2)``."""
+    if AXIS == PER_ROW:
         p = w[:, None] * tl.exp2(t2 - m2[:, None])
     else:
         p = w[None, :] * tl.exp2(t2 - m2[None, :])
@@ -183,7 +210,7 @@ def log1p_unit(u):
     """log(1 + u) for u in [0, 1] with relative accuracy everywhere (no log1p in Triton):
     a six-term series below 1/32 (truncation < u⁷/7), log2(1 + u)·ln 2 above."""
     series = u * (1.0 + u * (-0.5 + u * (0.3333333333333333 + u * (-0.25 + u * (0.2 - u * 0.16666666666666666)))))
-    direct = tl.log2(1.0 + u) * 0.6931471805599453
+    direct = tl.log2(1.0 + u) * LN2
     return tl.where(u < 0.03125, series, direct)
 
 
@@ -195,7 +222,7 @@ def softplus_and_sigmoid(T2, WITH_LOSS: tl.constexpr):
     inv = 1.0 / (1.0 + u)
     sig = tl.where(T2 >= 0.0, inv, u * inv)
     if WITH_LOSS:
-        sp = tl.maximum(T2, 0.0) * 0.6931471805599453 + log1p_unit(u)
+        sp = tl.maximum(T2, 0.0) * LN2 + log1p_unit(u)
     else:
         sp = sig * 0.0
     return sp, sig
@@ -239,9 +266,9 @@ def chunk_finish(acc, ds, a_ptr, a_idx, a_ok, out_ptr, d0, dim, stride_a0, strid
                           mask=mask, other=0.0).to(tl.float32)
         ds += tl.sum(a_chunk * acc, axis=1)
     if STORE_OUT:
-        if SCALE_MODE == 2:
+        if SCALE_MODE == SCALE_PER_A_ROW:
             out = acc * s_a[:, None]
-        elif SCALE_MODE == 3:
+        elif SCALE_MODE == SCALE_PER_B_ROW:
             out = acc
         else:
             out = acc * s_a
@@ -316,3 +343,20 @@ def finish_slices(acc0, acc1, acc2, acc3, a_ptr, a_idx, a_ok, out_ptr, d_start, 
                           stride_a0, stride_a1, stride_o0, stride_o1, s_a, SCALE_MODE, BLOCK_DV,
                           STORE_OUT, NEED_DSCALE)
     return ds
+
+
+@triton.jit
+def store_slices(acc0, acc1, acc2, acc3, a_ptr, a_idx, a_ok, out_ptr, dscale_ptr, pid_c, pid_s, slices,
+                 n_a, d_start, dim, stride_a0, stride_a1, stride_oc, stride_o0, stride_o1, s_a,
+                 BLOCK_A: tl.constexpr, SCALE_MODE: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 NUM_DV: tl.constexpr, STORE_OUT: tl.constexpr, NEED_DSCALE: tl.constexpr):
+    """An owner program's epilogue: its D slice of ``s_a ∘ acc`` into column split ``pid_c`` of
+    ``out`` (STORE_OUT) and its scale-gradient partials into row ``pid_c·slices + pid_s`` of
+    the (splits·slices, n_a) ``dscale`` (NEED_DSCALE)."""
+    out_c = out_ptr + tl.cast(pid_c, tl.int64) * stride_oc
+    ds = finish_slices(acc0, acc1, acc2, acc3, a_ptr, a_idx, a_ok, out_c, d_start, dim,
+                       stride_a0, stride_a1, stride_o0, stride_o1, s_a, BLOCK_A, SCALE_MODE,
+                       BLOCK_DV, NUM_DV, STORE_OUT, NEED_DSCALE)
+    if NEED_DSCALE:
+        part = tl.cast(pid_c * slices + pid_s, tl.int64) * n_a + a_idx
+        tl.store(dscale_ptr + part, ds, mask=a_ok)

@@ -40,6 +40,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..._device import triton_interpreting
+
 KINDS = ("stats", "owner", "atomic", "combine", "kl_stats")
 ARCHS = ("sm90", "sm80", "default", "interpret")
 
@@ -145,12 +147,8 @@ AUTOTUNE_CANDIDATES = {
 }
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def autotuning() -> bool:
-    return os.environ.get("MMLOSS_TRITON_AUTOTUNE", "0") not in ("", "0") and not interpreting()
+    return os.environ.get("MMLOSS_TRITON_AUTOTUNE", "0") not in ("", "0") and not triton_interpreting()
 
 
 def arch_key(device: torch.device) -> str:

@@ -1,6 +1,6 @@
 """Host-side helpers shared by the triton launchers: dtype checks, the ``tl.dot`` precision, the
-operand orientation (``Pair``), grid plans (persistent programs, column splits, D slices) and
-the autotuning switch.
+operand orientation and its kernel modes (``Pair``), grid plans (persistent programs, column
+splits, D slices) and what an owner pass computes and writes (``OwnerFlags``, ``OwnerOutputs``).
 
 Nothing here reads a device value: grids and workspaces depend only on shapes, dtypes and the
 device's properties, so a launch never synchronises the host (CUDA graphs can capture it).
@@ -14,11 +14,14 @@ from typing import Optional
 import torch
 import triton
 
+from ..._device import triton_interpreting
 from .._spec import PairSpec
-from ._config import INTERPRET_PROGRAMS, Tiles, interpreting
+from ._config import INTERPRET_PROGRAMS, Tiles
+from ._modes import BiasMode, LseStat, MarkMode, ScaleMode
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MARK_CODES = {"none": 0, "diagonal": 1, "same_label": 2}
+# PairSpec.marks → the kernels' MARKS
+MARK_MODES = {"none": MarkMode.NONE, "diagonal": MarkMode.DIAGONAL, "same_label": MarkMode.SAME_LABEL}
 # Column splits start at multiples of this many columns, a multiple of every block_b the table or
 # the autotuner may use, so the split (and the workspace it sizes) never depends on block_b.
 SPLIT_ALIGN = 256
@@ -36,7 +39,7 @@ def check_supported(spec: PairSpec, names: tuple[str, str] = ("x", "y")) -> None
             )
     if spec.x.dtype != spec.y.dtype:
         raise TypeError(f"{names[0]} and {names[1]} must share a dtype, got {spec.x.dtype} and {spec.y.dtype}")
-    if spec.x.dtype == torch.bfloat16 and interpreting():
+    if spec.x.dtype == torch.bfloat16 and triton_interpreting():
         # Triton's interpreter hands tl.dot the raw bfloat16 bit patterns (numpy has no bfloat16):
         # products come out 1e11–1e13× off, silently. Refuse instead (issue 8, item 10).
         raise TypeError(
@@ -82,19 +85,19 @@ class Pair:
 
     ``a_is_x`` True: A = x, B = y, pairs marked where ``b == a + offset``; False: A = y, B = x,
     the offset negated and the labels swapped. The per-row scale of x becomes a per-B-row scale
-    (mode 3) when A is y.
+    (``ScaleMode.PER_B_ROW``) when A is y.
     """
 
     a: torch.Tensor
     b: torch.Tensor
     a_is_x: bool
-    scale_mode: int
+    scale_mode: ScaleMode
     scale: torch.Tensor          # fp32 copy of the scale tensor, or a dummy for a float scale
     scale_value: float
-    bias_mode: int
+    bias_mode: BiasMode
     bias: torch.Tensor
     bias_value: float
-    marks: int
+    marks: MarkMode
     offset: int
     a_labels: torch.Tensor
     b_labels: torch.Tensor
@@ -112,7 +115,8 @@ class Pair:
         return self.a.shape[1]
 
     def args(self) -> dict:
-        """Keyword arguments every matrix kernel takes."""
+        """Keyword arguments every matrix kernel takes (modes as the plain integers the kernels
+        compare with the ``_modes`` constants)."""
         return dict(
             a_ptr=self.a, b_ptr=self.b, n_a=self.n_a, n_b=self.n_b, dim=self.dim,
             stride_a0=self.a.stride(0), stride_a1=self.a.stride(1),
@@ -121,7 +125,7 @@ class Pair:
             bias_ptr=self.bias, bias_value=self.bias_value,
             offset=self.offset, a_lab_ptr=self.a_labels, b_lab_ptr=self.b_labels,
             stride_alab=self.a_labels.stride(0), stride_blab=self.b_labels.stride(0),
-            MARKS=self.marks, SCALE_MODE=self.scale_mode, BIAS_MODE=self.bias_mode,
+            MARKS=int(self.marks), SCALE_MODE=int(self.scale_mode), BIAS_MODE=int(self.bias_mode),
             PRECISION=dot_precision(self.a.dtype), A_IS_X=self.a_is_x,
         )
 
@@ -134,20 +138,22 @@ def dummy(device: torch.device, dtype=torch.float32) -> torch.Tensor:
 def make_pair(spec: PairSpec, a_is_x: bool) -> Pair:
     dev = spec.x.device
     if spec.scale is None:
-        scale_mode, scale, scale_value = 0, dummy(dev), float(spec.scale_value)
+        scale_mode, scale, scale_value = ScaleMode.FLOAT, dummy(dev), float(spec.scale_value)
     elif spec.scale.dim() == 0:
-        scale_mode, scale, scale_value = 1, spec.scale.detach().to(device=dev, dtype=torch.float32).reshape(1), 0.0
+        scale_mode = ScaleMode.TENSOR
+        scale, scale_value = spec.scale.detach().to(device=dev, dtype=torch.float32).reshape(1), 0.0
     else:
-        scale_mode = 2 if a_is_x else 3
+        scale_mode = ScaleMode.PER_A_ROW if a_is_x else ScaleMode.PER_B_ROW
         scale = spec.scale.detach().to(device=dev, dtype=torch.float32).contiguous()
         scale_value = 0.0
     if spec.bias is None:
-        bias_mode, bias, bias_value = 0, dummy(dev), float(spec.bias_value)
+        bias_mode, bias, bias_value = BiasMode.FLOAT, dummy(dev), float(spec.bias_value)
     else:
-        bias_mode, bias, bias_value = 1, spec.bias.detach().to(device=dev, dtype=torch.float32).reshape(1), 0.0
-    marks = MARK_CODES[spec.marks]
-    x_lab = spec.x_labels if marks == 2 else dummy(dev, torch.int64)
-    y_lab = spec.y_labels if marks == 2 else dummy(dev, torch.int64)
+        bias_mode = BiasMode.TENSOR
+        bias, bias_value = spec.bias.detach().to(device=dev, dtype=torch.float32).reshape(1), 0.0
+    marks = MARK_MODES[spec.marks]
+    x_lab = spec.x_labels if marks == MarkMode.SAME_LABEL else dummy(dev, torch.int64)
+    y_lab = spec.y_labels if marks == MarkMode.SAME_LABEL else dummy(dev, torch.int64)
     if a_is_x:
         return Pair(spec.x, spec.y, True, scale_mode, scale, scale_value, bias_mode, bias, bias_value,
                     marks, int(spec.offset), x_lab, y_lab)
@@ -250,7 +256,7 @@ def weighted_shifts(stats: torch.Tensor, grad: torch.Tensor, poison: Optional[to
     the device, no host synchronisation. Precomputing this keeps two per-row vectors live in the
     kernels instead of three and an exp2 per row out of every tile (no register spills)."""
     stats = stats.detach().to(torch.float32)
-    m2, lg2 = stats[0::2], stats[1::2]
+    m2, lg2 = stats[LseStat.MAX::2], stats[LseStat.LOG_SUM::2]
     empty = lg2 == float("-inf")
     if poison is not None:
         lg2 = lg2 + poison
@@ -261,3 +267,121 @@ def weighted_shifts(stats: torch.Tensor, grad: torch.Tensor, poison: Optional[to
 
 def optional(t: Optional[torch.Tensor], device: torch.device, dtype=torch.float32) -> torch.Tensor:
     return t if t is not None else dummy(device, dtype)
+
+
+def fp32_vector(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """An fp32 contiguous copy (upstream gradients may be expanded, stride 0, or half; saved
+    statistics are read with one row stride): O(n) work; None stays None."""
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def zeros_if_missing(grad: Optional[torch.Tensor], needed: bool, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """``grad``, or contiguous zeros of ``like``'s shape, dtype and device when a needed feature
+    gradient had no pass to form it (no upstream gradient reached the kernels)."""
+    if grad is None and needed:
+        return torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+    return grad
+
+
+# ----------------------------------------------------------------------------- owner passes
+
+
+@dataclass(frozen=True)
+class OwnerFlags:
+    """What one owner pass computes: the flag constexprs shared by ``owner._owner_kernel`` and
+    ``kl_backward._kl_owner_kernel`` (``constexprs()``), checked here and, as
+    ``tl.static_assert``, in the kernels.
+
+    ``has_a_grad`` / ``has_b_grad``: the owned (A) / streamed (B) rows have an upstream gradient
+    (at least one does); ``store_out``: write ``s ∘ (G·B)`` for the owned rows (dx in a row pass,
+    dy in a column pass); ``need_dscale``: the scale-gradient partials ``⟨a_i, (G·B)_i⟩``;
+    ``atomic_b``: also add ``Gᵀ·A`` to an fp32 gradient of the streamed rows with atomics (the
+    ``deterministic=False`` row pass: it needs ``accumulate`` and no per-B-row scale). The
+    passes the backends run: a row pass (A = x) with any of store_out / need_dscale / atomic_b;
+    a column pass (A = y) with store_out; and, for the sigmoid only (``owner.run_owner``'s
+    ``with_loss`` / ``need_dbias``), a pass that accumulates nothing (the per-row loss).
+    """
+
+    has_a_grad: bool
+    has_b_grad: bool
+    store_out: bool = False
+    need_dscale: bool = False
+    atomic_b: bool = False
+
+    @property
+    def accumulate(self) -> bool:
+        """Whether the pass forms ``G·B`` (``owner._owner_kernel`` tests ``STORE_OUT or
+        NEED_DSCALE``; the KL owner kernel always forms it)."""
+        return self.store_out or self.need_dscale
+
+    def check(self, scale_mode: ScaleMode) -> None:
+        if self.atomic_b and (not self.accumulate or scale_mode == ScaleMode.PER_B_ROW):
+            raise AssertionError("ATOMIC_B runs in the row-owner pass (A = x) that accumulates dx")
+
+    def constexprs(self) -> dict:
+        return dict(HAS_A_GRAD=self.has_a_grad, HAS_B_GRAD=self.has_b_grad, STORE_OUT=self.store_out,
+                    NEED_DSCALE=self.need_dscale, ATOMIC_B=self.atomic_b)
+
+
+@dataclass
+class OwnerResult:
+    out: Optional[torch.Tensor]          # (n_a, D) in the operand dtype: s ∘ (G·B)
+    dscale_rows: Optional[torch.Tensor]  # (n_a,) fp32: ⟨a_i, (G·B)_i⟩ before the scale
+    out_b: Optional[torch.Tensor]        # (n_b, D) fp32 atomic accumulation (ATOMIC_B)
+    loss_rows: Optional[torch.Tensor] = None  # (n_a,) fp32 per-row softplus sums (sigmoid)
+    dbias: Optional[torch.Tensor] = None      # 0-d fp32 Σ G (sigmoid)
+
+
+@dataclass
+class OwnerOutputs:
+    """The gradient buffers of one owner pass, allocated for its flags and grid plan: ``out``
+    (n_a, D) in the operand dtype, or (splits, n_a, D) fp32 partials when the columns are split;
+    ``dscale`` (splits·slices, n_a) fp32 partials; ``out_b`` (n_b, D) fp32 zeros for the atomics.
+    One-element dummies stand in for what the flags leave unwritten."""
+
+    flags: OwnerFlags
+    plan: OwnerPlan
+    dtype: torch.dtype
+    out: torch.Tensor
+    out_strides: tuple
+    dscale: torch.Tensor
+    out_b: torch.Tensor
+
+    @staticmethod
+    def allocate(flags: OwnerFlags, plan: OwnerPlan, a: torch.Tensor, n_b: int) -> "OwnerOutputs":
+        dev, (n_a, dim) = a.device, a.shape
+        f32 = dict(dtype=torch.float32, device=dev)
+        if flags.store_out and plan.splits == 1:
+            out = torch.empty((n_a, dim), dtype=a.dtype, device=dev)
+            out_strides = (0, out.stride(0), out.stride(1))
+        elif flags.store_out:
+            out = torch.empty((plan.splits, n_a, dim), **f32)
+            out_strides = out.stride()
+        else:
+            out, out_strides = dummy(dev), (0, 0, 0)
+        dscale = torch.empty((plan.splits * plan.slices, n_a), **f32) if flags.need_dscale else dummy(dev)
+        out_b = torch.zeros((n_b, dim), **f32) if flags.atomic_b else dummy(dev)
+        return OwnerOutputs(flags, plan, a.dtype, out, out_strides, dscale, out_b)
+
+    def args(self) -> dict:
+        """Keyword arguments of the outputs, the grid plan and the flags."""
+        atomic_b = self.flags.atomic_b
+        return dict(
+            out_ptr=self.out, stride_oc=self.out_strides[0], stride_o0=self.out_strides[1],
+            stride_o1=self.out_strides[2], dscale_ptr=self.dscale, out_b_ptr=self.out_b,
+            stride_ob0=self.out_b.stride(0) if atomic_b else 0, stride_ob1=self.out_b.stride(1) if atomic_b else 0,
+            cols_per_split=self.plan.cols_per_split, slices=self.plan.slices,
+            **self.flags.constexprs(), BLOCK_DV=self.plan.block_dv, NUM_DV=self.plan.num_dv,
+        )
+
+    def result(self) -> OwnerResult:
+        """The finished gradients after the launch: split partials summed in a fixed order
+        (deterministic); None for what the flags did not ask."""
+        flags, out = self.flags, self.out
+        if flags.store_out and self.plan.splits > 1:
+            out = out.sum(dim=0).to(self.dtype)
+        return OwnerResult(
+            out=out if flags.store_out else None,
+            dscale_rows=self.dscale.sum(dim=0) if flags.need_dscale else None,
+            out_b=self.out_b if flags.atomic_b else None,
+        )

@@ -39,10 +39,13 @@ import triton.language as tl
 
 from .._spec import KLSpec
 from . import _autotune
-from ._common import (finish_slices, load_scalar, load_weighted_shift, pair_logits, row_indices,
-                      slice_accumulators, step_slices, weighted_probabilities)
+from ._common import (load_scalar, load_weighted_shift, owner_program, pair_logits, slice_accumulators,
+                      step_slices, store_slices, weighted_probabilities)
 from ._config import tiles
-from ._launch import Pair, dummy, make_pair, optional, owner_plan, split_align, target_programs, weighted_shifts
+from ._launch import (OwnerFlags, OwnerOutputs, OwnerResult, Pair, fp32_vector, make_pair, optional, owner_plan,
+                      split_align, target_programs, weighted_shifts, zeros_if_missing)
+from ._modes import (KL_STUDENT_MAX, KL_TEACHER_MAX, LOG2E, PER_COLUMN, PER_ROW, SCALAR_FLOAT, SCALAR_TENSOR,
+                     ScaleMode)
 from .kl_forward import operand_args, table_dtype
 
 
@@ -53,9 +56,9 @@ def _weighted_probabilities(l2, m2_a, w_a, m2_b, w_b, HAS_A_GRAD: tl.constexpr, 
     (m2, g·2^(−lg2)) of the rows (a) and the columns (b)."""
     p = tl.zeros((BLOCK_A, BLOCK_B), tl.float32)
     if HAS_A_GRAD:
-        p += weighted_probabilities(l2, m2_a, w_a, 1)
+        p += weighted_probabilities(l2, m2_a, w_a, PER_ROW)
     if HAS_B_GRAD:
-        p += weighted_probabilities(l2, m2_b, w_b, 0)
+        p += weighted_probabilities(l2, m2_b, w_b, PER_COLUMN)
     return p
 
 
@@ -63,10 +66,10 @@ def _weighted_probabilities(l2, m2_a, w_a, m2_b, w_b, HAS_A_GRAD: tl.constexpr, 
 def _side_weights(stat_ptr, stride_stat, idx, ok, FIELD: tl.constexpr, HAS_GRAD: tl.constexpr,
                   BLOCK: tl.constexpr):
     """``load_weighted_shift`` of the rows ``idx`` (owned or streamed) from rows FIELD,
-    FIELD + 1 of their ``weighted_shifts`` (0: student, 2: teacher), or unused zeros without
-    that side's gradient."""
+    FIELD + 1 of their ``weighted_shifts`` (``KL_STUDENT_MAX`` or ``KL_TEACHER_MAX``), or unused
+    zeros without that side's gradient."""
     if HAS_GRAD:
-        m2, w = load_weighted_shift(stat_ptr + FIELD * stride_stat, stride_stat, idx, ok)
+        m2, w = load_weighted_shift(stat_ptr + stride_stat * FIELD, stride_stat, idx, ok)
     else:
         m2 = tl.zeros((BLOCK,), tl.float32)
         w = m2
@@ -88,21 +91,20 @@ def _kl_owner_kernel(
     BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
 ):
     tl.static_assert(NUM_DV >= 1 and NUM_DV <= 4, "one to four output accumulators per program")
-    tl.static_assert(SCALE_MODE <= 1 and T_SCALE_MODE <= 1, "similarity_kl takes scalar scales")
-    pid_a = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_c = tl.program_id(2)
-    a_idx, a_ok = row_indices(pid_a, n_a, BLOCK_A)
-    col_start = pid_c * cols_per_split
-    col_end = tl.minimum(col_start + cols_per_split, n_b)
-    d_start = pid_s * (NUM_DV * BLOCK_DV)
+    tl.static_assert((SCALE_MODE == SCALAR_FLOAT or SCALE_MODE == SCALAR_TENSOR)
+                     and (T_SCALE_MODE == SCALAR_FLOAT or T_SCALE_MODE == SCALAR_TENSOR),
+                     "similarity_kl takes scalar scales")
+    tl.static_assert(not ATOMIC_B or STORE_OUT or NEED_DSCALE,
+                     "ATOMIC_B runs in the row-owner pass (A = x) that accumulates dx")
+    pid_a, pid_s, pid_c, a_idx, a_ok, col_start, col_end, d_start = owner_program(
+        n_a, n_b, cols_per_split, BLOCK_A, BLOCK_DV, NUM_DV)
     s_a = load_scalar(scale_ptr, scale_value, SCALE_MODE)
-    s2 = s_a * 1.4426950408889634
-    t2_scale = load_scalar(t_scale_ptr, t_scale_value, T_SCALE_MODE) * 1.4426950408889634
+    s2 = s_a * LOG2E
+    t2_scale = load_scalar(t_scale_ptr, t_scale_value, T_SCALE_MODE) * LOG2E
     # Per-A-row inputs of the gradient tile, loaded once: (max, g·2^(−log-sum)) of the student
     # (rows 0, 1 of the weighted shifts) and of the teacher (rows 2, 3).
-    ms_a, ws_a = _side_weights(a_stat_ptr, stride_astat, a_idx, a_ok, 0, HAS_A_GRAD, BLOCK_A)
-    mt_a, wt_a = _side_weights(a_stat_ptr, stride_astat, a_idx, a_ok, 2, HAS_A_GRAD, BLOCK_A)
+    ms_a, ws_a = _side_weights(a_stat_ptr, stride_astat, a_idx, a_ok, KL_STUDENT_MAX, HAS_A_GRAD, BLOCK_A)
+    mt_a, wt_a = _side_weights(a_stat_ptr, stride_astat, a_idx, a_ok, KL_TEACHER_MAX, HAS_A_GRAD, BLOCK_A)
     acc0, acc1, acc2, acc3 = slice_accumulators(BLOCK_A, BLOCK_DV, NUM_DV)
     for j0 in range(col_start, col_end, BLOCK_B):
         b_idx = tl.cast(j0, tl.int64) + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -112,11 +114,11 @@ def _kl_owner_kernel(
         # column statistics are loaded right where they are used, for the same reason.
         acc = pair_logits(a_ptr, b_ptr, a_idx, a_ok, b_idx, b_ok, dim, stride_a0, stride_a1,
                           stride_b0, stride_b1, BLOCK_A, BLOCK_B, BLOCK_K, PRECISION, A_IS_X)
-        ms_b, ws_b = _side_weights(b_stat_ptr, stride_bstat, b_idx, b_ok, 0, HAS_B_GRAD, BLOCK_B)
+        ms_b, ws_b = _side_weights(b_stat_ptr, stride_bstat, b_idx, b_ok, KL_STUDENT_MAX, HAS_B_GRAD, BLOCK_B)
         g = _weighted_probabilities(acc * s2, ms_a, ws_a, ms_b, ws_b, HAS_A_GRAD, HAS_B_GRAD, BLOCK_A, BLOCK_B)
         acc_t = pair_logits(ta_ptr, tb_ptr, a_idx, a_ok, b_idx, b_ok, dim_t, stride_ta0, stride_ta1,
                             stride_tb0, stride_tb1, BLOCK_A, BLOCK_B, BLOCK_K, T_PRECISION, A_IS_X)
-        mt_b, wt_b = _side_weights(b_stat_ptr, stride_bstat, b_idx, b_ok, 2, HAS_B_GRAD, BLOCK_B)
+        mt_b, wt_b = _side_weights(b_stat_ptr, stride_bstat, b_idx, b_ok, KL_TEACHER_MAX, HAS_B_GRAD, BLOCK_B)
         g -= _weighted_probabilities(acc_t * t2_scale, mt_a, wt_a, mt_b, wt_b, HAS_A_GRAD, HAS_B_GRAD,
                                      BLOCK_A, BLOCK_B)
         # padded pairs contribute nothing (whatever their exponentials were)
@@ -128,21 +130,12 @@ def _kl_owner_kernel(
             acc0, acc1, acc2, acc3, g_op, g_op, b_ptr, b_idx, b_ok, a_ptr, a_idx, a_ok, out_b_ptr,
             d_start, dim, stride_a0, stride_a1, stride_b0, stride_b1, stride_ob0, stride_ob1,
             BLOCK_DV, NUM_DV, ATOMIC_B, PRECISION)
-    out_c = out_ptr + tl.cast(pid_c, tl.int64) * stride_oc
-    ds = finish_slices(acc0, acc1, acc2, acc3, a_ptr, a_idx, a_ok, out_c, d_start, dim,
-                       stride_a0, stride_a1, stride_o0, stride_o1, s_a, BLOCK_A, SCALE_MODE,
-                       BLOCK_DV, NUM_DV, STORE_OUT, NEED_DSCALE)
-    if NEED_DSCALE:
-        part = tl.cast(pid_c * slices + pid_s, tl.int64) * n_a + a_idx
-        tl.store(dscale_ptr + part, ds, mask=a_ok)
+    store_slices(acc0, acc1, acc2, acc3, a_ptr, a_idx, a_ok, out_ptr, dscale_ptr, pid_c, pid_s, slices,
+                 n_a, d_start, dim, stride_a0, stride_a1, stride_oc, stride_o0, stride_o1, s_a,
+                 BLOCK_A, SCALE_MODE, BLOCK_DV, NUM_DV, STORE_OUT, NEED_DSCALE)
 
 
 # ----------------------------------------------------------------------------- host
-
-
-def _vector(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    # upstream gradients may be expanded (stride 0) or half: O(N) fp32 contiguous copies
-    return None if t is None else t.detach().to(torch.float32).contiguous()
 
 
 @dataclass
@@ -158,7 +151,7 @@ class _Side:
     def of(grad, stats) -> "_Side":
         if grad is None:
             return _Side(None, None)
-        grad = _vector(grad)
+        grad = fp32_vector(grad)
         return _Side(grad, weighted_shifts(stats, grad))
 
 
@@ -179,60 +172,34 @@ def atomic_pays(student: Pair, teacher: Pair) -> bool:
     return s_atomic * recompute + 2 < 2 * (s_owner * recompute + 1)
 
 
-@dataclass
-class KLOwnerResult:
-    out: Optional[torch.Tensor]          # (n_a, D_s) in the student dtype: s_s·(G·B)
-    dscale_rows: Optional[torch.Tensor]  # (n_a,) fp32 ⟨a_i, (G·B)_i⟩ before the scale
-    out_b: Optional[torch.Tensor]        # (n_b, D_s) fp32 atomic accumulation Gᵀ·A, unscaled (ATOMIC_B)
-
-
 def run_kl_owner(student: Pair, teacher: Pair, a_side: _Side, b_side: _Side, *, store_out: bool,
-                 need_dscale: bool = False, atomic_b: bool = False) -> KLOwnerResult:
-    """One owner pass: A rows of ``student`` (and ``teacher``, same orientation) owned, B streamed."""
+                 need_dscale: bool = False, atomic_b: bool = False) -> OwnerResult:
+    """One owner pass: A rows of ``student`` (and ``teacher``, same orientation) owned, B streamed.
+    ``out_b`` of the result (ATOMIC_B) is Gᵀ·A unscaled: the caller applies the scalar scale."""
     dev = student.a.device
     kind = "atomic" if atomic_b else "owner"
+    flags = OwnerFlags(a_side.grad is not None, b_side.grad is not None, store_out, need_dscale, atomic_b)
+    flags.check(student.scale_mode)
     t = tiles(kind, dev, _operand_dtype(student, teacher))
     plan = owner_plan(student.n_a, student.n_b, student.dim, t, True, split_align(dev),
                       target_programs(dev, t.programs_per_sm))
-    f32 = dict(dtype=torch.float32, device=dev)
-    if store_out and plan.splits == 1:
-        out = torch.empty((student.n_a, student.dim), dtype=student.a.dtype, device=dev)
-        out_strides = (0, out.stride(0), out.stride(1))
-    elif store_out:
-        out = torch.empty((plan.splits, student.n_a, student.dim), **f32)
-        out_strides = out.stride()
-    else:
-        out, out_strides = dummy(dev), (0, 0, 0)
-    dscale = torch.empty((plan.splits * plan.slices, student.n_a), **f32) if need_dscale else dummy(dev)
-    out_b = torch.zeros((student.n_b, student.dim), **f32) if atomic_b else dummy(dev)
+    outputs = OwnerOutputs.allocate(flags, plan, student.a, student.n_b)
     _autotune.launch(
         _kl_owner_kernel, kind, t, (plan.blocks_a, plan.slices, plan.splits),
-        dict(operand_args(student, teacher),
+        dict(operand_args(student, teacher), **outputs.args(),
              a_stat_ptr=optional(a_side.stats, dev),
              stride_astat=a_side.stats.stride(0) if a_side.stats is not None else 0,
              b_stat_ptr=optional(b_side.stats, dev),
              stride_bstat=b_side.stats.stride(0) if b_side.stats is not None else 0,
-             out_ptr=out, stride_oc=out_strides[0], stride_o0=out_strides[1], stride_o1=out_strides[2],
-             dscale_ptr=dscale, out_b_ptr=out_b, stride_ob0=out_b.stride(0) if atomic_b else 0,
-             stride_ob1=out_b.stride(1) if atomic_b else 0,
-             cols_per_split=plan.cols_per_split, slices=plan.slices,
-             HAS_A_GRAD=a_side.grad is not None, HAS_B_GRAD=b_side.grad is not None,
-             STORE_OUT=store_out, NEED_DSCALE=need_dscale, ATOMIC_B=atomic_b, BLOCK_A=t.block_a,
-             BLOCK_DV=plan.block_dv, NUM_DV=plan.num_dv),
+             BLOCK_A=t.block_a),
         atomic_target="out_b_ptr" if atomic_b else "",
     )
-    if store_out and plan.splits > 1:
-        out = out.sum(dim=0).to(student.a.dtype)  # fixed-order reduction: deterministic
-    return KLOwnerResult(
-        out=out if store_out else None,
-        dscale_rows=dscale.sum(dim=0) if need_dscale else None,
-        out_b=out_b if atomic_b else None,
-    )
+    return outputs.result()
 
 
 def _scaled(t: torch.Tensor, pair: Pair) -> torch.Tensor:
     """``t`` times the pair's scalar scale, in place (a 0-d device tensor stays on the device)."""
-    return t.mul_(pair.scale if pair.scale_mode == 1 else pair.scale_value)
+    return t.mul_(pair.scale if pair.scale_mode == ScaleMode.TENSOR else pair.scale_value)
 
 
 def kl_gradients(spec: KLSpec, grad_row, grad_col, row_stats, col_stats, needs):
@@ -257,10 +224,7 @@ def kl_gradients(spec: KLSpec, grad_row, grad_col, row_stats, col_stats, needs):
         if need_y and not atomic:
             dy = run_kl_owner(make_pair(spec.student(), False), make_pair(spec.teacher(), False),
                               cols_side, rows_side, store_out=True).out
-    if need_x and dx is None:
-        dx = torch.zeros(spec.x_s.shape, dtype=spec.x_s.dtype, device=spec.x_s.device)
-    if need_y and dy is None:
-        dy = torch.zeros(spec.y_s.shape, dtype=spec.y_s.dtype, device=spec.y_s.device)
+    dx, dy = zeros_if_missing(dx, need_x, spec.x_s), zeros_if_missing(dy, need_y, spec.y_s)
     if need_scale:
         if dscale is None:
             dscale = torch.zeros((), dtype=torch.float32, device=spec.x_s.device)

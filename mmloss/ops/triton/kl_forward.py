@@ -48,13 +48,15 @@ import triton.language as tl
 
 from .._spec import KLSpec
 from . import _autotune
-from ._common import finite_shift, load_scalar, log2_sum, pair_logits, row_indices
+from ._common import finite_shift, load_scalar, log2_sum, pair_logits, row_indices, split_columns
 from ._config import tiles
 from ._launch import Pair, dot_precision, make_pair, split_align, stats_plan, target_programs
+from ._modes import (KL_PART_ENTROPY_SUM, KL_PART_TEACHER_MAX, KL_PART_TEACHER_SUM, KL_PART_WEIGHTED_DIFF,
+                     KL_TEACHER_LOG_SUM, KL_TEACHER_MAX, LN2, LOG2E, PER_COLUMN, PER_ROW, KLPartial, KLStat)
 
-# Partials fields: student max and sum, teacher max, sum, weighted difference, entropy sum.
-FIELDS_KL = 5
-FIELDS_CE = 6
+# Partials fields (_modes.KLPartial): every field but the entropy sum, or all with the cross-entropy.
+FIELDS_KL = int(KLPartial.ENTROPY_SUM)
+FIELDS_CE = len(KLPartial)
 
 
 def table_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
@@ -64,6 +66,18 @@ def table_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def _empty_states(BLOCK: tl.constexpr):
+    """(m_s, l_s, m_t, l_t, w, e) of BLOCK rows with nothing merged yet: maxima −inf, sums 0."""
+    m_s = tl.full((BLOCK,), float("-inf"), tl.float32)
+    l_s = tl.zeros((BLOCK,), tl.float32)
+    m_t = tl.full((BLOCK,), float("-inf"), tl.float32)
+    l_t = tl.zeros((BLOCK,), tl.float32)
+    w = tl.zeros((BLOCK,), tl.float32)
+    e = tl.zeros((BLOCK,), tl.float32)
+    return m_s, l_s, m_t, l_t, w, e
 
 
 @triton.jit
@@ -126,13 +140,14 @@ def _finish(m_s, l_s, m_t, l_t, w, e, CROSS_ENTROPY: tl.constexpr):
     value = w / l_t1 + (finite_shift(m_s) - finite_shift(m_t)) + (log_ls1 - log_lt1)
     if CROSS_ENTROPY:
         value += log_lt1 + e / l_t1
-    value = value * 0.6931471805599453
+    value = value * LN2
     return tl.where(value < 0.0, 0.0, value), log2_sum(l_s), log2_sum(l_t)
 
 
 @triton.jit
 def _load_student(part_ptr, field, at, ok):
-    """Student (max, sum) partials: fields 0 and 1 (``field`` elements apart)."""
+    """Student (max, sum) partials: ``KLPartial.STUDENT_MAX`` and ``STUDENT_SUM``, fields 0 and 1
+    (``field`` elements apart)."""
     m_s = tl.load(part_ptr + at, mask=ok, other=float("-inf"))
     l_s = tl.load(part_ptr + tl.cast(field, tl.int64) + at, mask=ok, other=0.0)
     return m_s, l_s
@@ -140,13 +155,14 @@ def _load_student(part_ptr, field, at, ok):
 
 @triton.jit
 def _load_teacher(part_ptr, field, at, ok, CROSS_ENTROPY: tl.constexpr):
-    """Teacher (max, sum, weighted difference[, entropy sum]) partials: fields 2 to 4 (5)."""
+    """Teacher (max, sum, weighted difference[, entropy sum]) partials: fields
+    ``KL_PART_TEACHER_MAX`` to ``KL_PART_WEIGHTED_DIFF`` (``KL_PART_ENTROPY_SUM``)."""
     field = tl.cast(field, tl.int64)  # fields × programs × n may pass 2³¹
-    m_t = tl.load(part_ptr + 2 * field + at, mask=ok, other=float("-inf"))
-    l_t = tl.load(part_ptr + 3 * field + at, mask=ok, other=0.0)
-    w = tl.load(part_ptr + 4 * field + at, mask=ok, other=0.0)
+    m_t = tl.load(part_ptr + field * KL_PART_TEACHER_MAX + at, mask=ok, other=float("-inf"))
+    l_t = tl.load(part_ptr + field * KL_PART_TEACHER_SUM + at, mask=ok, other=0.0)
+    w = tl.load(part_ptr + field * KL_PART_WEIGHTED_DIFF + at, mask=ok, other=0.0)
     if CROSS_ENTROPY:
-        e = tl.load(part_ptr + 5 * field + at, mask=ok, other=0.0)
+        e = tl.load(part_ptr + field * KL_PART_ENTROPY_SUM + at, mask=ok, other=0.0)
     else:
         e = w * 0.0
     return m_t, l_t, w, e
@@ -161,23 +177,24 @@ def _store_student(part_ptr, field, at, ok, m_s, l_s):
 @triton.jit
 def _store_teacher(part_ptr, field, at, ok, m_t, l_t, w, e, CROSS_ENTROPY: tl.constexpr):
     field = tl.cast(field, tl.int64)
-    tl.store(part_ptr + 2 * field + at, m_t, mask=ok)
-    tl.store(part_ptr + 3 * field + at, l_t, mask=ok)
-    tl.store(part_ptr + 4 * field + at, w, mask=ok)
+    tl.store(part_ptr + field * KL_PART_TEACHER_MAX + at, m_t, mask=ok)
+    tl.store(part_ptr + field * KL_PART_TEACHER_SUM + at, l_t, mask=ok)
+    tl.store(part_ptr + field * KL_PART_WEIGHTED_DIFF + at, w, mask=ok)
     if CROSS_ENTROPY:
-        tl.store(part_ptr + 5 * field + at, e, mask=ok)
+        tl.store(part_ptr + field * KL_PART_ENTROPY_SUM + at, e, mask=ok)
 
 
 @triton.jit
 def _store_result(out_ptr, stat_ptr, stride_stat, idx, ok, m_s, l_s, m_t, l_t, w, e,
                   CROSS_ENTROPY: tl.constexpr):
-    """The value and the saved statistics ``[m_s, log2 l_s, m_t, log2 l_t]`` of the rows ``idx``."""
+    """The value and the saved statistics ``[m_s, log2 l_s, m_t, log2 l_t]`` (``KLStat``) of the
+    rows ``idx``."""
     value, log_ls, log_lt = _finish(m_s, l_s, m_t, l_t, w, e, CROSS_ENTROPY)
     tl.store(out_ptr + idx, value, mask=ok)
     tl.store(stat_ptr + idx, m_s, mask=ok)
     tl.store(stat_ptr + stride_stat + idx, log_ls, mask=ok)
-    tl.store(stat_ptr + 2 * stride_stat + idx, m_t, mask=ok)
-    tl.store(stat_ptr + 3 * stride_stat + idx, log_lt, mask=ok)
+    tl.store(stat_ptr + stride_stat * KL_TEACHER_MAX + idx, m_t, mask=ok)
+    tl.store(stat_ptr + stride_stat * KL_TEACHER_LOG_SUM + idx, log_lt, mask=ok)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -197,23 +214,17 @@ def _kl_stats_kernel(
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     n_blocks_a = tl.cdiv(n_a, BLOCK_A)
-    col_start = pid_c * cols_per_split
-    col_end = tl.minimum(col_start + cols_per_split, n_b)
+    col_start, col_end = split_columns(pid_c, cols_per_split, n_b)
     # scales in fp32 with log2(e) folded in (scalar scales only: 0-d tensor or a float)
-    s2 = load_scalar(scale_ptr, scale_value, SCALE_MODE) * 1.4426950408889634
-    t2_scale = load_scalar(t_scale_ptr, t_scale_value, T_SCALE_MODE) * 1.4426950408889634
+    s2 = load_scalar(scale_ptr, scale_value, SCALE_MODE) * LOG2E
+    t2_scale = load_scalar(t_scale_ptr, t_scale_value, T_SCALE_MODE) * LOG2E
     for blk in range(pid_r, n_blocks_a, progs_a):
         if COLS:
             # The previous A block's column partials were stored by other threads of this
             # program: order those stores before this block's loads.
             tl.debug_barrier()
         a_idx, a_ok = row_indices(blk, n_a, BLOCK_A)
-        m_s = tl.full((BLOCK_A,), float("-inf"), tl.float32)
-        l_s = tl.zeros((BLOCK_A,), tl.float32)
-        m_t = tl.full((BLOCK_A,), float("-inf"), tl.float32)
-        l_t = tl.zeros((BLOCK_A,), tl.float32)
-        w = tl.zeros((BLOCK_A,), tl.float32)
-        e = tl.zeros((BLOCK_A,), tl.float32)
+        m_s, l_s, m_t, l_t, w, e = _empty_states(BLOCK_A)
         # −inf on padded rows (broadcast over the tile with the column padding below)
         a_pad = tl.where(a_ok, 0.0, float("-inf"))
         for j0 in range(col_start, col_end, BLOCK_B):
@@ -228,12 +239,12 @@ def _kl_stats_kernel(
             # Padded pairs loaded zeros: their logits are exactly 0 (finite) before padding.
             s_fin = acc * s2
             st = s_fin + a_pad[:, None] + b_pad[None, :]
-            tm_s, tl_s = _tile_student(st, 1)
+            tm_s, tl_s = _tile_student(st, PER_ROW)
             m_s, l_s = _merge_student(m_s, l_s, tm_s, tl_s)
             if COLS:
                 # columns: merge into this program's partials (nothing to merge on its first block)
                 part = tl.cast(pid_r, tl.int64) * n_b + b_idx
-                cm_s, cl_s = _tile_student(st, 0)
+                cm_s, cl_s = _tile_student(st, PER_COLUMN)
                 if blk != pid_r:
                     pm_s, pl_s = _load_student(b_part_ptr, b_field, part, b_ok)
                     cm_s, cl_s = _merge_student(pm_s, pl_s, cm_s, cl_s)
@@ -244,10 +255,10 @@ def _kl_stats_kernel(
             # T − S from the finite tiles (0 on padded pairs), teacher logits padded with −inf
             diff = t_fin - s_fin
             tt = t_fin + a_pad[:, None] + b_pad[None, :]
-            tm_t, tl_t, tw, te = _tile_teacher(tt, t_fin, diff, 1, CROSS_ENTROPY)
+            tm_t, tl_t, tw, te = _tile_teacher(tt, t_fin, diff, PER_ROW, CROSS_ENTROPY)
             m_t, l_t, w, e = _merge_teacher(m_t, l_t, w, e, tm_t, tl_t, tw, te, CROSS_ENTROPY)
             if COLS:
-                cm_t, cl_t, cw, ce = _tile_teacher(tt, t_fin, diff, 0, CROSS_ENTROPY)
+                cm_t, cl_t, cw, ce = _tile_teacher(tt, t_fin, diff, PER_COLUMN, CROSS_ENTROPY)
                 if blk != pid_r:
                     pm_t, pl_t, pw, pe = _load_teacher(b_part_ptr, b_field, part, b_ok, CROSS_ENTROPY)
                     cm_t, cl_t, cw, ce = _merge_teacher(pm_t, pl_t, pw, pe, cm_t, cl_t, cw, ce, CROSS_ENTROPY)
@@ -266,12 +277,7 @@ def _kl_combine_kernel(part_ptr, field, parts, n, out_ptr, stat_ptr, stride_stat
                        CROSS_ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
     """out[i], stats[:, i] from the ``parts`` partial states of entry i, merged in part order."""
     idx, ok = row_indices(tl.program_id(0), n, BLOCK)
-    m_s = tl.full((BLOCK,), float("-inf"), tl.float32)
-    l_s = tl.zeros((BLOCK,), tl.float32)
-    m_t = tl.full((BLOCK,), float("-inf"), tl.float32)
-    l_t = tl.zeros((BLOCK,), tl.float32)
-    w = tl.zeros((BLOCK,), tl.float32)
-    e = tl.zeros((BLOCK,), tl.float32)
+    m_s, l_s, m_t, l_t, w, e = _empty_states(BLOCK)
     for p in range(0, parts):
         at = tl.cast(p, tl.int64) * n + idx
         pm_s, pl_s = _load_student(part_ptr, field, at, ok)
@@ -297,7 +303,7 @@ def operand_args(student: Pair, teacher: Pair) -> dict:
         stride_tb0=teacher.b.stride(0), stride_tb1=teacher.b.stride(1),
         scale_ptr=student.scale, scale_value=student.scale_value,
         t_scale_ptr=teacher.scale, t_scale_value=teacher.scale_value,
-        SCALE_MODE=student.scale_mode, T_SCALE_MODE=teacher.scale_mode,
+        SCALE_MODE=int(student.scale_mode), T_SCALE_MODE=int(teacher.scale_mode),
         PRECISION=dot_precision(student.a.dtype), T_PRECISION=dot_precision(teacher.a.dtype),
         A_IS_X=student.a_is_x,
     )
@@ -330,7 +336,7 @@ def kl_statistics(spec: KLSpec, rows: bool, cols: bool, cross_entropy: bool):
                       target_programs(dev, t.programs_per_sm))
     f32 = dict(dtype=torch.float32, device=dev)
     a_out = torch.empty(student.n_a, **f32)
-    a_stats = torch.empty((4, student.n_a), **f32)
+    a_stats = torch.empty((len(KLStat), student.n_a), **f32)
     split = plan.splits > 1
     a_part = torch.empty((fields, plan.splits, student.n_a), **f32) if split else a_out
     b_part = torch.empty((fields, plan.progs_a, student.n_b), **f32) if want_cols else a_out
@@ -345,12 +351,12 @@ def kl_statistics(spec: KLSpec, rows: bool, cols: bool, cross_entropy: bool):
     )
     if split:
         _combine(a_part, a_out, a_stats, cross_entropy)
-    empty, empty_stats = torch.empty(0, **f32), torch.empty((4, 0), **f32)
+    empty, empty_stats = torch.empty(0, **f32), torch.empty((len(KLStat), 0), **f32)
     if not rows:
         return empty, a_out, empty_stats, a_stats
     if want_cols:
         b_out = torch.empty(student.n_b, **f32)
-        b_stats = torch.empty((4, student.n_b), **f32)
+        b_stats = torch.empty((len(KLStat), student.n_b), **f32)
         _combine(b_part, b_out, b_stats, cross_entropy)
         return a_out, b_out, a_stats, b_stats
     return a_out, empty, a_stats, empty_stats

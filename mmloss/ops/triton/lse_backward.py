@@ -14,30 +14,19 @@ probabilities are NaN, as in torch).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .._spec import PairSpec
-from ._launch import make_pair, weighted_shifts
-from .owner import KIND_LSE, atomic_pays, run_owner
-
-
-def _vector(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    # upstream gradients may be expanded (stride 0) or half: O(N) fp32 contiguous copies
-    return None if t is None else t.detach().to(torch.float32).contiguous()
-
-
-def _stats(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    # (2, n) [max, log-sum] rows the kernels read with one row stride
-    return None if t is None else t.detach().to(torch.float32).contiguous()
+from ._launch import fp32_vector, make_pair, weighted_shifts, zeros_if_missing
+from ._modes import LseStat, OwnerKind
+from .owner import atomic_pays, run_owner
 
 
 def _bias_weights(stats: torch.Tensor) -> torch.Tensor:
     """Σ_j of a row's probabilities: 0 with no allowed pair (log-sum −inf), 1 for a finite LSE,
     NaN for a NaN or +inf one (torch's softmax of such a row is NaN)."""
-    lse2 = stats[0] + stats[1]
-    empty = stats[1] == float("-inf")
+    lse2 = stats[LseStat.MAX] + stats[LseStat.LOG_SUM]
+    empty = stats[LseStat.LOG_SUM] == float("-inf")
     return torch.where(empty, 0.0, torch.where(torch.isfinite(lse2), 1.0, float("nan")))
 
 
@@ -45,9 +34,10 @@ def lse_gradients(spec: PairSpec, grad_row, grad_col, row_stats, col_stats, need
     """(dx, dy, dscale, dbias) of ⟨grad_row, row LSE⟩ + ⟨grad_col, col LSE⟩ from the (2, N) /
     (2, M) statistics of ``lse_statistics``; None where ``needs`` is False."""
     need_x, need_y, need_scale, need_bias = needs
-    g, h = _vector(grad_row), _vector(grad_col)
-    r = _stats(row_stats) if g is not None else None
-    c = _stats(col_stats) if h is not None else None
+    g, h = fp32_vector(grad_row), fp32_vector(grad_col)
+    # (2, n) [max, log-sum] rows the kernels read with one row stride
+    r = fp32_vector(row_stats) if g is not None else None
+    c = fp32_vector(col_stats) if h is not None else None
     # NaN/±inf bias → NaN gradients (the statistics leave the bias out)
     poison = None if spec.bias is None else spec.bias.detach().to(torch.float32) * 0.0
     wr = weighted_shifts(r, g, poison) if g is not None else None
@@ -58,7 +48,7 @@ def lse_gradients(spec: PairSpec, grad_row, grad_col, row_stats, col_stats, need
         rows_pair = make_pair(spec, a_is_x=True)
         atomic = run_rows and need_y and not spec.deterministic and atomic_pays(rows_pair)
         if run_rows:
-            res = run_owner(rows_pair, KIND_LSE, a_grad=g, a_stat=wr, b_grad=h, b_stat=wc,
+            res = run_owner(rows_pair, OwnerKind.LSE, a_grad=g, a_stat=wr, b_grad=h, b_stat=wc,
                             store_out=need_x, need_dscale=need_scale, atomic_b=atomic)
             dx = res.out
             if need_scale:
@@ -66,12 +56,9 @@ def lse_gradients(spec: PairSpec, grad_row, grad_col, row_stats, col_stats, need
             if atomic:
                 dy = res.out_b.to(spec.y.dtype)
         if need_y and not atomic:
-            dy = run_owner(make_pair(spec, a_is_x=False), KIND_LSE, a_grad=h, a_stat=wc, b_grad=g, b_stat=wr,
+            dy = run_owner(make_pair(spec, a_is_x=False), OwnerKind.LSE, a_grad=h, a_stat=wc, b_grad=g, b_stat=wr,
                            store_out=True).out
-    if need_x and dx is None:
-        dx = torch.zeros(spec.x.shape, dtype=spec.x.dtype, device=spec.x.device)
-    if need_y and dy is None:
-        dy = torch.zeros(spec.y.shape, dtype=spec.y.dtype, device=spec.y.device)
+    dx, dy = zeros_if_missing(dx, need_x, spec.x), zeros_if_missing(dy, need_y, spec.y)
     if need_scale:
         if dscale is None:
             dscale = torch.zeros(spec.scale.shape, dtype=torch.float32, device=spec.x.device)

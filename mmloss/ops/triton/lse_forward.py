@@ -32,9 +32,10 @@ import triton.language as tl
 from .._spec import PairSpec
 from . import _autotune
 from ._common import (finite_shift, load_scalar, load_side_scale, marked_pairs, pair_logits, row_indices,
-                      scaled_log2, store_stats)
+                      scaled_log2, split_columns, store_stats)
 from ._config import tiles
 from ._launch import Pair, make_pair, split_align, stats_plan, target_programs
+from ._modes import MARKS_NONE, MARKS_SAME_LABEL, PER_COLUMN, PER_ROW, SCALE_PER_A_ROW, SCALE_PER_B_ROW
 
 
 @triton.jit
@@ -50,8 +51,7 @@ def _lse_stats_kernel(
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     n_blocks_a = tl.cdiv(n_a, BLOCK_A)
-    col_start = pid_c * cols_per_split
-    col_end = tl.minimum(col_start + cols_per_split, n_b)
+    col_start, col_end = split_columns(pid_c, cols_per_split, n_b)
     bias = load_scalar(bias_ptr, bias_value, BIAS_MODE)
     for blk in range(pid_r, n_blocks_a, progs_a):
         if COLS:
@@ -59,8 +59,8 @@ def _lse_stats_kernel(
             # program: order those stores before this block's loads.
             tl.debug_barrier()
         a_idx, a_ok = row_indices(blk, n_a, BLOCK_A)
-        s_a = load_side_scale(scale_ptr, scale_value, a_idx, a_ok, SCALE_MODE, 2)
-        if MARKS == 2:
+        s_a = load_side_scale(scale_ptr, scale_value, a_idx, a_ok, SCALE_MODE, SCALE_PER_A_ROW)
+        if MARKS == MARKS_SAME_LABEL:
             a_lab = tl.load(a_lab_ptr + a_idx * stride_alab, mask=a_ok, other=0)
         else:
             a_lab = a_idx
@@ -71,16 +71,16 @@ def _lse_stats_kernel(
             b_ok = b_idx < col_end
             acc = pair_logits(a_ptr, b_ptr, a_idx, a_ok, b_idx, b_ok, dim, stride_a0, stride_a1,
                               stride_b0, stride_b1, BLOCK_A, BLOCK_B, BLOCK_K, PRECISION, A_IS_X)
-            s_b = load_side_scale(scale_ptr, scale_value, b_idx, b_ok, SCALE_MODE, 3)
+            s_b = load_side_scale(scale_ptr, scale_value, b_idx, b_ok, SCALE_MODE, SCALE_PER_B_ROW)
             t2 = scaled_log2(acc, s_a, s_b, SCALE_MODE)
             allowed = a_ok[:, None] & b_ok[None, :]
-            if MARKS != 0:
+            if MARKS != MARKS_NONE:
                 allowed = allowed & ~marked_pairs(a_idx, b_idx, b_ok, a_lab, b_lab_ptr, stride_blab, offset, MARKS)
             t2 = tl.where(allowed, t2, float("-inf"))
             # rows: online max/sum in registers
-            m_new = tl.maximum(m_row, tl.max(t2, axis=1))
+            m_new = tl.maximum(m_row, tl.max(t2, axis=PER_ROW))
             shift = finite_shift(m_new)
-            l_row = l_row * tl.exp2(m_row - shift) + tl.sum(tl.exp2(t2 - shift[:, None]), axis=1)
+            l_row = l_row * tl.exp2(m_row - shift) + tl.sum(tl.exp2(t2 - shift[:, None]), axis=PER_ROW)
             m_row = m_new
             if COLS:
                 # columns: merge into this program's partials (nothing to merge on its first block)
@@ -91,9 +91,9 @@ def _lse_stats_kernel(
                 else:
                     pm = tl.load(b_pmax_ptr + part, mask=b_ok, other=float("-inf"))
                     pl = tl.load(b_psum_ptr + part, mask=b_ok, other=0.0)
-                cm = tl.maximum(pm, tl.max(t2, axis=0))
+                cm = tl.maximum(pm, tl.max(t2, axis=PER_COLUMN))
                 cshift = finite_shift(cm)
-                pl = pl * tl.exp2(pm - cshift) + tl.sum(tl.exp2(t2 - cshift[None, :]), axis=0)
+                pl = pl * tl.exp2(pm - cshift) + tl.sum(tl.exp2(t2 - cshift[None, :]), axis=PER_COLUMN)
                 tl.store(b_pmax_ptr + part, cm, mask=b_ok)
                 tl.store(b_psum_ptr + part, pl, mask=b_ok)
         if SPLIT:
@@ -131,7 +131,7 @@ def combine(pmax: torch.Tensor, psum: torch.Tensor, out: torch.Tensor, stats: to
         _lse_combine_kernel, (triton.cdiv(n, t.block_a),),
         dict(pmax_ptr=pmax, psum_ptr=psum, parts=parts, n=n, out_ptr=out, stat_ptr=stats,
              stride_stat=stats.stride(0), bias_ptr=pair.bias,
-             bias_value=pair.bias_value, BIAS_MODE=pair.bias_mode, BLOCK=t.block_a),
+             bias_value=pair.bias_value, BIAS_MODE=int(pair.bias_mode), BLOCK=t.block_a),
         t.num_warps,
     )
 

@@ -1,5 +1,6 @@
 """``pairwise_sigmoid``: per-row sums of softplus(−z·L) and their gradients, and the summed
-SigLIP path (docs/kernels.md, "pairwise_sigmoid"). All passes are ``owner.py`` kernels (KIND 1).
+SigLIP path (docs/kernels.md, "pairwise_sigmoid"). All passes are ``owner.py`` kernels
+(``OwnerKind.SIGMOID``).
 
 - forward (per-row output): one row-owner pass that only sums softplus — 1 GEMM-equivalent;
 - backward with a per-row upstream gradient g: row owner (dx, dscale rows, dbias partials) and
@@ -18,7 +19,8 @@ import torch
 
 from .._spec import PairSpec
 from ._launch import make_pair
-from .owner import KIND_SIGMOID, atomic_pays, run_owner
+from ._modes import OwnerKind
+from .owner import atomic_pays, run_owner
 
 
 def _finish_scale(spec: PairSpec, rows):
@@ -32,7 +34,7 @@ def _finish_bias(spec: PairSpec, total):
 
 def sigmoid_rows(spec: PairSpec) -> torch.Tensor:
     """(N,) fp32 Σ_j softplus(−z_ij·L_ij)."""
-    return run_owner(make_pair(spec, a_is_x=True), KIND_SIGMOID, with_loss=True).loss_rows
+    return run_owner(make_pair(spec, a_is_x=True), OwnerKind.SIGMOID, with_loss=True).loss_rows
 
 
 def _gradients(spec: PairSpec, needs, upstream, with_loss: bool):
@@ -44,7 +46,7 @@ def _gradients(spec: PairSpec, needs, upstream, with_loss: bool):
     rows_bias = need_bias and run_rows
     dx = dy = dscale = dbias = loss = None
     if run_rows:
-        res = run_owner(rows_pair, KIND_SIGMOID, a_grad=upstream, store_out=need_x,
+        res = run_owner(rows_pair, OwnerKind.SIGMOID, a_grad=upstream, store_out=need_x,
                         need_dscale=need_scale, atomic_b=atomic, with_loss=with_loss,
                         need_dbias=rows_bias)
         dx, loss = res.out, res.loss_rows
@@ -55,7 +57,7 @@ def _gradients(spec: PairSpec, needs, upstream, with_loss: bool):
         if atomic:
             dy = res.out_b.to(spec.y.dtype)
     if need_y and not atomic:
-        res = run_owner(make_pair(spec, a_is_x=False), KIND_SIGMOID, b_grad=upstream, store_out=True,
+        res = run_owner(make_pair(spec, a_is_x=False), OwnerKind.SIGMOID, b_grad=upstream, store_out=True,
                         need_dbias=need_bias and not rows_bias)
         dy = res.out
         if need_bias and not rows_bias:
