@@ -11,7 +11,8 @@ import torch
 
 from mmloss.bench import cli, report
 from mmloss.bench.cases import CASES
-from mmloss.bench.sweep import Plan, Sweep, mmloss_implementation, peer_implementation
+from mmloss.bench.implementations import mmloss_implementation, peer_implementation
+from mmloss.bench.sweep import Plan, Sweep
 
 TINY = ["--sizes", "16,24", "--dim", "8", "--repeats", "2"]
 
@@ -158,8 +159,6 @@ def test_a_killed_run_keeps_what_it_measured(tmp_path):
 def test_time_limit_keeps_time_for_the_losses_still_to_come():
     import time
 
-    from mmloss.bench.sweep import Config
-
     plan = Plan(torch.device("cpu"), [CASES["clip"], CASES["siglip"]], {"clip": [16, 32], "siglip": [16, 32]},
                 [8], [torch.float32], [mmloss_implementation("torch")], repeats=1, time_limit=10.0)
     sweep = Sweep(plan)
@@ -167,9 +166,9 @@ def test_time_limit_keeps_time_for_the_losses_still_to_come():
     sweep.measured = [(clip16, 1.0, 0.2)]  # one timing round of clip B=16 took 0.2 s
     # clip B=32: 0.2 s × 4 (work) × 2 (repeat + warm-up) = 1.6 s; siglip B=16 is kept: 0.4 s.
     sweep.started = time.monotonic() - 5.0
-    assert sweep._time_limit_reason(clip32, [siglip16, siglip32]) is None
+    assert sweep.time_limit_reason(clip32, [siglip16, siglip32]) is None
     sweep.started = time.monotonic() - 8.2
-    reason = sweep._time_limit_reason(clip32, [siglip16, siglip32])
+    reason = sweep.time_limit_reason(clip32, [siglip16, siglip32])
     assert reason is not None and "keeping ≈0.4 s" in reason
     sweep.started = time.monotonic() - 10.5
-    assert "reached" in sweep._time_limit_reason(clip32, [])
+    assert "reached" in sweep.time_limit_reason(clip32, [])

@@ -15,7 +15,7 @@ import torch
 
 from mmloss.bench import measure, peers
 from mmloss.bench.cases import CASES, DEFAULT_LOSSES
-from mmloss.bench.sweep import mmloss_implementation, peer_implementation
+from mmloss.bench.implementations import mmloss_implementation, peer_implementation
 from mmloss.ops import BACKENDS, resolve_backend
 
 from bench_support import DEVICE, DIM, DTYPE, LOSS_RTOL, SIZES, SMOKE

@@ -6,7 +6,7 @@ skipped with its name; the dense baselines are always checked against ``mmloss.r
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib.abc
 import sys
 
 import pytest
@@ -15,7 +15,8 @@ import torch
 import mmloss
 from mmloss.bench import peers
 from mmloss.bench.cases import CASES, Inputs
-from mmloss.bench.sweep import Implementation, Plan, Sweep, mmloss_implementation, peer_implementation
+from mmloss.bench.implementations import Implementation, mmloss_implementation, peer_implementation
+from mmloss.bench.sweep import Plan, Sweep
 
 BATCH, DIM = 37, 24  # ragged on purpose
 
@@ -65,31 +66,58 @@ def test_peer_computes_the_same_loss(peer, loss):
         assert (g - e).abs().max() <= 1e-4 * e.abs().max()
 
 
-def test_pml_ntxent_equals_mmloss_ntxent():
-    """pytorch-metric-learning's NTXentLoss on cat(out0, out1) with labels cat(arange B, arange B)
-    is docs/losses.md §4: checked against mmloss.ntxent_loss (values and gradients)."""
-    if not _installed("pml"):
-        pytest.skip("pytorch-metric-learning is not installed")
+@pytest.mark.parametrize("peer", ["pml", "lightly"])
+def test_peer_ntxent_equals_mmloss_ntxent(peer):
+    """pytorch-metric-learning's NTXentLoss on cat(out0, out1) with labels cat(arange B, arange B),
+    and lightly's NTXentLoss (its file loaded by path, without its package), are docs/losses.md §4:
+    checked against mmloss.ntxent_loss in float64 (values and gradients)."""
+    if not _installed(peer):
+        pytest.skip(f"{peer} is not installed: {peers.peer_status(peer, torch.device('cpu'))}")
     case = CASES["ntxent"]
     inputs = case.make_inputs(BATCH, DIM, torch.float64, "cpu", seed=5)
     ours, our_grads = _value_and_grads(lambda inp: mmloss.ntxent_loss(*inp.leaves, temperature=0.5), inputs)
-    theirs, their_grads = _value_and_grads(peers.make_call("pml", case, inputs), inputs)
+    theirs, their_grads = _value_and_grads(peers.make_call(peer, case, inputs), inputs)
     assert theirs == pytest.approx(ours, rel=1e-9)
     for g, e in zip(their_grads, our_grads):
         torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-9)
 
 
-def test_lightly_loader_leaves_sys_modules_as_it_found_them():
-    if importlib.util.find_spec("lightly") is None:
-        pytest.skip("lightly is not installed")
-    before = {k for k in sys.modules if k.split(".")[0] in ("lightly", "torchvision")}
-    peers.load_peer.cache_clear()
+# Top-level names a peer loader must never add to sys.modules: the packages whose files are loaded
+# by path (their __init__ pulls torchvision), and torchvision itself.
+PLANTABLE = ("lightly", "open_clip", "torchvision")
+
+
+class _SysModulesSpy(importlib.abc.MetaPathFinder):
+    """First on sys.meta_path while the peers load: at every import they trigger, it notes the
+    names under PLANTABLE that sys.modules holds and did not hold before (a planted module is
+    seen even when the loader removes it again afterwards)."""
+
+    def __init__(self, before: set):
+        self.before, self.seen = before, set()
+
+    def find_spec(self, fullname, path=None, target=None):
+        self.seen |= {k for k in list(sys.modules) if k not in self.before and k.split(".")[0] in PLANTABLE}
+        return None  # finds nothing: the ordinary finders do the importing
+
+
+def test_loading_every_peer_plants_nothing_in_sys_modules():
+    """Issue 9: peers are loaded by file path, never by planting bare or fake modules (torchvision,
+    lightly's packages) in sys.modules, during loading or after it."""
+    before = set(sys.modules)
+    spy = _SysModulesSpy(before)
+    peers.load_peer.cache_clear()  # load afresh, under the spy
+    sys.meta_path.insert(0, spy)
     try:
-        peers.load_peer("lightly")
-    except peers.PeerUnavailable:
-        pass
-    after = {k for k in sys.modules if k.split(".")[0] in ("lightly", "torchvision")}
-    assert after == before
+        for name in peers.PEERS:
+            try:
+                peers.load_peer(name)
+            except peers.PeerUnavailable:
+                pass
+    finally:
+        sys.meta_path.remove(spy)
+    added = {k for k in sys.modules if k not in before and k.split(".")[0] in PLANTABLE}
+    assert not added, f"left in sys.modules: {sorted(added)}"
+    assert not spy.seen, f"planted while loading: {sorted(spy.seen)}"
 
 
 def test_gpu_only_peers_report_why_on_cpu():

@@ -7,15 +7,16 @@ mmloss once per configuration):
 
 - ``dense``: the simple dense torch baseline of ``cases.py`` (logits, then cross-entropy /
   log-sigmoid); ``compile``: ``torch.compile`` of it (default options).
-- ``open_clip``: ``ClipLoss`` / ``SigLipLoss``. Its package import needs torchvision; where that
-  fails, ``open_clip/loss.py`` (which imports only torch) is loaded by path.
-- ``lightly``: ``NTXentLoss(temperature)`` (memory bank off). Its package import needs
-  torchvision; where that fails, ``lightly/loss/ntx_ent_loss.py`` is loaded with bare parent
-  packages and a placeholder for ``torchvision.ops.StochasticDepth`` (used only by lightly's ViT
-  helpers, never by the loss), and ``sys.modules`` is restored afterwards.
+- ``open_clip``: ``ClipLoss`` / ``SigLipLoss`` from ``open_clip/loss.py``, which imports only torch.
+- ``lightly``: ``NTXentLoss(temperature)`` (memory bank off) from ``lightly/loss/ntx_ent_loss.py``.
+  Both packages' ``__init__`` import torchvision, so neither package is imported: the loss files
+  (and the lightly files they import) are loaded by path with ``peer_files.SourceTree``, which
+  leaves ``sys.modules`` untouched; lightly's ``models/utils.py`` gets a stand-in for
+  ``torchvision.ops.StochasticDepth`` (used only by its ViT helpers, never by the loss).
 - ``pml`` (pytorch-metric-learning): ``NTXentLoss(temperature)`` on ``cat(out0, out1)`` with labels
   ``cat(arange(B), arange(B))`` — each anchor's only positive is its other view, every other row a
   negative, which is docs/losses.md §4; ``SupConLoss(temperature)`` with the class labels (§5).
+  Imported as a package: it does not need torchvision.
 - GPU only: ``inf_cl`` (``cal_inf_loss`` both ways, ½(image→text + text→image) = symmetric CLIP),
   ``memeff`` (``MemoryEfficientCLIPLoss(temperature=1/s, normalized_inputs=True)``, with
   ``stable=False`` where the class has that switch, so gradients are the true ones), and
@@ -35,12 +36,12 @@ import os
 import sys
 import types
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from .cases import CASES, Inputs, LossCase
+from .peer_files import SourceTree
 
 Tensor = torch.Tensor
 
@@ -94,74 +95,51 @@ PEERS = {
 # ----------------------------------------------------------------------------- loading
 
 
-def _by_path(module_name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _source_tree(package: str, install: str, stand_ins=None) -> SourceTree:
+    try:
+        return SourceTree(package, stand_ins)
+    except ModuleNotFoundError:
+        raise PeerUnavailable(f"not installed ({install})") from None
 
 
-def _package_dir(package: str, what: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise PeerUnavailable(f"not installed ({what})")
-    return Path(list(spec.submodule_search_locations)[0])
+def _load_file(tree: SourceTree, dotted: str):
+    """``dotted`` from ``tree``; PeerUnavailable (with the reason) when it cannot be loaded."""
+    relative = "/".join(dotted.split(".")) + ".py"
+    if tree.file_of(dotted) is None:
+        raise PeerUnavailable(f"{relative} not found in {tree.root}")
+    try:
+        return tree.load(dotted)
+    except Exception as exc:  # noqa: BLE001 - any failure is the one-line reason of the report
+        raise PeerUnavailable(f"{relative} could not be loaded ({type(exc).__name__}: {exc})") from None
 
 
 def _load_open_clip():
-    try:
-        from open_clip import loss as module  # the normal route (needs torchvision)
-
-        return module, "open_clip.loss"
-    except Exception as exc:  # noqa: BLE001 - any import failure sends us to the file route
-        first = f"{type(exc).__name__}: {exc}"
-    root = _package_dir("open_clip", "pip install open_clip_torch")
-    path = root / "loss.py"
-    if not path.is_file():
-        raise PeerUnavailable(f"open_clip/loss.py not found and the package import failed ({first})")
-    return _by_path("mmloss_bench_open_clip_loss", path), "open_clip/loss.py loaded by path (package import: " + first.split(":")[0] + ")"
+    tree = _source_tree("open_clip", "pip install open_clip_torch")
+    return _load_file(tree, "open_clip.loss"), "open_clip/loss.py loaded by path"
 
 
-class _StochasticDepthPlaceholder(torch.nn.Module):
+class StochasticDepthPlaceholder(torch.nn.Module):
     """Stands in for torchvision.ops.StochasticDepth, which lightly's NT-Xent never uses."""
 
     def __init__(self, *args, **kwargs):
-        raise RuntimeError("torchvision is not installed: StochasticDepth is unavailable")
+        raise RuntimeError("torchvision is not available to the benchmark's lightly files: "
+                           "StochasticDepth cannot be built")
+
+
+def _torchvision_stand_ins() -> dict:
+    """What ``lightly/models/utils.py`` imports from torchvision at its top (for ViT helpers only)."""
+    ops = types.ModuleType("torchvision.ops")
+    ops.StochasticDepth = StochasticDepthPlaceholder
+    vision = types.ModuleType("torchvision")
+    vision.ops = ops
+    return {"torchvision": vision, "torchvision.ops": ops}
 
 
 def _load_lightly():
-    try:
-        from lightly.loss import NTXentLoss
-
-        return NTXentLoss, "lightly.loss"
-    except Exception as exc:  # noqa: BLE001
-        first = f"{type(exc).__name__}: {exc}"
-    root = _package_dir("lightly", "pip install lightly")
-    owned = ("lightly", "torchvision")
-    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in owned}
-    try:
-        # Bare parent packages: __path__ only, so their __init__ (which imports torchvision and
-        # the model zoo) never runs, while ntx_ent_loss.py's own imports resolve to lightly's files.
-        for name, sub in (("lightly", ""), ("lightly.loss", "loss"), ("lightly.models", "models"),
-                          ("lightly.models.modules", "models/modules"), ("lightly.utils", "utils")):
-            package = types.ModuleType(name)
-            package.__path__ = [str(root / sub)]
-            sys.modules[name] = package
-        if importlib.util.find_spec("torchvision") is None:
-            ops = types.ModuleType("torchvision.ops")
-            ops.StochasticDepth = _StochasticDepthPlaceholder
-            vision = types.ModuleType("torchvision")
-            vision.ops = ops
-            sys.modules["torchvision"], sys.modules["torchvision.ops"] = vision, ops
-        module = importlib.import_module("lightly.loss.ntx_ent_loss")
-        return module.NTXentLoss, ("lightly/loss/ntx_ent_loss.py loaded without torchvision "
-                                   "(package import: " + first.split(":")[0] + ")")
-    except Exception as exc:  # noqa: BLE001
-        raise PeerUnavailable(f"not importable without torchvision ({type(exc).__name__}: {exc})")
-    finally:
-        for key in [k for k in sys.modules if k.split(".")[0] in owned]:
-            del sys.modules[key]
-        sys.modules.update(saved)
+    tree = _source_tree("lightly", "pip install lightly", _torchvision_stand_ins())
+    module = _load_file(tree, "lightly.loss.ntx_ent_loss")
+    return module.NTXentLoss, ("lightly/loss/ntx_ent_loss.py loaded by path (torchvision.ops.StochasticDepth, "
+                               "used only by lightly's ViT helpers, stubbed)")
 
 
 def _load_pml():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .sweep import Row
+from .results import Row
 
 
 def _series_key(row: Row, vary_dtype: bool, vary_dim: bool) -> str:
@@ -16,12 +16,57 @@ def _series_key(row: Row, vary_dtype: bool, vary_dim: bool) -> str:
     return label
 
 
+def _series(subset, vary_dtype: bool, vary_dim: bool) -> dict:
+    """Line label -> that implementation's rows in ``subset`` (the floor's rows as "floor")."""
+    series = {}
+    for r in subset:
+        key = "floor" if r.kind == "floor" else _series_key(r, vary_dtype, vary_dim)
+        if r.kind == "floor" and (vary_dtype or vary_dim):
+            key = _series_key(r, vary_dtype, vary_dim).replace(r.impl, "floor")
+        series.setdefault(key, []).append(r)
+    return series
+
+
+def _plot_lines(ax_time, ax_mem, series: dict, colors: dict, markers: dict) -> None:
+    """Time (every line) and peak memory (every line but the floor's) against B."""
+    for key, points in series.items():
+        points.sort(key=lambda r: r.batch)
+        xs = [r.batch for r in points]
+        is_floor = key.startswith("floor")
+        style = dict(color="0.45", linestyle="--", marker="", linewidth=1.5) if is_floor else \
+            dict(color=colors[key], marker=markers[key], linewidth=2, markersize=6, alpha=0.9)
+        is_mmloss = points[0].kind == "mmloss"
+        if is_mmloss:
+            style["linewidth"] = 2.8
+        ax_time.plot(xs, [r.total.median * 1e3 for r in points], label=key, **style)
+        mem = [(r.batch, r.peak_bytes / 2**20) for r in points if r.peak_bytes]
+        if mem and not is_floor:
+            ax_mem.plot([m[0] for m in mem], [m[1] for m in mem], label=key, **style)
+
+
+def _style_axes(ax, title: str, unit: str, sizes: list) -> None:
+    """Log–log axes, B on x (ticks at the measured sizes), a readable log y scale."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(s) for s in sizes])
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel(unit)
+    ax.set_title(title, fontsize=10)
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", alpha=0.12)
+
+
 def plot(rows, path: str, title: str, case_titles: Optional[dict] = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     rows = [r for r in rows if r.ok and r.total is not None]
     if not rows:
@@ -38,43 +83,14 @@ def plot(rows, path: str, title: str, case_titles: Optional[dict] = None) -> Non
     for (ax_time, ax_mem), loss in zip(axes, losses):
         subset = [r for r in rows if r.loss == loss]
         sizes = sorted({r.batch for r in subset})
-        series = {}
-        for r in subset:
-            key = "floor" if r.kind == "floor" else _series_key(r, vary_dtype, vary_dim)
-            if r.kind == "floor" and (vary_dtype or vary_dim):
-                key = _series_key(r, vary_dtype, vary_dim).replace(r.impl, "floor")
-            series.setdefault(key, []).append(r)
-        for key, points in series.items():
-            points.sort(key=lambda r: r.batch)
-            xs = [r.batch for r in points]
-            is_floor = key.startswith("floor")
-            style = dict(color="0.45", linestyle="--", marker="", linewidth=1.5) if is_floor else \
-                dict(color=colors[key], marker=markers[key], linewidth=2, markersize=6, alpha=0.9)
-            is_mmloss = points[0].kind == "mmloss"
-            if is_mmloss:
-                style["linewidth"] = 2.8
-            ax_time.plot(xs, [r.total.median * 1e3 for r in points], label=key, **style)
-            mem = [(r.batch, r.peak_bytes / 2**20) for r in points if r.peak_bytes]
-            if mem and not is_floor:
-                ax_mem.plot([m[0] for m in mem], [m[1] for m in mem], label=key, **style)
+        _plot_lines(ax_time, ax_mem, _series(subset, vary_dtype, vary_dim), colors, markers)
         matrix = sorted({(r.batch, r.rows * r.cols * 4 / 2**20) for r in subset})
         ax_mem.plot([m[0] for m in matrix], [m[1] for m in matrix], color="black", linestyle=":",
                     linewidth=1.2, label="one N×M fp32 matrix")
         name = (case_titles or {}).get(loss, loss)
         for ax, what, unit in ((ax_time, "time, forward + backward", "ms (median)"),
                                (ax_mem, "peak memory above inputs", "MiB")):
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xticks(sizes)
-            ax.set_xticklabels([str(s) for s in sizes])
-            ax.set_xlabel("batch size B")
-            ax.set_ylabel(unit)
-            ax.set_title(f"{name}: {what}", fontsize=10)
-            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.yaxis.set_minor_formatter(NullFormatter())
-            ax.grid(True, which="major", alpha=0.35)
-            ax.grid(True, which="minor", alpha=0.12)
+            _style_axes(ax, f"{name}: {what}", unit, sizes)
         ax_time.legend(fontsize=8, loc="upper left")
         ax_mem.legend(fontsize=8, loc="upper left")
     fig.suptitle(title, fontsize=11)

@@ -15,7 +15,7 @@ import os
 import tempfile
 from typing import Callable, Optional
 
-from .sweep import Row
+from .results import Row
 
 DASH = "—"
 

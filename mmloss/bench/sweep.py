@@ -11,19 +11,24 @@ Per configuration, in this order:
    order rotated by one each round, so drift hits all of them alike; the first round also takes
    each implementation's peak memory (the probe resets before the clock starts).
 Errors (including out-of-memory) are recorded in the row and the sweep goes on.
+
+The rows are ``results.Row``; what is measured, ``implementations.Implementation``; the checks
+run after a sweep live in ``checks``.
 """
 from __future__ import annotations
 
 import gc
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from . import measure, peers
 from .cases import Inputs, LossCase
+from .results import Row, dtype_name
+
 
 def loss_tolerance(dtype: torch.dtype) -> float:
     """Relative loss agreement: 1e-3; 1e-2 for fp16/bf16 inputs, where dense peers return the loss
@@ -34,116 +39,6 @@ def loss_tolerance(dtype: torch.dtype) -> float:
 def grad_tolerance(dtype: torch.dtype) -> float:
     """Relative norm error of the gradients (docs/design.md's fp32 and fp16/bf16 levels)."""
     return 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-@dataclass
-class Implementation:
-    """One row source: an mmloss backend or a peer."""
-
-    label: str
-    kind: str  # "mmloss" | "peer"
-    key: str  # backend name or peer name
-    supports: Callable[[LossCase], Optional[str]]  # None when it implements the loss, else why not
-    factory: Callable[[LossCase, Inputs], Callable[[Inputs], torch.Tensor]]
-    estimate: Callable[[LossCase, int, torch.dtype], Optional[int]]
-
-
-def mmloss_implementation(backend: str) -> Implementation:
-    def supports(case: LossCase):
-        return None if case.mmloss_function() is not None else f"mmloss.{case.mmloss_name} is not in this build"
-
-    def factory(case: LossCase, inputs: Inputs):
-        fn = case.mmloss_function()
-        return lambda inp: case.call(fn, inp, backend)
-
-    def estimate(case: LossCase, batch: int, dtype):
-        if backend != "reference":
-            return None  # O((N+M)·D) plus a bounded workspace
-        rows, cols = case.similarity_shape(batch)
-        return 6 * rows * cols * max(torch.empty((), dtype=dtype).element_size(), 4)
-
-    return Implementation(f"mmloss[{backend}]", "mmloss", backend, supports, factory, estimate)
-
-
-def peer_implementation(name: str) -> Implementation:
-    peer = peers.PEERS[name]
-
-    def supports(case: LossCase):
-        return None if case.name in peer.losses else f"{name} has no {case.name} loss"
-
-    return Implementation(
-        peer.label, "peer", name, supports,
-        lambda case, inputs: peers.make_call(name, case, inputs),
-        lambda case, batch, dtype: peers.estimate_bytes(name, case, batch, dtype),
-    )
-
-
-@dataclass
-class Row:
-    """One implementation at one configuration (times in seconds, memory in bytes)."""
-
-    loss: str
-    impl: str
-    kind: str  # "floor" | "mmloss" | "peer"
-    batch: int
-    dim: int
-    dtype: str
-    device: str
-    rows: int
-    cols: int
-    status: str = "ok"  # "ok" | "skipped" | "error"
-    note: str = ""
-    repeats: int = 0
-    forward: Optional[measure.Stat] = None
-    backward: Optional[measure.Stat] = None
-    total: Optional[measure.Stat] = None
-    peak_bytes: Optional[int] = None
-    estimate_bytes: Optional[int] = None
-    useful_flops: float = 0.0
-    throughput: Optional[float] = None  # useful FLOP/s (the floor row: its own GEMM FLOP/s)
-    time_over_floor: Optional[float] = None
-    time_vs_dense: Optional[float] = None
-    memory_vs_dense: Optional[float] = None
-    check: str = ""
-    loss_value: Optional[float] = None
-    loss_rel_err: Optional[float] = None
-    grad_rel_err: Optional[float] = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        for key in ("forward", "backward", "total"):
-            stat = getattr(self, key)
-            d.pop(key)
-            for part in ("median", "min", "max"):
-                d[f"{key}_ms_{part}"] = None if stat is None else getattr(stat, part) * 1e3
-        d["peak_mib"] = None if self.peak_bytes is None else self.peak_bytes / 2**20
-        d["estimate_mib"] = None if self.estimate_bytes is None else self.estimate_bytes / 2**20
-        d.pop("peak_bytes")
-        d.pop("estimate_bytes")
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Row":
-        d = dict(d)
-        stats = {}
-        for key in ("forward", "backward", "total"):
-            parts = [d.pop(f"{key}_ms_{p}", None) for p in ("median", "min", "max")]
-            stats[key] = None if parts[0] is None else measure.Stat(*(v / 1e3 for v in parts))
-        peak = d.pop("peak_mib", None)
-        estimate = d.pop("estimate_mib", None)
-        names = {f.name for f in cls.__dataclass_fields__.values()}
-        row = cls(**{k: v for k, v in d.items() if k in names}, **stats)
-        row.peak_bytes = None if peak is None else int(peak * 2**20)
-        row.estimate_bytes = None if estimate is None else int(estimate * 2**20)
-        return row
 
 
 @dataclass
@@ -201,6 +96,22 @@ def _relative_norm_error(grads, reference) -> Optional[float]:
     return math.sqrt(num) / max(math.sqrt(den), 1e-30)
 
 
+def check_agreement(row: Row, value: float, grads: list, reference: tuple, dtype: torch.dtype) -> None:
+    """Loss relative error and gradient relative norm error of ``row`` against ``reference``
+    (label, loss value, gradients); the row's check reads "ok" or names what differs."""
+    reference_label, reference_value, reference_grads = reference
+    row.loss_rel_err = abs(value - reference_value) / max(abs(reference_value), 1e-12)
+    row.grad_rel_err = _relative_norm_error(grads, reference_grads)
+    problems = []
+    if not (row.loss_rel_err <= loss_tolerance(dtype)):
+        problems.append(f"LOSS≠ {row.loss_rel_err:.0e}")
+    if not (row.grad_rel_err <= grad_tolerance(dtype)):
+        problems.append("GRAD≠ " + ("missing" if math.isinf(row.grad_rel_err) else f"{row.grad_rel_err:.0e}"))
+    row.check = ", ".join(problems) or "ok"
+    if problems:
+        row.note = f"disagrees with {reference_label}"
+
+
 class Sweep:
     """Runs a Plan; hands each configuration's rows to the sinks as soon as they are measured."""
 
@@ -237,7 +148,9 @@ class Sweep:
         previous, _, round_seconds = pool[-1]
         return round_seconds * work(config) / work(previous) * (self.plan.repeats_for(config.batch) + 1)
 
-    def _time_limit_reason(self, config: Config, later: list) -> Optional[str]:
+    def time_limit_reason(self, config: Config, later: list) -> Optional[str]:
+        """None when ``config`` may start within the plan's time limit, else why it is skipped
+        (``later``: the configurations still to come after it)."""
         limit = self.plan.time_limit
         if limit is None:
             return None
@@ -277,7 +190,7 @@ class Sweep:
         for sink in self.sinks:
             sink.start(self)
         for index, config in enumerate(configs):
-            reason = self._time_limit_reason(config, configs[index + 1:])
+            reason = self.time_limit_reason(config, configs[index + 1:])
             if reason is not None:
                 self.skipped.append((config.describe(), reason))
                 if self.progress is not None:
@@ -306,18 +219,36 @@ class Sweep:
                    useful_flops=config.case.useful_flops(config.batch, config.dim), **kw)
 
     def measure(self, config: Config) -> list:
-        plan, case = self.plan, config.case
-        device = plan.device
+        """Every implementation's row at ``config``, the floor's first: inputs → rows and callables
+        → warm-up and agreement → floor → alternated timing rounds → statistics and ratios."""
+        device = self.plan.device
         measure.free_cached(device)
-        inputs = case.make_inputs(config.batch, config.dim, config.dtype, device, plan.seed)
-        try:
-            free = self.probe.available_bytes()
-        except (OSError, RuntimeError):
-            free = 0  # unknown: run everything
-        repeats = plan.repeats_for(config.batch)
+        inputs = config.case.make_inputs(config.batch, config.dim, config.dtype, device, self.plan.seed)
+        repeats = self.plan.repeats_for(config.batch)
+        rows, live = self._instantiate(config, inputs)
+        survivors = self._warm_up(config, live, inputs)
+        floor_row, floor = self._floor(config, inputs, repeats)
+        rows.insert(0, floor_row)
+        samples, floor_samples = self._time_rounds(survivors, floor_row, floor, inputs, repeats)
+        self._summarise(config, survivors, samples, floor_row, floor_samples)
+        self._ratios(rows, floor_row)
+        del inputs, live, survivors
+        measure.free_cached(device)
+        return rows
 
-        rows = []
-        live = []  # (row, fn)
+    def _free_bytes(self) -> int:
+        try:
+            return self.probe.available_bytes()
+        except (OSError, RuntimeError):
+            return 0  # unknown: run everything
+
+    def _instantiate(self, config: Config, inputs: Inputs):
+        """(rows of the implementations of this loss, [(row, callable)] of those that will run):
+        one whose memory model exceeds the free memory, or whose callable cannot be built (a
+        peer's shape restriction), keeps a skipped row."""
+        plan, case = self.plan, config.case
+        free = self._free_bytes()
+        rows, live = [], []
         for impl in plan.implementations:
             if impl.supports(case) is not None:
                 continue
@@ -332,8 +263,11 @@ class Sweep:
                 live.append((row, impl.factory(case, inputs)))
             except Exception as exc:  # noqa: BLE001 - e.g. a peer's shape restriction
                 row.status, row.note = "skipped", _error_text(exc)
+        return rows, live
 
-        # Warm-up and agreement with the first implementation that runs.
+    def _warm_up(self, config: Config, live: list, inputs: Inputs) -> list:
+        """One forward + backward each (compilation happens here); the first that runs is the
+        reference the others' loss and gradients are checked against. Returns those that ran."""
         reference = None
         survivors = []
         for row, fn in live:
@@ -344,31 +278,25 @@ class Sweep:
             except Exception as exc:  # noqa: BLE001
                 row.status, row.note = "error", _error_text(exc)
                 inputs.clear_grads()
-                measure.free_cached(device)
+                measure.free_cached(self.plan.device)
                 continue
             row.loss_value = value
             if reference is None:
                 reference = (row.impl, value, grads)
                 row.check = "ref"
             else:
-                row.loss_rel_err = abs(value - reference[1]) / max(abs(reference[1]), 1e-12)
-                row.grad_rel_err = _relative_norm_error(grads, reference[2])
-                problems = []
-                if not (row.loss_rel_err <= loss_tolerance(config.dtype)):
-                    problems.append(f"LOSS≠ {row.loss_rel_err:.0e}")
-                if not (row.grad_rel_err <= grad_tolerance(config.dtype)):
-                    problems.append("GRAD≠ " + ("missing" if math.isinf(row.grad_rel_err)
-                                                else f"{row.grad_rel_err:.0e}"))
-                row.check = ", ".join(problems) or "ok"
-                if problems:
-                    row.note = f"disagrees with {reference[0]}"
+                check_agreement(row, value, grads, reference, config.dtype)
             del grads
             survivors.append((row, fn))
         inputs.clear_grads()
+        return survivors
 
+    def _floor(self, config: Config, inputs: Inputs, repeats: int):
+        """(the floor's row, the warmed-up ``measure.Floor``, or None when it failed)."""
+        case = config.case
         floor_row = self._row(config, f"floor ({case.floor_gemms}×mm)", "floor", repeats=repeats)
         a, b = case.floor_operands(inputs)
-        floor_bytes = plan.floor_output_bytes if device.type == "cpu" else 4 * plan.floor_output_bytes
+        floor_bytes = self.plan.floor_output_bytes * (1 if self.plan.device.type == "cpu" else 4)
         try:
             floor = measure.Floor(a, b, case.floor_gemms, floor_bytes)
             floor.timed(self.clock)  # warm-up
@@ -376,18 +304,19 @@ class Sweep:
                 floor_row.note = f"output in row blocks of {floor.block}"
         except Exception as exc:  # noqa: BLE001
             floor, floor_row.status, floor_row.note = None, "error", _error_text(exc)
-        rows.insert(0, floor_row)
+        return floor_row, floor
 
-        # Timing: implementations (and the floor) alternated, order rotated each round. The first
-        # round also takes each implementation's peak memory (the probe resets before the clock).
+    def _time_rounds(self, survivors: list, floor_row: Row, floor, inputs: Inputs, repeats: int):
+        """Timing: implementations (and the floor) alternated, order rotated each round, gc off.
+        The first round also takes each implementation's peak memory (the probe resets before the
+        clock). Returns ({id(row): (forward, backward, total) samples}, floor samples)."""
         probe = self.probe if self.probe.unavailable is None else None
         if probe is None:
             for row, _ in survivors:
                 row.note = (row.note + "; " if row.note else "") + self.probe.unavailable
-        timed = survivors
-        samples = {id(row): ([], [], []) for row, _ in timed}
+        samples = {id(row): ([], [], []) for row, _ in survivors}
         floor_samples = []
-        order = list(timed) + ([(floor_row, None)] if floor is not None else [])
+        order = list(survivors) + ([(floor_row, None)] if floor is not None else [])
         failed = set()
         gc.collect()
         gc_was_enabled = gc.isenabled()
@@ -401,43 +330,48 @@ class Sweep:
                         continue
                     if fn is None:
                         floor_samples.append(floor.timed(self.clock))
-                        continue
-                    try:
-                        result = measure.timed_call(fn, inputs, self.clock, probe if r == 0 else None)
-                    except Exception as exc:  # noqa: BLE001
-                        row.status, row.note = "error", _error_text(exc)
+                    elif not self._time_call(row, fn, inputs, probe if r == 0 else None, r == 0,
+                                             samples[id(row)]):
                         failed.add(id(row))
-                        inputs.clear_grads()
-                        measure.free_cached(device)
-                        continue
-                    if r == 0:
-                        row.peak_bytes = result.peak_bytes
-                    fwd, bwd, tot = samples[id(row)]
-                    fwd.append(result.forward)
-                    bwd.append(result.backward)
-                    tot.append(result.total)
         finally:
             if gc_was_enabled:
                 gc.enable()
         self._round_seconds = (time.monotonic() - loop_started) / max(repeats, 1)
         inputs.clear_grads()
+        return samples, floor_samples
 
+    def _time_call(self, row: Row, fn, inputs: Inputs, probe, first_round: bool, samples) -> bool:
+        """One timed call of ``fn`` into ``samples``; False (and the row marked) when it raised."""
+        try:
+            result = measure.timed_call(fn, inputs, self.clock, probe)
+        except Exception as exc:  # noqa: BLE001
+            row.status, row.note = "error", _error_text(exc)
+            inputs.clear_grads()
+            measure.free_cached(self.plan.device)
+            return False
+        if first_round:
+            row.peak_bytes = result.peak_bytes
+        forward, backward, total = samples
+        forward.append(result.forward)
+        backward.append(result.backward)
+        total.append(result.total)
+        return True
+
+    @staticmethod
+    def _summarise(config: Config, timed: list, samples: dict, floor_row: Row, floor_samples: list) -> None:
+        """Median [min–max] of each timed row and the floor; throughput from the FLOP model."""
         for row, _ in timed:
-            fwd, bwd, tot = samples[id(row)]
-            if row.ok and tot:
-                row.repeats = len(tot)
-                row.forward, row.backward, row.total = (measure.Stat.of(v) for v in (fwd, bwd, tot))
+            forward, backward, total = samples[id(row)]
+            if row.ok and total:
+                row.repeats = len(total)
+                row.forward, row.backward, row.total = (measure.Stat.of(v) for v in (forward, backward, total))
                 row.throughput = row.useful_flops / row.total.median
         if floor_samples:
             floor_row.total = measure.Stat.of(floor_samples)
             floor_row.repeats = len(floor_samples)
-            rows_, cols_ = case.similarity_shape(config.batch)
-            floor_row.throughput = case.floor_gemms * 2.0 * rows_ * cols_ * config.dim / floor_row.total.median
+            rows, cols = config.case.similarity_shape(config.batch)
+            floor_row.throughput = config.case.floor_gemms * 2.0 * rows * cols * config.dim / floor_row.total.median
             floor_row.time_over_floor = 1.0
-        self._ratios(rows, floor_row)
-        del inputs, live, survivors, timed, order
-        measure.free_cached(device)
-        return rows
 
     @staticmethod
     def _ratios(rows, floor_row: Row) -> None:
@@ -451,82 +385,3 @@ class Sweep:
                 row.time_vs_dense = row.total.median / dense.total.median
                 if row.peak_bytes is not None and dense.peak_bytes:
                     row.memory_vs_dense = row.peak_bytes / dense.peak_bytes
-
-
-# ----------------------------------------------------------------------------- honesty checks
-
-
-@dataclass
-class CheckResult:
-    name: str
-    passed: Optional[bool]  # None: could not run
-    text: str
-    details: dict = field(default_factory=dict)
-
-
-def retime_check(sweep: Sweep, budget_seconds: float = 8.0) -> CheckResult:
-    """Measure one configuration again, under the same alternation, and see whether the new median
-    of its first mmloss implementation lies inside the first run's min–max range.
-
-    The configuration is the largest batch (first loss preferred) whose re-measurement should take
-    at most ``budget_seconds`` (one timing round × (repeats + warm-up); compilation is cached by
-    then), else the quickest one."""
-    if not sweep.measured:
-        return CheckResult("re-timing", None, "nothing was measured, so nothing to re-time")
-    first_loss = sweep.measured[0][0].case.name
-    cost = [(c, r * (sweep.plan.repeats_for(c.batch) + 1)) for c, _, r in sweep.measured]
-    affordable = [(c, s) for c, s in cost if s <= budget_seconds]
-    if affordable:
-        config = max(affordable, key=lambda cs: (cs[0].case.name == first_loss, cs[0].batch))[0]
-    else:
-        config = min(cost, key=lambda cs: cs[1])[0]
-    first = {r.impl: r for r in sweep.rows if r.loss == config.case.name and r.batch == config.batch
-             and r.dim == config.dim and r.dtype == dtype_name(config.dtype)}
-    again = {r.impl: r for r in sweep.measure(config)}
-    timed = [name for name, r in first.items() if r.ok and r.total is not None and name in again
-             and again[name].ok and again[name].total is not None]
-    if not timed:
-        return CheckResult("re-timing", None, f"{config.describe()}: nothing was timed twice")
-    target = next((n for n in timed if first[n].kind == "mmloss"), timed[0])
-    verdicts = {}
-    for name in timed:
-        stat = first[name].total
-        verdicts[name] = {"first_median_ms": stat.median * 1e3, "first_min_ms": stat.min * 1e3,
-                          "first_max_ms": stat.max * 1e3, "retimed_median_ms": again[name].total.median * 1e3,
-                          "inside": stat.contains(again[name].total.median)}
-    v = verdicts[target]
-    others = ", ".join(f"{n} {'in' if verdicts[n]['inside'] else 'OUT'}" for n in timed if n != target)
-    text = (f"{config.describe()} measured again: {target} median {v['retimed_median_ms']:.3g} ms vs first run "
-            f"{v['first_median_ms']:.3g} ms [{v['first_min_ms']:.3g}–{v['first_max_ms']:.3g}] → "
-            + ("inside the first min–max: pass" if v["inside"] else "OUTSIDE the first min–max: FAIL (noisy machine?)")
-            + (f" (others: {others})" if others else ""))
-    return CheckResult("re-timing", v["inside"], text, {"config": config.describe(), "target": target,
-                                                        "implementations": verdicts})
-
-
-def dense_memory_check(sweep: Sweep, batch: int = 4096, dim: int = 512) -> CheckResult:
-    """The dense baseline at N = M = 4096 fp32 CLIP holds its N×N fp32 logits: its measured peak
-    must be at least that (64 MiB) — a check that the memory probe sees real allocations."""
-    from .cases import CLIP, fp32_logits_mib
-
-    need = fp32_logits_mib(batch)
-    found = next((r for r in sweep.rows if r.loss == "clip" and r.impl == "dense" and r.batch == batch
-                  and r.dtype == "float32" and r.peak_bytes is not None), None)
-    if found is not None:
-        peak, where = found.peak_bytes, "from the sweep"
-    else:
-        if sweep.probe.unavailable is not None:
-            return CheckResult("dense memory", None, f"not run: {sweep.probe.unavailable}")
-        inputs = CLIP.make_inputs(batch, dim, torch.float32, sweep.plan.device, sweep.plan.seed)
-        fn = peers.make_call("dense", CLIP, inputs)
-        measure.timed_call(fn, inputs, sweep.clock)  # warm-up
-        peak = measure.timed_call(fn, inputs, sweep.clock, sweep.probe).peak_bytes
-        inputs.clear_grads()
-        del inputs
-        measure.free_cached(sweep.plan.device)
-        where = "separate step"
-    peak_mib = peak / 2**20
-    passed = peak_mib >= need
-    text = (f"dense CLIP N=M={batch} fp32 ({where}): peak {peak_mib:.1f} MiB "
-            f"{'≥' if passed else '<'} {need:.0f} MiB of logits → " + ("pass" if passed else "FAIL"))
-    return CheckResult("dense memory", passed, text, {"peak_mib": peak_mib, "logits_mib": need, "batch": batch})
