@@ -66,20 +66,25 @@ def _travel(ring: Ring, rows_first, rows_last, step: int, wait: bool = True):
     recv_first = [t.new_empty((rows,) + tuple(t.shape[1:])) for t in rows_first]
     recv_last = [t.new_empty(tuple(t.shape[:-1]) + (rows,)) for t in rows_last]
     nxt, prv = (ring.rank + 1) % ring.size, (ring.rank - 1) % ring.size
-    ops = []
+    works = []
     for send, recv in zip(list(rows_first) + list(rows_last), recv_first + recv_last):
-        ops.append(dist.P2POp(dist.isend, send.contiguous(), group=ring.group, group_peer=nxt))
-        ops.append(dist.P2POp(dist.irecv, recv, group=ring.group, group_peer=prv))
-    works = dist.batch_isend_irecv(ops) if ops else []
+        works.append(dist.isend(send.contiguous(), group=ring.group, group_dst=nxt))
+        works.append(dist.irecv(recv, group=ring.group, group_src=prv))
     if wait:
         for w in works:
             w.wait()
+        works = []
     return recv_first, recv_last, works
 
 
-def _finish(works) -> None:
+def _arrive(pending):
+    """Wait for a ``_travel(..., wait=False)``; return (received rows-first, received rows-last).
+    The works are dropped here: a finished send still references its tensor, and keeping it
+    would hold one more shard alive per step."""
+    received_first, received_last, works = pending
     for w in works:
         w.wait()
+    return received_first, received_last
 
 
 def _stats_functions(backend: str):
@@ -91,10 +96,25 @@ def _stats_functions(backend: str):
     return merge, to_lse
 
 
-def _add(total: Optional[Tensor], part: Optional[Tensor]) -> Optional[Tensor]:
-    if part is None:
+def _accumulate(total: Optional[Tensor], part: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``total + part`` in ``dtype``, in place when ``total`` exists (no second full-size buffer:
+    the ring's memory bound counts one accumulator per gradient)."""
+    if part is None or part.numel() == 0:
         return total
-    return part if total is None else total + part
+    if total is None:
+        return part.to(dtype)
+    return total.add_(part)
+
+
+def _block_grads(acc, block, needs, cdt):
+    """Accumulate one block's (dx, dscale, dbias) into ``acc`` (a list, updated in place)."""
+    for slot, need in ((0, needs[0]), (1, needs[2]), (2, needs[3])):
+        if need:
+            acc[slot] = _accumulate(acc[slot], block[slot], cdt)
+
+
+def _cast_back(t: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.to(like.dtype)
 
 
 class _RingLSE(torch.autograd.Function):
@@ -118,11 +138,10 @@ class _RingLSE(torch.autograd.Function):
             if cols:
                 col_record = block_cols if col_record is None else merge(col_record, block_cols)
             if not last:
-                received, _, works = pending
-                _finish(works)
-                current = received[0]
+                (current,), _ = _arrive(pending)
+                pending = None
             if cols:  # the column record moves on with its shard (after the last step: home)
-                _, (col_record,), _ = _travel(ring, [], [col_record], step)
+                col_record = _travel(ring, [], [col_record], step)[1][0]
         ctx.save_for_backward(x, y, scale, bias, row_stats, col_record)
         ctx.meta = (scale_value, bias_value, exclude, rows, cols, ring, options)
         shift = bias if bias is not None else bias_value
@@ -141,7 +160,7 @@ class _RingLSE(torch.autograd.Function):
         if cols:
             grad_col = grad_col if grad_col is not None else torch.zeros_like(col_record[0])
         x_offset = ring.offset(ring.x_sizes, ring.rank)
-        dx = ds = db = None
+        acc = [None, None, None]  # dx, dscale, dbias in the compute dtype
         current, record, upstream = y, col_record, grad_col
         dy_acc = torch.zeros(y.shape, dtype=cdt, device=y.device) if needs[1] else None
         for step in range(ring.size):
@@ -154,20 +173,21 @@ class _RingLSE(torch.autograd.Function):
                 x_offset - ring.offset(ring.y_sizes, k), None, None, rows, cols, options["backend"],
                 options["chunk_size"], options["deterministic"], row_stats, record if cols else
                 torch.empty((2, 0), dtype=cdt, device=x.device), *needs)
-            dx, ds, db = (_add(dx, bx) if needs[0] else None), (_add(ds, bs) if needs[2] else None), \
-                (_add(db, bb) if needs[3] else None)
-            if dy_acc is not None and by.numel():
-                dy_acc = dy_acc + by.to(cdt)
+            _block_grads(acc, (bx, bs, bb), needs, cdt)
+            if dy_acc is not None:
+                dy_acc = _accumulate(dy_acc, by, cdt)
+            del bx, by, bs, bb
             if pending is not None:
-                received_first, received_last, works = pending
-                _finish(works)
+                received_first, received_last = _arrive(pending)
+                pending = None
                 current = received_first[0]
                 if cols:
                     upstream, record = received_first[1], received_last[0]
+                del received_first, received_last
             if dy_acc is not None:  # the shard's gradient moves on (after the last step: home)
-                (dy_acc,), _, _ = _travel(ring, [dy_acc], [], step)
-        dy = dy_acc.to(y.dtype) if dy_acc is not None else None
-        return dx, dy, ds, db, None, None, None, None, None, None, None
+                dy_acc = _travel(ring, [dy_acc], [], step)[0][0]
+        dx, ds, db = (_cast_back(t, like) for t, like in zip(acc, (x, scale, bias)))
+        return dx, _cast_back(dy_acc, y), ds, db, None, None, None, None, None, None, None
 
 
 def similarity_lse_ring(x: Tensor, y: Tensor, scale, bias=None, *, exclude: str = "none", rows: bool = True,
@@ -203,9 +223,8 @@ class _RingSigmoid(torch.autograd.Function):
                                      options["chunk_size"], options["deterministic"])
             total = block if total is None else total + block
             if pending is not None:
-                received, _, works = pending
-                _finish(works)
-                current = received[0]
+                (current,), _ = _arrive(pending)
+                pending = None
         ctx.save_for_backward(x, y, scale, bias)
         ctx.meta = (scale_value, bias_value, positives, ring, options)
         return total
@@ -217,7 +236,7 @@ class _RingSigmoid(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad[:4])
         x_offset = ring.offset(ring.x_sizes, ring.rank)
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        dx = ds = db = None
+        acc = [None, None, None]  # dx, dscale, dbias in the compute dtype
         current = y
         dy_acc = torch.zeros(y.shape, dtype=cdt, device=y.device) if needs[1] else None
         for step in range(ring.size):
@@ -228,18 +247,17 @@ class _RingSigmoid(torch.autograd.Function):
                 grad, x, current, scale, scale_value, bias, bias_value, positives,
                 x_offset - ring.offset(ring.y_sizes, k), None, None, options["backend"], options["chunk_size"],
                 options["deterministic"], *needs)
-            dx, ds, db = (_add(dx, bx) if needs[0] else None), (_add(ds, bs) if needs[2] else None), \
-                (_add(db, bb) if needs[3] else None)
-            if dy_acc is not None and by.numel():
-                dy_acc = dy_acc + by.to(cdt)
-            if pending is not None:
-                received, _, works = pending
-                _finish(works)
-                current = received[0]
+            _block_grads(acc, (bx, bs, bb), needs, cdt)
             if dy_acc is not None:
-                (dy_acc,), _, _ = _travel(ring, [dy_acc], [], step)
-        dy = dy_acc.to(y.dtype) if dy_acc is not None else None
-        return dx, dy, ds, db, None, None, None, None, None
+                dy_acc = _accumulate(dy_acc, by, cdt)
+            del bx, by, bs, bb
+            if pending is not None:
+                (current,), _ = _arrive(pending)
+                pending = None
+            if dy_acc is not None:  # the shard's gradient moves on (after the last step: home)
+                dy_acc = _travel(ring, [dy_acc], [], step)[0][0]
+        dx, ds, db = (_cast_back(t, like) for t, like in zip(acc, (x, scale, bias)))
+        return dx, _cast_back(dy_acc, y), ds, db, None, None, None, None, None
 
 
 def pairwise_sigmoid_ring(x: Tensor, y: Tensor, scale, bias=None, *, positives: str = "diagonal", ring: Ring,
