@@ -113,6 +113,11 @@ def _block_grads(acc, block, needs, cdt):
             acc[slot] = _accumulate(acc[slot], block[slot], cdt)
 
 
+def _allowed_sum(grad: Tensor, lse: Tensor) -> Tensor:
+    """Σ grad over the rows whose LSE has an allowed pair (−inf: none); NaN propagates."""
+    return torch.where(lse == float("-inf"), torch.zeros((), dtype=grad.dtype, device=grad.device), grad).sum()
+
+
 def _cast_back(t: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.to(like.dtype)
 
@@ -168,11 +173,13 @@ class _RingLSE(torch.autograd.Function):
             last = step == ring.size - 1
             first = [current] + ([upstream] if cols else [])
             pending = None if last else _travel(ring, first, [record] if cols else [], step, wait=False)
+            # The bias gradient is not additive over blocks (a backend forms it as Σ grad over
+            # rows with an allowed pair, once per call): it is formed below from the final stats.
             bx, by, bs, bb = SIMILARITY_LSE.run_backward(
                 grad_row, upstream, x, current, scale, scale_value, bias, bias_value, exclude,
                 x_offset - ring.offset(ring.y_sizes, k), None, None, rows, cols, options["backend"],
                 options["chunk_size"], options["deterministic"], row_stats, record if cols else
-                torch.empty((2, 0), dtype=cdt, device=x.device), *needs)
+                torch.empty((2, 0), dtype=cdt, device=x.device), needs[0], needs[1], needs[2], False)
             _block_grads(acc, (bx, bs, bb), needs, cdt)
             if dy_acc is not None:
                 dy_acc = _accumulate(dy_acc, by, cdt)
@@ -186,6 +193,11 @@ class _RingLSE(torch.autograd.Function):
                 del received_first, received_last
             if dy_acc is not None:  # the shard's gradient moves on (after the last step: home)
                 dy_acc = _travel(ring, [dy_acc], [], step)[0][0]
+        if needs[3]:  # ∂LSE/∂b = 1 for every row (column) with an allowed pair
+            _, to_lse = _stats_functions(options["backend"])
+            acc[2] = _allowed_sum(grad_row, to_lse(row_stats)) if rows else torch.zeros((), dtype=cdt)
+            if cols:
+                acc[2] = acc[2] + _allowed_sum(grad_col, to_lse(col_record))
         dx, ds, db = (_cast_back(t, like) for t, like in zip(acc, (x, scale, bias)))
         return dx, _cast_back(dy_acc, y), ds, db, None, None, None, None, None, None, None
 

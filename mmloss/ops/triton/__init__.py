@@ -31,6 +31,7 @@ fp16/bf16 on sm_90, 256 for fp32 and on sm_80; see benchmarks/gpu/README.md):
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -74,6 +75,25 @@ def similarity_lse_backward(spec: PairSpec, grad_row: Optional[torch.Tensor], gr
     check_supported(spec)
     with device_guard(spec.x.device):
         return lse_gradients(spec, grad_row, grad_col, row_stats, col_stats, needs)
+
+
+def merge_lse_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The (2, K) statistics ``[m2, lg2]`` of the union of two column sets with statistics ``a``
+    and ``b`` (the same rows): the larger log2-unit maximum, and each log2-sum re-based to it.
+    (−inf, −inf) where neither set has an allowed pair; NaN propagates. Used to merge the blocks
+    of a ring (mmloss.ring) before the backward recomputes each tile against the final record."""
+    top = torch.maximum(a[0], b[0])
+    empty = top == float("-inf")
+    base = torch.where(empty, torch.zeros_like(top), top)
+    total = torch.exp2(a[1] + a[0] - base) + torch.exp2(b[1] + b[0] - base)
+    lg2 = torch.where(empty, top, torch.log2(total))
+    return torch.stack((top, lg2))
+
+
+def lse_from_stats(stats: torch.Tensor) -> torch.Tensor:
+    """The natural-log LSE (without bias) a (2, K) ``[m2, lg2]`` record stands for: (m2 + lg2)·ln 2;
+    −inf where no pair was allowed."""
+    return (stats[0] + stats[1]) * math.log(2.0)
 
 
 def pairwise_sigmoid_forward(spec: PairSpec) -> torch.Tensor:
