@@ -532,3 +532,73 @@ def test_no_loss_builds_an_n_by_m_tensor_and_peak_is_bounded():
             assert tracker.largest <= n * n // 16, f"{name}: a tensor of {tracker.largest} elements"
         extra = tracker.peak - gradient_bytes
         assert extra <= 0.10 * n * n * 4, f"{name}: {extra} bytes above the gradients"
+
+
+# ----------------------------------------------------------------------------- distributed keywords (one process)
+# The gathered results themselves are checked by tests/distributed (spawned gloo ranks).
+
+
+def _distill_calls():
+    """name → call(**distributed keywords) of every distillation-family function and module."""
+    x, y, xt, yt = _student_teacher()
+    u, t = _scores(5, 3, F32, 62), _scores(5, 3, F32, 63, False)
+    return {
+        "contrastive_distill_loss": lambda **kw: F.contrastive_distill_loss(x, y, 2.0, xt, yt, 3.0, **kw),
+        "modx_loss": lambda **kw: F.modx_loss(x, y, 2.0, xt, yt, **kw),
+        "cyclip_loss": lambda **kw: F.cyclip_loss(x, y, 2.0, **kw),
+        "score_distill_loss": lambda **kw: F.score_distill_loss(u, t, 1, **kw),
+        "ContrastiveDistillLoss": lambda **kw: ContrastiveDistillLoss(**kw)(x, y, 2.0, xt, yt, 3.0),
+        "DistillClipLoss": lambda **kw: sum(DistillClipLoss(**kw)(x, y, 2.0, xt, yt, 3.0)),
+        "ModXLoss": lambda **kw: ModXLoss(**kw)(x, y, 2.0, xt, yt),
+        "CyCLIPLoss": lambda **kw: CyCLIPLoss(**kw)(x, y, 2.0),
+        "ScoreDistillLoss": lambda **kw: ScoreDistillLoss(**kw)(u, t, 1),
+    }
+
+
+@pytest.mark.parametrize("name", list(_distill_calls()))
+def test_distributed_keywords_without_a_process_group(name):
+    """"auto" without a process group is the local loss, bit for bit; "gather" needs a process
+    group (RuntimeError); "ring" has no form here (ValueError naming "gather"); a bad mode or
+    uniform_shards is refused."""
+    call = _distill_calls()[name]
+    local = call(distributed=None)
+    assert torch.equal(call(distributed="auto").detach(), local.detach())
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        call(distributed="gather")
+    with pytest.raises(ValueError, match=r"ring.*gather"):
+        call(distributed="ring")
+    with pytest.raises(ValueError, match="distributed must be one of"):
+        call(distributed="ddp")
+    with pytest.raises(TypeError, match="uniform_shards"):
+        call(uniform_shards="yes")
+
+
+def test_distill_clip_loss_defaults_to_auto_and_keeps_open_clip_arguments():
+    """DistillClipLoss gathers by default like ClipLoss (open_clip's DistillClipLoss does); without
+    a process group that is the local loss. open_clip's rank / world_size / local_loss /
+    gather_with_grad are accepted; world_size > 1 without a process group raises (no silent
+    local loss) unless distributed=None."""
+    x, y, xt, yt = _student_teacher()
+    assert DistillClipLoss().distributed == "auto"
+    want = (F.clip_loss(x, y, 2.0), F.contrastive_distill_loss(x, y, 2.0, xt, yt, 3.0))
+    for options in ({}, dict(local_loss=True, gather_with_grad=True, rank=0, world_size=1)):
+        got = DistillClipLoss(**options)(x, y, 2.0, xt, yt, 3.0)
+        assert all(torch.equal(g.detach(), w.detach()) for g, w in zip(got, want)), options
+    with pytest.raises(RuntimeError, match=r"world_size=2"):
+        DistillClipLoss(rank=1, world_size=2)(x, y, 2.0, xt, yt, 3.0)
+    local = DistillClipLoss(rank=1, world_size=2, distributed=None)(x, y, 2.0, xt, yt, 3.0, output_dict=True)
+    assert torch.equal(local["distill_loss"].detach(), want[1].detach())
+    with pytest.raises(ValueError, match="Horovod"):
+        DistillClipLoss(use_horovod=True)
+
+
+def test_modules_store_the_distributed_options():
+    group = object()  # stored as given; only used when gathering
+    for module in (ContrastiveDistillLoss(distributed="gather", group=group, uniform_shards=True),
+                   ModXLoss(distributed="gather", group=group, uniform_shards=True),
+                   CyCLIPLoss(distributed="gather", group=group, uniform_shards=True),
+                   ScoreDistillLoss(distributed="gather", group=group, uniform_shards=True),
+                   DistillClipLoss(distributed="gather", group=group, uniform_shards=True)):
+        assert (module.distributed, module.group, module.uniform_shards) == ("gather", group, True)
+    with pytest.raises(ValueError, match="distributed must be one of"):
+        CyCLIPLoss(distributed="ddp")

@@ -229,6 +229,22 @@ def test_defaults_follow_libauc():
     assert torch.allclose(bi.tau, torch.tensor(0.01))
 
 
+def test_module_refuses_a_distributed_loss_and_keeps_its_state():
+    """iSogCLR has no distributed form: "gather" / "ring" (and "auto" under a world size > 1, see
+    tests/distributed/test_defaults.py) raise a RuntimeError before the state is touched — never
+    a silent rank-local loss. "auto" without a process group is the local loss."""
+    x, y = unit_pairs(4, 3, seed=13)
+    index = torch.tensor([0, 1, 2, 3])
+    for mode in ("gather", "ring"):
+        loss_fn = mmloss.ISogCLRLoss(6, distributed=mode)
+        before = {k: b.clone() for k, b in loss_fn.state_dict().items()}
+        with pytest.raises(RuntimeError, match=rf"distributed='{mode}' is not supported.*distributed=None"):
+            loss_fn(x, y, index)
+        after = loss_fn.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), mode
+    assert torch.equal(mmloss.ISogCLRLoss(6, distributed="auto")(x, y, index), mmloss.ISogCLRLoss(6)(x, y, index))
+
+
 def test_objective_attribute_and_no_grad_update():
     loss_fn = module_in_fp64(8, "unimodal")
     x, y = unit_pairs(4, 3, seed=3)

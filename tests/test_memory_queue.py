@@ -221,3 +221,37 @@ def test_device_path_skips_a_non_finite_write(monkeypatch):
     assert torch.equal(queue.queue[:2], keys(2, 2, 0)) and int(queue.ptr) == 2 and int(queue.filled) == 2
     queue.enqueue(keys(1, 2, 7))
     assert torch.equal(queue.queue[:3], torch.cat([keys(2, 2, 0), keys(1, 2, 7)])) and int(queue.ptr) == 3
+
+
+# ----------------------------------------------------------------------------- distributed (one process)
+# Gathered enqueues across ranks (identical queues, rank 0's initial state adopted) are checked by
+# tests/distributed/cases_multimodal.py ("MemoryQueue(auto) ...").
+
+
+def test_distributed_is_opt_in_and_local_without_a_process_group():
+    plain = mmloss.MemoryQueue(5, 2, init="empty")
+    auto = mmloss.MemoryQueue(5, 2, init="empty", distributed="auto")
+    assert plain.distributed is None and "distributed" not in repr(plain)
+    assert "distributed='auto'" in repr(auto)
+    for queue in (plain, auto):
+        queue.enqueue(keys(3, 2, 0))
+        queue.enqueue(keys(4, 2, 3), defer=True)
+    assert torch.equal(auto.keys, plain.keys) and int(auto.ptr) == int(plain.ptr)
+
+
+def test_gather_without_a_process_group_raises_and_writes_nothing():
+    queue = mmloss.MemoryQueue(5, 2, init="empty", distributed="gather")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        queue.enqueue(keys(3, 2, 0))
+    assert len(queue) == 0 and int(queue.ptr) == 0
+
+
+def test_distributed_options_are_validated():
+    with pytest.raises(ValueError, match="ring"):
+        mmloss.MemoryQueue(5, 2, distributed="ring")
+    with pytest.raises(ValueError, match="distributed must be one of"):
+        mmloss.MemoryQueue(5, 2, distributed="ddp")
+    with pytest.raises(TypeError, match="uniform_shards"):
+        mmloss.MemoryQueue(5, 2, distributed="auto", uniform_shards="no")
+    queue = mmloss.MemoryQueue(5, 2, distributed="gather", group=None, uniform_shards=True)
+    assert (queue.distributed, queue.group, queue.uniform_shards) == ("gather", None, True)

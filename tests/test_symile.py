@@ -224,6 +224,27 @@ def test_module_matches_functional_and_reports_options():
     assert torch.equal(default(reps, 3.0, generator=g1), mmloss.symile_loss(reps, 3.0, "n", g2))
 
 
+@pytest.mark.parametrize("mode", ["n", "n_squared"])
+def test_distributed_keywords_without_a_process_group(mode):
+    """"auto" without a process group is the local loss, bit for bit (the same generator draws);
+    "gather" needs a process group; "ring" has no form (ValueError naming "gather"). The
+    gathered loss itself is checked by tests/distributed (spawned gloo ranks)."""
+    reps = reps_for(3, 6, 4, dtype=torch.float64, seed=9)
+    for call in (lambda **kw: mmloss.symile_loss(reps, 3.0, mode, torch.Generator().manual_seed(2), **kw),
+                 lambda **kw: mmloss.SymileLoss(mode, **kw)(reps, 3.0, torch.Generator().manual_seed(2))):
+        assert torch.equal(call(distributed="auto"), call(distributed=None))
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            call(distributed="gather")
+        with pytest.raises(ValueError, match=r"ring.*gather"):
+            call(distributed="ring")
+        with pytest.raises(TypeError, match="uniform_shards"):
+            call(uniform_shards=1)
+    with pytest.raises(ValueError, match="distributed must be one of"):
+        mmloss.SymileLoss(distributed="ddp")
+    module = mmloss.SymileLoss(distributed="gather", uniform_shards=True)
+    assert (module.distributed, module.uniform_shards) == ("gather", True)
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 

@@ -193,6 +193,22 @@ def test_module_alpha_override_and_no_queue():
     assert_loss_close(out, ref.tcl_loss(v, t, v_m, t_m, tau, alpha=0.0), torch.float64)
 
 
+def test_module_refuses_a_distributed_loss_and_keeps_its_state():
+    """TCL has no distributed form: "gather" / "ring" (and "auto" under a world size > 1, see
+    tests/distributed/test_defaults.py) raise a RuntimeError before any state changes — never a
+    silent rank-local loss. "auto" without a process group is the local loss."""
+    v, t, v_m, t_m, *_ = tcl_inputs(4, 3, dtype=torch.float64, seed=12)
+    for mode in ("gather", "ring"):
+        loss_fn = mmloss.TripleContrastiveLoss(3, 6, temperature=0.9, distributed=mode, backend="torch").double()
+        before = {k: b.clone() for k, b in loss_fn.state_dict().items()}
+        with pytest.raises(RuntimeError, match=rf"distributed='{mode}' is not supported.*distributed=None"):
+            loss_fn(v, t, v_m, t_m)
+        after = loss_fn.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), mode
+    auto = mmloss.TripleContrastiveLoss(distributed="auto", backend="torch").double()
+    assert torch.equal(auto(v, t, v_m, t_m), mmloss.TripleContrastiveLoss(backend="torch").double()(v, t, v_m, t_m))
+
+
 def test_no_grad_and_inference_mode_evaluation():
     """Soft targets come from the cross-entropy primitive, not from an autograd call inside the
     forward, so inference mode works too (it used to be refused with α > 0)."""

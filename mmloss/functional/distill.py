@@ -1,13 +1,16 @@
-"""§13 similarity-matrix distillation, §14 CyCLIP, §15 score distillation (docs/losses.md)."""
+"""§13 similarity-matrix distillation, §15 score distillation (docs/losses.md); §14 CyCLIP lives
+in ``cyclip.py`` and is re-exported here with the rest of the family."""
 from __future__ import annotations
 
 
 import torch
 
 from .. import _validation as V
+from .. import distributed as D
 from ..ops import BACKEND_CHOICES, similarity_kl, similarity_topk
 from ._common import as_compute, compute_dtype, paired_features, softplus
 from .clip import clip_loss
+from .cyclip import check_weight, cyclip_loss, row_chunks
 
 Tensor = torch.Tensor
 
@@ -23,12 +26,21 @@ def _prepare_pair(name_x: str, x, name_y: str, y, n: int, m: int, who: str):
     return x, y
 
 
-def check_weight(name: str, value) -> float:
-    """A finite, non-negative Python number (loss weights such as α, λ)."""
-    value = float(V.check_real(name, value))
-    if not (value >= 0.0 and value != float("inf")):
-        raise ValueError(f"{name} must be a finite number ≥ 0, got {value}")
-    return value
+def _gather_pair(comm, names, x: Tensor, y: Tensor, *, constant: bool = False):
+    """The global (rank-order) rows of a feature pair exchanged under ``names``; a constant pair
+    (teacher, old model) is gathered detached, without a gradient path."""
+    if constant:
+        x, y = x.detach(), y.detach()
+    return comm.gather(names[0], x), comm.gather(names[1], y)
+
+
+def _kl_rows_and_columns(x, y, x_all, y_all, xt, yt, xt_all, yt_all, s, st, cross_entropy, backend):
+    """Gathered ``similarity_kl``: (rows (N_local,), cols (M_local,)) — this rank's images against
+    the global texts, and its texts against the global images (the columns of the global
+    matrices are the rows of the transposed problem). No B_local × B_global matrix."""
+    rows, _ = similarity_kl(x, y_all, xt, yt_all, s, st, cols=False, cross_entropy=cross_entropy, backend=backend)
+    cols, _ = similarity_kl(y, x_all, yt, xt_all, s, st, cols=False, cross_entropy=cross_entropy, backend=backend)
+    return rows, cols
 
 
 # ----------------------------------------------------------------------------- §13
@@ -45,6 +57,9 @@ def contrastive_distill_loss(
     cross_entropy: bool = True,
     backend: str = "auto",
     check_finite: bool = False,
+    distributed=None,
+    group=None,
+    uniform_shards: bool = False,
 ) -> Tensor:
     """Similarity-matrix distillation, open_clip ``DistillClipLoss``'s distillation term
     (docs/losses.md §13): ``½·[mean_i H(p^t_i, p^s_i) + mean_j H(p^t_{·j}, p^s_{·j})]`` with
@@ -64,10 +79,35 @@ def contrastive_distill_loss(
         backend: primitive backend ("auto", "torch", "reference", ...).
         check_finite: raise a ValueError naming the tensor when an input holds NaN/Inf (by
             default they propagate, as in torch; a host sync on GPUs).
+        distributed: None (default: the loss of the given tensors) | "auto" (gather when a
+            process group of world size > 1 is initialised; a collective call) | "gather" |
+            "ring" (no ring form: ValueError). Gathered, the rows of every rank form the global
+            batch (rank order; images and texts may have different per-rank counts); the
+            student and the teacher features are gathered (the teacher without gradient) and
+            this rank computes its image rows against the global texts and its texts against
+            the global images (``similarity_kl`` rows only). The value is the global loss on
+            every rank, the gradient W × this rank's share (``mmloss.distributed``); a tensor
+            ``logit_scale`` gets the global gradient on every rank.
+        group: the process group (default: the world). uniform_shards: every rank holds the same
+            N and M (skips the exchange of sizes, D and dtype).
 
     Returns an fp32 scalar (fp64 for fp64 inputs). Memory O((N+M)·(D+D_t)) plus the
-    ``similarity_kl`` workspace; no N×M tensor.
+    ``similarity_kl`` workspace; no N×M tensor (gathered: N and M are the global counts).
     """
+    return contrastive_distill_core(
+        image_features, text_features, logit_scale, teacher_image_features, teacher_text_features,
+        teacher_logit_scale, cross_entropy=cross_entropy, backend=backend, check_finite=check_finite,
+        distributed=distributed, group=group, uniform_shards=uniform_shards)
+
+
+def contrastive_distill_core(image_features, text_features, logit_scale, teacher_image_features,
+                             teacher_text_features, teacher_logit_scale, *, cross_entropy=True, backend="auto",
+                             check_finite=False, distributed=None, group=None, uniform_shards=False,
+                             local_share=False, configured_world_size=1, loss_name="contrastive_distill_loss"):
+    """``contrastive_distill_loss`` plus the options only ``DistillClipLoss`` sets (as
+    ``clip_loss_core``): ``local_share=True`` is open_clip's ``local_loss=True`` under gathering —
+    ½·(mean of this rank's rows + mean of its columns) with its own gradient, no scalar
+    all-reduces; ``configured_world_size`` is open_clip's ``world_size`` argument."""
     x, y = V.prepare_features("image_features", image_features, "text_features", text_features)
     xt, yt = _prepare_pair("teacher_image_features", teacher_image_features, "teacher_text_features",
                            teacher_text_features, x.shape[0], y.shape[0], "teacher")
@@ -81,16 +121,33 @@ def contrastive_distill_loss(
         V.check_all_finite(("image_features", x), ("text_features", y), ("logit_scale", logit_scale),
                            ("teacher_image_features", xt), ("teacher_text_features", yt),
                            ("teacher_logit_scale", teacher_logit_scale))
+    uniform_shards = V.check_bool("uniform_shards", uniform_shards)
+    if D.resolve_mode(loss_name, distributed, group, configured_world_size) == "gather":
+        comm = D.Exchange.open(loss_name, group, uniform_shards,
+                               image_features=x, text_features=y, teacher_image_features=xt,
+                               teacher_text_features=yt)
+        if not local_share:
+            logit_scale = comm.scalar(logit_scale)
+        x_all, y_all = _gather_pair(comm, ("image_features", "text_features"), x, y)
+        xt_all, yt_all = _gather_pair(comm, ("teacher_image_features", "teacher_text_features"), xt, yt,
+                                      constant=True)
+        rows, cols = _kl_rows_and_columns(x, y, x_all, y_all, xt, yt, xt_all, yt_all, logit_scale,
+                                          teacher_logit_scale, cross_entropy, backend)
+        if local_share:
+            return 0.5 * (rows.mean() + cols.mean())
+        share = 0.5 * (rows.sum() / comm.shards["image_features"].total
+                       + cols.sum() / comm.shards["text_features"].total)
+        return comm.finish(share, "sum", anchors="image_features")
     rows, cols = similarity_kl(x, y, xt, yt, logit_scale, teacher_logit_scale, cross_entropy=cross_entropy,
                                backend=backend)
     return 0.5 * (rows.mean() + cols.mean())
 
 
-def _diagonal_is_argmax(x: Tensor, y: Tensor) -> Tensor:
-    """(N,) bool, no grad: row i of x·yᵀ has its first maximum at column i (chunked argmax,
-    ties to the lower index as ``torch.max`` in the authors' code)."""
+def _diagonal_is_argmax(x: Tensor, y: Tensor, offset: int = 0) -> Tensor:
+    """(N,) bool, no grad: row i of x·yᵀ has its first maximum at column offset + i (chunked
+    argmax, ties to the lower index as ``torch.max`` in the authors' code)."""
     _, index = similarity_topk(x, y, 1)
-    return index[:, 0] == torch.arange(x.shape[0], device=x.device)
+    return index[:, 0] == torch.arange(offset, offset + x.shape[0], device=x.device)
 
 
 def modx_loss(
@@ -103,6 +160,9 @@ def modx_loss(
     *,
     backend: str = "auto",
     check_finite: bool = False,
+    distributed=None,
+    group=None,
+    uniform_shards: bool = False,
 ) -> Tensor:
     """ModX off-diagonal alignment for continual CLIP training (docs/losses.md §13), as the
     authors' script computes it:
@@ -126,9 +186,20 @@ def modx_loss(
         alpha: weight of the distillation term (≥ 0; the authors' script passes 20).
         check_finite: raise a ValueError naming the tensor when an input holds NaN/Inf (by
             default they propagate, as in torch; a host sync on GPUs).
+        distributed: None (default: the loss of the given tensors) | "auto" (gather when a
+            process group of world size > 1 is initialised; a collective call) | "gather" |
+            "ring" (no ring form: ValueError). Gathered, the rows of every rank form the global
+            batch (rank order): the old model's features are gathered without gradient (each
+            local row's and column's argmax runs over the global batch), the new model's with
+            it; this rank computes the KL of its rows and columns against the global batch and
+            the CLIP term is ``clip_loss(..., distributed="gather")``. The value is the global
+            loss on every rank, the gradient W × this rank's share (``mmloss.distributed``).
+        group: the process group (default: the world). uniform_shards: every rank holds the same
+            N (skips the exchange of sizes, D and dtype).
 
     Returns an fp32 scalar (fp64 for fp64 inputs). Memory O(N·(D+D_old)) plus the primitives'
-    workspaces; no N×N tensor.
+    workspaces; no N×N tensor (gathered: N is the global batch, and the new model's features
+    are gathered twice, by the KL and by the CLIP term).
     """
     x, y = paired_features("modx_loss", image_features, text_features)
     n = x.shape[0]
@@ -141,126 +212,33 @@ def modx_loss(
     if V.check_bool("check_finite", check_finite):
         V.check_all_finite(("image_features", x), ("text_features", y), ("logit_scale", logit_scale),
                            ("old_image_features", xo), ("old_text_features", yo))
-    keep_rows = _diagonal_is_argmax(xo, yo)
-    keep_cols = _diagonal_is_argmax(yo, xo)
+    mode = D.resolve_mode("modx_loss", distributed, group)
+    uniform_shards = V.check_bool("uniform_shards", uniform_shards)
+    comm = None
+    if mode == "gather":
+        comm = D.Exchange.open("modx_loss", group, uniform_shards, image_features=x, text_features=y,
+                               old_image_features=xo, old_text_features=yo)
+        offset = comm.shards["image_features"].offset
+        xo_all, yo_all = _gather_pair(comm, ("old_image_features", "old_text_features"), xo, yo, constant=True)
+        keep_rows = _diagonal_is_argmax(xo, yo_all, offset)
+        keep_cols = _diagonal_is_argmax(yo, xo_all, offset)
+    else:
+        keep_rows = _diagonal_is_argmax(xo, yo)
+        keep_cols = _diagonal_is_argmax(yo, xo)
     # The KL term is formed before the CLIP term on purpose: autograd runs the newest node first,
     # so CLIP's backward (full workspace) runs while no partial gradient is held, and the KL's
     # backward (half a workspace) runs beside CLIP's finished dx, dy.
-    rows, cols = similarity_kl(x, y, xo, yo, 1.0, 1.0, backend=backend)
+    if comm is None:
+        rows, cols = similarity_kl(x, y, xo, yo, 1.0, 1.0, backend=backend)
+    else:
+        x_all, y_all = _gather_pair(comm, ("image_features", "text_features"), x, y)
+        rows, cols = _kl_rows_and_columns(x, y, x_all, y_all, xo, yo, xo_all, yo_all, 1.0, 1.0, False, backend)
     distill = torch.where(keep_rows, rows, 0.0).sum() + torch.where(keep_cols, cols, 0.0).sum()
-    contrastive = clip_loss(x, y, logit_scale, backend=backend)
+    if comm is not None:
+        distill = comm.finish(distill, "sum", anchors="image_features")
+    contrastive = clip_loss(x, y, logit_scale, backend=backend, distributed=mode, group=group,
+                            uniform_shards=uniform_shards)
     return contrastive + (alpha * 0.5) * distill
-
-
-# ----------------------------------------------------------------------------- §14
-
-# Row chunks of the O(N·D) / O(B·C) passes below: 2^16 elements (512 KiB in fp64) at a time.
-_CHUNK_ELEMENTS = 1 << 16
-
-
-def _row_chunks(rows: int, cols: int):
-    """Row ranges of at most ``_CHUNK_ELEMENTS`` elements (at least one row each).
-
-    While compiling, one range covers every row: a loop over a symbolic row count would
-    specialise the graph on the batch size (a recompile per size); the compiled graph's
-    temporaries are then O(rows·cols), still within the losses' O(N·D) memory."""
-    if torch.compiler.is_compiling():
-        yield 0, rows
-        return
-    step = max(1, _CHUNK_ELEMENTS // cols)
-    for i0 in range(0, rows, step):
-        yield i0, min(rows, i0 + step)
-
-
-class _CyclicSums(torch.autograd.Function):
-    """``[Σ_ij (x_i·x_j − y_i·y_j)², Σ_ij (x_i·y_j − x_j·y_i)²]`` (float64, shape (2,)) from
-    D×D Grams accumulated in float64 over row chunks (docs/losses.md §14):
-
-        S_in = ‖A‖² + ‖B‖² − 2‖C‖²,   S_cross = 2·tr(A·B) − 2·tr(C·C),
-        A = XᵀX, B = YᵀY, C = XᵀY.
-
-    Gradients (upstream a for S_in, b for S_cross):
-        dX = 4·[X·(aA + bB) − Y·(aCᵀ + bC)],   dY = 4·[Y·(aB + bA) − X·(aC + bCᵀ)],
-    formed chunk by chunk in float64 and cast to the input dtype. Memory O(D²) plus one chunk.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor) -> Tensor:
-        n, d = x.shape
-        f64 = torch.float64
-        a = torch.zeros(d, d, dtype=f64, device=x.device)
-        b = torch.zeros_like(a)
-        c = torch.zeros_like(a)
-        for i0, i1 in _row_chunks(n, d):
-            xc, yc = x[i0:i1].to(f64), y[i0:i1].to(f64)
-            a.addmm_(xc.T, xc)
-            b.addmm_(yc.T, yc)
-            c.addmm_(xc.T, yc)
-        ctx.save_for_backward(x, y, a, b, c)
-        s_in = a.square().sum() + b.square().sum() - 2.0 * c.square().sum()
-        s_cross = 2.0 * (a * b).sum() - 2.0 * (c * c.T).sum()  # tr(AB), tr(CC) for symmetric A, B
-        return torch.stack((s_in, s_cross))
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, y, a, b, c = ctx.saved_tensors
-        w_in, w_cross = grad.to(torch.float64).unbind()
-        p_x = 4.0 * (w_in * a + w_cross * b)
-        q_x = 4.0 * (w_in * c.T + w_cross * c)
-        p_y = 4.0 * (w_in * b + w_cross * a)
-        q_y = 4.0 * (w_in * c + w_cross * c.T)
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format) if ctx.needs_input_grad[0] else None
-        dy = torch.empty_like(y, memory_format=torch.contiguous_format) if ctx.needs_input_grad[1] else None
-        for i0, i1 in _row_chunks(x.shape[0], x.shape[1]):
-            xc, yc = x[i0:i1].to(torch.float64), y[i0:i1].to(torch.float64)
-            if dx is not None:
-                dx[i0:i1] = (xc @ p_x).sub_(yc @ q_x)
-            if dy is not None:
-                dy[i0:i1] = (yc @ p_y).sub_(xc @ q_y)
-        return dx, dy
-
-
-def cyclip_loss(
-    image_features: Tensor,
-    text_features: Tensor,
-    logit_scale,
-    lambda_in: float = 0.25,
-    lambda_cross: float = 0.25,
-    *,
-    backend: str = "auto",
-    check_finite: bool = False,
-) -> Tensor:
-    """CyCLIP (docs/losses.md §14): ``CLIP + λ_in·L_in + λ_cross·L_cross`` with, on the raw cosines,
-    ``L_in = (1/N) Σ_ij (x_i·x_j − y_i·y_j)²`` and ``L_cross = (1/N) Σ_ij (x_i·y_j − x_j·y_i)²``
-    (the paper's and the authors' code's form: their ``mean()/s²·N`` of the scaled matrices).
-
-    The cyclic terms use the exact O(N·D²) Gram identities accumulated in float64 (they cancel
-    when X ≈ Y): no N×N matrix at all.
-
-    Args:
-        image_features, text_features: (N, D) each, used as given; N ≠ M is a ValueError.
-        logit_scale: positive float or 0-d tensor (CLIP term only).
-        lambda_in, lambda_cross: finite weights ≥ 0 (default 0.25 each).
-        check_finite: raise a ValueError naming the tensor when an input holds NaN/Inf (by
-            default they propagate, as in torch; a host sync on GPUs).
-
-    Returns an fp32 scalar (fp64 for fp64 inputs). Memory O(N·D + D²) plus the CLIP
-    primitive's workspace.
-    """
-    x, y = paired_features("cyclip_loss", image_features, text_features)
-    n = x.shape[0]
-    lambda_in = check_weight("lambda_in", lambda_in)
-    lambda_cross = check_weight("lambda_cross", lambda_cross)
-    if V.check_bool("check_finite", check_finite):
-        V.check_all_finite(("image_features", x), ("text_features", y), ("logit_scale", logit_scale))
-    if lambda_in == 0.0 and lambda_cross == 0.0:
-        return clip_loss(x, y, logit_scale, backend=backend)
-    # Formed before the CLIP term so that its backward runs after CLIP's (newest node first):
-    # CLIP's workspace is then never live beside these partial gradients.
-    sums = _CyclicSums.apply(x, y)
-    loss = clip_loss(x, y, logit_scale, backend=backend)
-    cyclic = (lambda_in * sums[0] + lambda_cross * sums[1]) / n
-    return loss + cyclic.to(loss.dtype)
 
 
 # ----------------------------------------------------------------------------- §15
@@ -295,6 +273,9 @@ def score_distill_loss(
     *,
     backend: str = "auto",
     check_finite: bool = False,
+    distributed=None,
+    group=None,
+    uniform_shards: bool = False,
 ) -> Tensor:
     """Score distillation (DCD, docs/losses.md §15) over a small candidate set per query:
 
@@ -313,6 +294,15 @@ def score_distill_loss(
             similarity, no fused kernel).
         check_finite: raise a ValueError naming the tensor when an input holds NaN/Inf (by
             default they propagate, as in torch; a host sync on GPUs).
+        distributed: None (default: the loss of the given rows) | "auto" (the global batch when
+            a process group of world size > 1 is initialised; a collective call) | "gather" |
+            "ring" (no ring form: ValueError). Rows are independent but for the batch's
+            normalisers (the mean over B·C and the entropy total Σ_i H_i): distributed, the rows
+            of every rank form the global batch (rank order), B is the global row count and the
+            entropy total one scalar all-reduce; nothing is gathered. The value is the global
+            loss on every rank, the gradient W × this rank's share (``mmloss.distributed``).
+        group: the process group (default: the world). uniform_shards: every rank holds the same
+            B (skips the exchange of sizes, C and dtype).
 
     Returns an fp32 scalar (fp64 for fp64 inputs). Memory: O(B) plus chunk temporaries of
     ≤ 2^16 elements beyond the inputs and the student's gradient.
@@ -327,7 +317,12 @@ def score_distill_loss(
     target = _positive_targets(positive_index, b, c, u.device)
     if V.check_bool("check_finite", check_finite):
         V.check_all_finite(("student_scores", u), ("teacher_scores", t))
-    return _ScoreDistill.apply(u, t.detach(), target, alpha)
+    uniform_shards = V.check_bool("uniform_shards", uniform_shards)
+    if D.resolve_mode("score_distill_loss", distributed, group) != "gather":
+        return _ScoreDistill.apply(u, t.detach(), target, alpha)
+    comm = D.Exchange.open("score_distill_loss", group, uniform_shards, student_scores=u, teacher_scores=t)
+    share = _ScoreDistill.apply(u, t.detach(), target, alpha, comm)
+    return comm.finish(share, "sum", anchors="student_scores")
 
 
 class _ScoreDistill(torch.autograd.Function):
@@ -340,49 +335,56 @@ class _ScoreDistill(torch.autograd.Function):
     Backward recomputes per chunk and multiplies by the upstream gradient before rounding to
     the input dtype (safe under AMP loss scaling). Temporaries: one chunk of ≤ 2^16 elements
     and the (B,) weights; the teacher is a constant.
+
+    Distributed (``comm``, an open ``mmloss.distributed.Exchange``): B is the global row count
+    and Σ H the all-reduced entropy total; L is then this rank's share of the global loss.
     """
 
     @staticmethod
-    def forward(ctx, u: Tensor, t: Tensor, target: Tensor, alpha: float) -> Tensor:
-        b, c = u.shape
+    def forward(ctx, u: Tensor, t: Tensor, target: Tensor, alpha: float, comm=None) -> Tensor:
+        b_local, c = u.shape
         dt = torch.float64 if torch.float64 in (u.dtype, t.dtype) else torch.float32
-        entropy = torch.empty(b, dtype=dt, device=u.device)
-        for i0, i1 in _row_chunks(b, c):
+        entropy = torch.empty(b_local, dtype=dt, device=u.device)
+        for i0, i1 in row_chunks(b_local, c):
             log_p = torch.log_softmax(as_compute(t[i0:i1], dt), dim=1)
             entropy[i0:i1] = -(log_p.exp() * log_p).sum(dim=1)
         total = entropy.sum()
+        b = b_local
+        if comm is not None:
+            torch.distributed.all_reduce(total, group=comm.group)
+            b = comm.shards["student_scores"].total
         weights = torch.where(total > 0, entropy / torch.where(total > 0, total, 1.0),
                               torch.full_like(entropy, 1.0 / b))
         squares = torch.zeros((), dtype=dt, device=u.device)
         weighted_bce = torch.zeros((), dtype=dt, device=u.device)
-        for i0, i1 in _row_chunks(b, c):
+        for i0, i1 in row_chunks(b_local, c):
             uc, tc = as_compute(u[i0:i1], dt), as_compute(t[i0:i1], dt)
             squares += (uc - tc).square().sum()
             # BCEWithLogits(u, y) = softplus(u) − y·u: row mean = mean_c softplus(u_ic) − u_i,pos / C.
             bce = softplus(uc).mean(dim=1) - uc.gather(1, target[i0:i1, None]).squeeze(1) / c
             weighted_bce += (weights[i0:i1] * bce).sum()
         ctx.save_for_backward(u, t, target, weights)
-        ctx.alpha = alpha
+        ctx.alpha, ctx.global_rows = alpha, (None if comm is None else b)
         return alpha / (b * c) * squares + (1.0 - alpha) * weighted_bce
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         u, t, target, weights = ctx.saved_tensors
         if grad is None or not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        alpha = ctx.alpha
-        b, c = u.shape
+            return None, None, None, None, None
+        b_local, c = u.shape
+        alpha, b = ctx.alpha, (b_local if ctx.global_rows is None else ctx.global_rows)
         dt = weights.dtype
         g = grad.to(dt)
         du = torch.empty_like(u, memory_format=torch.contiguous_format)
-        for i0, i1 in _row_chunks(b, c):
+        for i0, i1 in row_chunks(b_local, c):
             uc, tc = as_compute(u[i0:i1], dt), as_compute(t[i0:i1], dt)
             pos = target[i0:i1, None]
             tile = torch.sigmoid(uc).scatter_add_(1, pos, torch.full(pos.shape, -1.0, dtype=dt, device=u.device))
             tile.mul_(((1.0 - alpha) / c) * weights[i0:i1, None])
             tile.add_(uc - tc, alpha=2.0 * alpha / (b * c)).mul_(g)
             du[i0:i1] = tile
-        return du, None, None, None
+        return du, None, None, None, None
 
 
 __all__ = ["contrastive_distill_loss", "cyclip_loss", "modx_loss", "score_distill_loss"]

@@ -213,6 +213,8 @@ def isogclr_loss(
     Memory O(N·D) plus the backend's workspace; compute ≈ 7 N×N GEMM-equivalents per anchor
     set (the softmax-weighted sums need one scale-only backward of the primitive), one more
     for the bimodal "libauc" form's running max (``similarity_topk``, k = 1).
+    No distributed form: the loss of the given (rank-local) rows; ``ISogCLRLoss`` refuses
+    ``distributed`` modes other than None under a process group.
     """
     _require_autograd("isogclr_loss")
     x, y = V.prepare_features("features_a", features_a, "features_b", features_b)

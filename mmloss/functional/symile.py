@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from .. import _validation as V
+from .. import distributed as D
 from ..ops import similarity_lse
 from ._common import as_compute, compute_dtype, reduce, scale_as, softplus
 from .logsumexp import merge_lse, stacked_logsumexp
@@ -46,6 +47,9 @@ def symile_loss(
     reduction: str = "mean",
     check_finite: bool = False,
     backend: str = "auto",
+    distributed=None,
+    group=None,
+    uniform_shards: bool = False,
 ) -> Tensor:
     """Symile loss of K ≥ 2 modalities with the multilinear inner product (docs/losses.md §9).
 
@@ -71,10 +75,26 @@ def symile_loss(
         check_finite: raise ValueError naming the representation (or logit_scale) that holds NaN
             or Inf (a host synchronisation on GPUs; skipped while compiling). Otherwise NaN/Inf
             propagate to the result as in torch.
+        distributed: None (default: the loss of the given tensors) | "auto" (gather when a
+            process group of world size > 1 is initialised; a collective call) | "gather" |
+            "ring" (no ring form: ValueError). Gathered, the rows of every rank form the global
+            batch (rank order; every modality shares the row layout) and each rank scores its
+            local anchors against candidates built from the gathered modalities, so both
+            samplings are exact: "n" draws its K·(K−1) permutations of the global N on every
+            rank and uses those of the group's first rank (one broadcast of K·(K−1)·N integers),
+            hence the loss of a single process on the global batch whose generator is in rank
+            0's state; "n_squared" streams all N_global^{K−1} tuples (this rank's share of the
+            work: N_local·N_global^{K−1}·D). The value is the global loss on every rank, the
+            gradient W × this rank's share (``mmloss.distributed``); a tensor ``logit_scale``
+            gets the global gradient on every rank. "sum": the global sum; "none": this rank's
+            (N_local,) terms, gradient × W.
+        group: the process group (default: the world). uniform_shards: every rank holds the same
+            N (skips the exchange of sizes, D and dtype).
 
     Returns fp32 (fp64 for fp64 inputs). Gradients reach every modality and ``logit_scale``.
     Memory: O(K·N·D) plus the backend's workspace — shuffled keys and candidate blocks are
-    rebuilt in backward, never saved; every modality's gradient accumulates in one buffer.
+    rebuilt in backward, never saved; every modality's gradient accumulates in one buffer
+    (gathered: the K gathered modalities and their gradient buffers, O(K·N_global·D)).
     Under ``torch.compile(fullgraph=True, dynamic=True)`` the negatives are plain autograd
     compositions ("n" saves its K shuffled key matrices; "n_squared" with K ≥ 3 runs its blocks
     in ``scan``) and batch sizes do not recompile; an explicit ``generator`` cannot be traced
@@ -92,36 +112,72 @@ def symile_loss(
         V.check_all_finite(*((f"representations[{k}]", r) for k, r in enumerate(reps)),
                            ("logit_scale", logit_scale if isinstance(logit_scale, Tensor) else None))
     draw_device = _generator_device(generator, device)
-    s = scale_as(logit_scale, dt, device)
     k_count = len(reps)
+    # Anchors are this rank's rows; candidates are built from the global modalities (the
+    # anchors themselves in a single process). Row i's positive tuple is candidate offset + i.
+    candidates, offset = reps, 0
+    comm = None
+    uniform_shards = V.check_bool("uniform_shards", uniform_shards)
+    if D.resolve_mode("symile_loss", distributed, group) == "gather":
+        comm = D.Exchange.open("symile_loss", group, uniform_shards,
+                               **{f"representations[{k}]": r for k, r in enumerate(reps)})
+        offset = comm.shards["representations[0]"].offset
+        logit_scale = comm.scalar(logit_scale)
+        candidates = [comm.gather(f"representations[{k}]", r) for k, r in enumerate(reps)]
+    n_keys = candidates[0].shape[0]
+    s = scale_as(logit_scale, dt, device)
 
     # MIP(x_i, y_i, …) is the positive of every anchor modality: computed once.
     positive = s * _MultilinearDot.apply(*reps)
     if negative_sampling == "n_squared" and k_count == 2:
         # Candidates are the other modality's rows: the two anchors are the rows and columns of
-        # one N×N problem (CLIP's layout).
-        row, col = similarity_lse(reps[0], reps[1], logit_scale, exclude="diagonal", backend=backend)
+        # one N×N problem (CLIP's layout); gathered, each anchor's rows against the other side.
+        if comm is None:
+            row, col = similarity_lse(reps[0], reps[1], logit_scale, exclude="diagonal", backend=backend)
+        else:
+            row, col = (similarity_lse(reps[k], candidates[1 - k], logit_scale, exclude="diagonal", offset=offset,
+                                       cols=False, backend=backend)[0] for k in (0, 1))
         lses = torch.stack([row, col])
     else:
         if negative_sampling == "n":
-            plans = []
-            # generator=None is not passed on: under torch.compile an explicit generator=None
-            # makes randperm specialise on N (a recompile per batch size).
-            draw = {"device": draw_device} if generator is None else {"device": draw_device, "generator": generator}
-            for _ in range(k_count):
-                perms = tuple(torch.randperm(n, **draw).to(device) for _ in range(k_count - 1))
-                plans.append(_ShuffledNegatives(perms, dt))
+            perms = _draw_permutations(k_count, n_keys, generator, draw_device, device)
+            if comm is not None:
+                perms = _shared_draws(perms, comm.group)
+            plans = [_ShuffledNegatives(tuple(p), dt, offset) for p in perms]
         else:
-            plans = [_TupleNegatives(n, k_count - 2, dt, device) for _ in range(k_count)]
+            plans = [_TupleNegatives(n, n_keys, None if comm is None else offset, k_count - 2, dt, device)
+                     for _ in range(k_count)]
         if torch.compiler.is_compiling():
             # Inner autograd.grad calls (the custom Function's backward) are not traceable.
-            lses = torch.stack([plan.traced(reps[k], reps[:k] + reps[k + 1:], logit_scale, backend)
+            lses = torch.stack([plan.traced(reps[k], candidates[:k] + candidates[k + 1:], logit_scale, backend)
                                 for k, plan in enumerate(plans)])
         else:
             scale_t, scale_v = _split_scale(logit_scale)
-            lses = _SymileNegatives.apply(tuple(plans), backend, scale_v, scale_t, *reps)
+            distinct = () if comm is None else tuple(candidates)
+            lses = _SymileNegatives.apply(tuple(plans), backend, scale_v, scale_t, k_count, *reps, *distinct)
     terms = softplus(lses - positive[None, :]).mean(dim=0)
+    if comm is not None:
+        return comm.finish(terms, reduction, anchors="representations[0]")
     return reduce(terms, reduction)
+
+
+def _draw_permutations(k_count: int, n: int, generator, draw_device, device) -> Tensor:
+    """(K, K−1, n) int64: per anchor (in order), one ``randperm(n)`` per other modality (in order)."""
+    # generator=None is not passed on: under torch.compile an explicit generator=None makes
+    # randperm specialise on N (a recompile per batch size).
+    draw = {"device": draw_device} if generator is None else {"device": draw_device, "generator": generator}
+    return torch.stack([torch.stack([torch.randperm(n, **draw).to(device) for _ in range(k_count - 1)])
+                        for _ in range(k_count)])
+
+
+def _shared_draws(perms: Tensor, group) -> Tensor:
+    """The permutations drawn by the group's first rank, on every rank (one broadcast): the
+    global batch's negatives must be the same tuples whichever rank scores the anchor."""
+    dist = torch.distributed
+    source = 0 if group is None else dist.get_global_rank(group, 0)
+    perms = perms.contiguous()
+    dist.broadcast(perms, src=source, group=group)
+    return perms
 
 
 def _symile_inputs(representations) -> list[Tensor]:
@@ -207,36 +263,47 @@ class _SymileNegatives(torch.autograd.Function):
     buffer (which becomes its ``.grad``) instead of K partial gradients added one after the
     other. ``plans[k]`` computes anchor k's LSE and, in backward, rebuilds its candidates
     (nothing N×D is saved besides the inputs) and adds its gradients into the buffers.
+    ``tensors``: the K anchor modalities, followed (gathered) by the K modalities candidates
+    are built from; without them the anchors are the candidates and share their buffers.
     """
 
     @staticmethod
-    def forward(ctx, plans, backend, scale_value, scale, *reps):
+    def forward(ctx, plans, backend, scale_value, scale, k_count, *tensors):
+        anchors, candidates = _anchors_and_candidates(tensors, k_count)
         scale_arg = scale if scale is not None else scale_value
-        lses = torch.stack([plan.forward(reps[k], reps[:k] + reps[k + 1:], scale_arg, backend)
+        lses = torch.stack([plan.forward(anchors[k], candidates[:k] + candidates[k + 1:], scale_arg, backend)
                             for k, plan in enumerate(plans)])
-        ctx.plans, ctx.backend, ctx.scale_value = plans, backend, scale_value
-        ctx.save_for_backward(scale, lses, *reps)
+        ctx.plans, ctx.backend, ctx.scale_value, ctx.k_count = plans, backend, scale_value, k_count
+        ctx.save_for_backward(scale, lses, *tensors)
         return lses
 
     @staticmethod
     def backward(ctx, grad):
-        scale, lses, *reps = ctx.saved_tensors
-        need_scale, needs = ctx.needs_input_grad[3], ctx.needs_input_grad[4:]
+        scale, lses, *tensors = ctx.saved_tensors
+        need_scale, needs = ctx.needs_input_grad[3], ctx.needs_input_grad[5:]
         dt = lses.dtype
-        acc = [torch.zeros(r.shape, dtype=dt, device=r.device) if need else None for r, need in zip(reps, needs)]
+        acc = [torch.zeros(t.shape, dtype=dt, device=t.device) if need else None for t, need in zip(tensors, needs)]
+        anchors, candidates = _anchors_and_candidates(tensors, ctx.k_count)
+        acc_anchors, acc_candidates = _anchors_and_candidates(acc, ctx.k_count)
         if scale is None:
             scale_arg = ctx.scale_value
         else:
             scale_arg = scale.detach().requires_grad_(need_scale)
         dscale = None
         for k, plan in enumerate(ctx.plans):
-            rest = [m for m in range(len(reps)) if m != k]
-            ds = plan.backward(reps[k], [reps[m] for m in rest], grad[k], lses[k], acc[k], [acc[m] for m in rest],
-                               scale_arg, ctx.backend)
+            rest = [m for m in range(ctx.k_count) if m != k]
+            ds = plan.backward(anchors[k], [candidates[m] for m in rest], grad[k], lses[k], acc_anchors[k],
+                               [acc_candidates[m] for m in rest], scale_arg, ctx.backend)
             if ds is not None:
                 dscale = ds if dscale is None else dscale + ds
-        grads = [None if a is None else a.to(r.dtype) for a, r in zip(acc, reps)]
-        return (None, None, None, dscale, *grads)
+        grads = [None if a is None else a.to(t.dtype) for a, t in zip(acc, tensors)]
+        return (None, None, None, dscale, None, *grads)
+
+
+def _anchors_and_candidates(items, k_count: int):
+    """(anchors, candidates) of ``_SymileNegatives``'s tensor list (or of its buffers)."""
+    items = list(items)
+    return items[:k_count], (items[k_count:] if len(items) > k_count else items[:k_count])
 
 
 def _upstream(grad: Tensor, total: Tensor) -> Tensor:
@@ -250,14 +317,16 @@ def _wanted(*leaves):
 
 
 class _ShuffledNegatives:
-    """Symile "n" for one anchor: keys ``S = Π_m r_m[π_m]`` (N, D); row i's negatives are S_j, j ≠ i."""
+    """Symile "n" for one anchor: keys ``S = Π_m r_m[π_m]`` (N, D); row i's negatives are S_j, j ≠ i
+    (gathered: the anchor's row i is global row ``offset + i`` of the N_global keys)."""
 
-    def __init__(self, perms, dtype):
-        self.perms, self.dtype = perms, dtype
+    def __init__(self, perms, dtype, offset: int = 0):
+        self.perms, self.dtype, self.offset = perms, dtype, offset
 
     def forward(self, anchor, others, scale_arg, backend):
         keys = _gathered_product(others, self.perms, self.dtype)
-        return similarity_lse(anchor, keys, scale_arg, exclude="diagonal", cols=False, backend=backend)[0]
+        return similarity_lse(anchor, keys, scale_arg, exclude="diagonal", offset=self.offset, cols=False,
+                              backend=backend)[0]
 
     def traced(self, anchor, others, scale, backend):
         """The same LSE as plain autograd operations (torch.compile): the keys are saved."""
@@ -272,8 +341,8 @@ class _ShuffledNegatives:
         for r0, r1 in _row_halves(anchor.shape[0]):
             with torch.enable_grad():
                 rows = anchor[r0:r1].detach().to(dt).requires_grad_(acc_anchor is not None)
-                lse, _ = similarity_lse(rows, keys, scale_arg, exclude="diagonal", offset=r0, cols=False,
-                                        backend=backend)
+                lse, _ = similarity_lse(rows, keys, scale_arg, exclude="diagonal", offset=self.offset + r0,
+                                        cols=False, backend=backend)
                 got = list(torch.autograd.grad(lse, _wanted(rows, keys, scale_arg), g[r0:r1]))
             del lse
             if rows.requires_grad:
@@ -309,13 +378,24 @@ class _TupleNegatives:
     tuple is excluded: row i of prefix q drops key i when every digit of q is i, i.e.
     ``q == i·(1 + N + … + N^{K−3})``. Backward rebuilds each block under autograd and weights
     its row LSEs by ``g_i·exp(lse_block − lse_i)`` (the chain rule through the merge).
+    Gathered, the anchor holds ``n`` local rows (global rows ``offset + i``) and the other
+    modalities ``n_keys`` global rows: digits and keys run over ``n_keys`` (``offset=None``:
+    one process, anchor rows = key rows).
     """
 
-    def __init__(self, n: int, prefix_modalities: int, dtype, device):
-        self.n, self.depth, self.dtype, self.device = n, prefix_modalities, dtype, device
-        self.count = n ** prefix_modalities
-        self.diagonal_step = sum(n ** t for t in range(prefix_modalities))
-        self.key_labels = torch.arange(n, device=device)
+    def __init__(self, n: int, n_keys: int, offset: Optional[int], prefix_modalities: int, dtype, device):
+        self.n, self.n_keys, self.depth, self.dtype, self.device = n, n_keys, prefix_modalities, dtype, device
+        self.count = n_keys ** prefix_modalities
+        self.diagonal_step = sum(n_keys ** t for t in range(prefix_modalities))
+        self.key_labels = torch.arange(n_keys, device=device)
+        # offset None: the anchor's rows are the keys' rows (one process).
+        self.anchor_ids = self.key_labels if offset is None else torch.arange(offset, offset + n, device=device)
+
+    def _marks(self, q: Tensor) -> Tensor:
+        """(b·n,) label of each row of prefixes ``q``: the anchor's global id where the prefix is
+        all that id's digits (its positive tuple is then key ``id``), else −1 (nothing excluded)."""
+        own = self.anchor_ids[None, :]
+        return torch.where(q[:, None] == own * self.diagonal_step, own, torch.full_like(own, -1)).reshape(-1)
 
     def blocks(self):
         for q0 in range(0, self.count, _PREFIX_BLOCK):
@@ -323,17 +403,15 @@ class _TupleNegatives:
 
     def rows(self, anchor, prefix_mods, q0: int, q1: int):
         """(rows ((q1−q0)·N, D), exclusion kwargs) of prefixes [q0, q1)."""
-        n, dt = self.n, self.dtype
+        n_keys, dt = self.n_keys, self.dtype
         q = torch.arange(q0, q1, device=self.device)
         factors = []
         for m in range(self.depth):
-            digit = torch.div(q, n ** (self.depth - 1 - m), rounding_mode="floor") % n
+            digit = torch.div(q, n_keys ** (self.depth - 1 - m), rounding_mode="floor") % n_keys
             factors.append(prefix_mods[m].index_select(0, digit).to(dt))
         prefix = _product(factors)                                               # (b, D)
         rows = (anchor.to(dt)[None, :, :] * prefix[:, None, :]).reshape(-1, anchor.shape[1])
-        own = self.key_labels[None, :]
-        labels = torch.where(q[:, None] == own * self.diagonal_step, own, torch.full_like(own, -1)).reshape(-1)
-        return rows, {"exclude": "same_label", "x_labels": labels, "y_labels": self.key_labels}
+        return rows, {"exclude": "same_label", "x_labels": self._marks(q), "y_labels": self.key_labels}
 
     def forward(self, anchor, others, scale_arg, backend):
         total = None
@@ -353,8 +431,8 @@ class _TupleNegatives:
         What scan's autograd saves per block is the compiler's choice (not covered by the memory
         bound, which holds for eager mode).
         """
-        n, depth, step = self.n, self.depth, _PREFIX_BLOCK
-        count = n ** depth
+        n, n_keys, depth, step = self.n, self.n_keys, self.depth, _PREFIX_BLOCK
+        count = n_keys ** depth
         blocks = (count + step - 1) // step
         prefixes = torch.arange(blocks * step, device=anchor.device).view(blocks, step)
         last = others[-1]
@@ -363,12 +441,11 @@ class _TupleNegatives:
         def block(total, q):
             valid = q < count
             q_real = torch.clamp(q, max=count - 1)
-            digits = [torch.div(q_real, n ** (depth - 1 - m), rounding_mode="floor") % n for m in range(depth)]
+            digits = [torch.div(q_real, n_keys ** (depth - 1 - m), rounding_mode="floor") % n_keys
+                      for m in range(depth)]
             prefix = _product([others[m].index_select(0, digit).to(self.dtype) for m, digit in enumerate(digits)])
             rows = (anchor.to(self.dtype)[None, :, :] * prefix[:, None, :]).reshape(-1, anchor.shape[1])
-            own = self.key_labels[None, :]
-            labels = torch.where(q[:, None] == own * self.diagonal_step, own, torch.full_like(own, -1)).reshape(-1)
-            lse, _ = similarity_lse(rows, last, scale, exclude="same_label", x_labels=labels,
+            lse, _ = similarity_lse(rows, last, scale, exclude="same_label", x_labels=self._marks(q),
                                     y_labels=self.key_labels, cols=False, backend=backend)
             lse = torch.where(valid[:, None], lse.view(step, n), neg_inf)
             total = stacked_logsumexp(torch.cat([total[None, :], lse]))

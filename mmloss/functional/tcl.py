@@ -92,6 +92,8 @@ def tcl_loss(
     LSE and the cross-entropy primitive, forward and backward), 3 more per LMI term.
     Works under ``torch.no_grad()``, ``torch.inference_mode()`` and ``torch.compile(fullgraph=True)``
     (except with a local mask: the number of real locals is a data-dependent shape).
+    No distributed form: the loss of the given (rank-local) tensors; ``TripleContrastiveLoss``
+    refuses ``distributed`` modes other than None under a process group.
     """
     v, t = V.prepare_features("image_features", image_features, "text_features", text_features)
     V.check_same_shape("image_features", v, "text_features", t)

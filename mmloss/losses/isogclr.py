@@ -43,6 +43,11 @@ class ISogCLRLoss(LossModule):
     ``check_finite=True`` makes forward raise ValueError naming the features that hold NaN or
     Inf (a host synchronisation on GPUs; skipped while compiling).
 
+    Distributed: no distributed form in mmloss yet. ``distributed="gather"`` / ``"ring"``, or
+    ``"auto"`` under a process group of world size > 1, make forward raise a RuntimeError before
+    the state is touched (never a silent rank-local loss); ``distributed=None`` (the default)
+    computes the rank-local loss and updates the state of this rank's indices only.
+
     ``forward(features_a (N, D), features_b (N, D), index (N,))`` returns the surrogate loss and
     stores the detached logged objective in ``self.objective``.
     """

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from .. import _validation as V
+from .. import distributed as D
 
 __all__ = ["MemoryQueue"]
 
@@ -30,7 +31,8 @@ def refuse_non_finite(name: str, t: torch.Tensor, refusal: str) -> Optional[torc
 class MemoryQueue(torch.nn.Module):
     """FIFO ring buffer of keys (MoCo / ALBEF / TCL negatives), saved in ``state_dict``.
 
-    ``MemoryQueue(size, dim, *, init="random", dtype=torch.float32, device=None, generator=None)``
+    ``MemoryQueue(size, dim, *, init="random", dtype=torch.float32, device=None, generator=None,
+    distributed=None, group=None, uniform_shards=False)``
 
     Buffers: ``queue`` (size, dim), ``ptr`` (next slot) and ``filled`` (keys written so far,
     capped at size). ``init="random"`` fills the queue with unit-norm Gaussian rows as MoCo and
@@ -52,11 +54,31 @@ class MemoryQueue(torch.nn.Module):
     - ``keys_with(positives)``: ``cat([positives, keys])``, the key matrix of ``InfoNCELoss``
       (default targets pair query i with key i).
     - ``len(queue)``: the number of keys, deferred ones included (capped at size).
+
+    Distributed (opt-in, as the losses' ``extra_keys`` expect: a queue identical on every rank,
+    never gathered by the loss): ``distributed="auto"`` (gather when a process group of world
+    size > 1 is initialised) or ``"gather"`` makes ``enqueue`` a collective call — every rank of
+    ``group`` must make it, with its own keys (any row count, zero included; one small
+    exchange of the counts unless ``uniform_shards=True``) — and every rank writes the
+    concatenation of all ranks' keys in rank order, so the queues stay identical. The first
+    such call also adopts the group's first rank's queue, pointer and fill count (one
+    broadcast; new buffers, so a graph that scored the old queue is untouched): ranks seeded
+    differently start identical too. ``None`` (default): no collective, the queue holds what
+    this rank enqueues (TripleContrastiveLoss's queues, which are rank-local like its loss).
+    "ring" has no meaning for a queue: ValueError.
     """
 
     def __init__(self, size: int, dim: int, *, init: str = "random", dtype: torch.dtype = torch.float32,
-                 device=None, generator: Optional[torch.Generator] = None):
+                 device=None, generator: Optional[torch.Generator] = None, distributed=None, group=None,
+                 uniform_shards: bool = False):
         super().__init__()
+        D.check_mode(distributed)
+        if distributed == "ring":
+            raise ValueError("MemoryQueue: distributed='ring' has no meaning for a queue; use 'gather' or 'auto' "
+                             "(every rank enqueues the keys of every rank) or None (rank-local)")
+        self.distributed, self.group = distributed, group
+        self.uniform_shards = V.check_bool("uniform_shards", uniform_shards)
+        self._synchronised = False  # has a gathered enqueue adopted the first rank's state yet?
         size, dim = V.check_int("size", size), V.check_int("dim", dim)
         if size < 1 or dim < 1:
             raise ValueError(f"MemoryQueue needs size ≥ 1 and dim ≥ 1, got size={size}, dim={dim}")
@@ -93,12 +115,36 @@ class MemoryQueue(torch.nn.Module):
             raise ValueError(f"keys must have {self.dim} columns like the queue, got shape {tuple(keys.shape)}")
         V.check_bool("defer", defer)
         keys = keys.detach().to(device=self.queue.device, dtype=self.queue.dtype)
+        keys = self._gathered(keys)
+        # Gathered keys are checked after the gather: every rank then refuses the same keys.
         finite = refuse_non_finite("keys", keys, "MemoryQueue refuses to store them")
         if defer:
             self._pending.append((keys.clone(), finite))
             return
         self.flush()
         self._write(keys, finite)
+
+    def _gathered(self, keys: torch.Tensor) -> torch.Tensor:
+        """Every rank's keys in rank order (``distributed`` resolved to "gather"), else ``keys``."""
+        if D.resolve_mode("MemoryQueue", self.distributed, self.group) != "gather":
+            return keys
+        comm = D.Exchange.open("MemoryQueue", self.group, self.uniform_shards, keys=keys)
+        if not self._synchronised:
+            self._adopt_first_rank_state(comm.group)
+        if comm.shards["keys"].total == 0:
+            return keys
+        return comm.gather("keys", keys)
+
+    def _adopt_first_rank_state(self, group) -> None:
+        """Replace queue, ptr and filled by the group's first rank's (one broadcast each)."""
+        dist = torch.distributed
+        source = 0 if group is None else dist.get_global_rank(group, 0)
+        self.flush()
+        for name in ("queue", "ptr", "filled"):
+            state = getattr(self, name).clone()
+            dist.broadcast(state, src=source, group=group)
+            setattr(self, name, state)
+        self._synchronised = True
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -148,7 +194,8 @@ class MemoryQueue(torch.nn.Module):
         return min(self.size, int(self.filled) + sum(keys.shape[0] for keys, _ in self._pending))
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, dim={self.dim}, init={self.init!r}"
+        shown = "" if self.distributed is None else f", distributed={self.distributed!r}"
+        return f"size={self.size}, dim={self.dim}, init={self.init!r}" + shown
 
 
 def _flush_before_saving(queue: "MemoryQueue", prefix: str, keep_vars: bool) -> None:
@@ -157,4 +204,5 @@ def _flush_before_saving(queue: "MemoryQueue", prefix: str, keep_vars: bool) -> 
 
 def _drop_pending_after_loading(queue: "MemoryQueue", incompatible_keys) -> None:
     queue._pending = []  # deferred keys belonged to the replaced state
+    queue._synchronised = False  # a loaded state is adopted from the first rank at the next gathered enqueue
 

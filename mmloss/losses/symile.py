@@ -16,21 +16,24 @@ class SymileLoss(LossModule):
     """Symile loss of K ≥ 2 modalities (docs/losses.md §9); see ``mmloss.functional.symile_loss``.
 
     ``SymileLoss(negative_sampling="n", *, reduction="mean", check_finite=False, distributed=None,
-    backend="auto")``
+    group=None, uniform_shards=False, backend="auto")``
     ``.forward(representations (list of K (N, D)), logit_scale, generator=None)``.
-    Stateless.
+    Stateless. Rank-local by default; ``distributed="auto"`` / ``"gather"`` compute the global
+    batch's loss across the process group (both samplings; "n" uses the group's first rank's
+    permutations), "ring" raises (no ring form).
     """
 
     def __init__(self, negative_sampling: str = "n", *, reduction: str = "mean", check_finite: bool = False,
-                 distributed=None, group=None, backend: str = "auto"):
-        super().__init__(backend=backend, distributed=distributed, group=group, check_finite=check_finite)
+                 distributed=None, group=None, uniform_shards: bool = False, backend: str = "auto"):
+        super().__init__(backend=backend, distributed=distributed, group=group, check_finite=check_finite,
+                         uniform_shards=uniform_shards)
         self.negative_sampling = V.check_choice("negative_sampling", negative_sampling, SYMILE_SAMPLING)
         self.reduction = V.check_reduction(reduction)
 
     def forward(self, representations, logit_scale, generator: Optional[torch.Generator] = None):
-        self._require_local()
         return symile_loss(representations, logit_scale, self.negative_sampling, generator,
-                           reduction=self.reduction, check_finite=self.check_finite, backend=self.backend)
+                           reduction=self.reduction, check_finite=self.check_finite, backend=self.backend,
+                           distributed=self.distributed, group=self.group, uniform_shards=self.uniform_shards)
 
     def extra_repr(self) -> str:
         return f"negative_sampling={self.negative_sampling!r}, " + super().extra_repr()

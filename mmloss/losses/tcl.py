@@ -37,6 +37,10 @@ class TripleContrastiveLoss(LossModule):
     - ``weights``: term name → weight (default 1/6 each), see ``mmloss.functional.tcl_loss``.
     - ``check_finite=True``: forward raises ValueError naming the input that holds NaN/Inf (a
       host synchronisation on GPUs; skipped while compiling).
+    - Distributed: no distributed form in mmloss yet. ``distributed="gather"`` / ``"ring"``, or
+      ``"auto"`` under a process group of world size > 1, make forward raise a RuntimeError
+      before any state changes (never a silent rank-local loss); ``distributed=None`` (the
+      default) computes the rank-local loss, with rank-local queues.
 
     ``forward(image_features, text_features, image_features_m, text_features_m,
     image_locals_m=None, text_locals_m=None, image_local_mask=None, text_local_mask=None,
