@@ -100,6 +100,41 @@ def open_clip_parity(rank, size, open_clip_path):
         if not problem:
             problem = compare_grads(list(g1), list(g0), ["image_features", "text_features", "logit_scale"])
         out[f"open_clip parity local_loss={local_loss}"] = problem
+    out.update(_siglip_parity(oc, rank, size, xg, yg, n))
+    return out
+
+
+def _siglip_parity(oc, rank, size, xg, yg, n):
+    """open_clip's SigLipLoss returns this rank's rows / n_local (mmloss: the global loss) and
+    leaves logit_scale/bias with this rank's partial gradient (mmloss: the global one). The
+    feature gradients are the same per rank; value and scalar gradients agree after averaging
+    over the ranks (what a logger's mean and DDP's average see)."""
+    import torch.distributed as dist
+
+    out = {}
+    for impl in ("bidir", "shift", "reduce", "gather"):
+        results = []
+        for make in (lambda: oc.SigLipLoss(rank=rank, world_size=size, dist_impl=impl),
+                     lambda: mmloss.SigLipLoss(rank=rank, world_size=size, dist_impl=impl)):
+            x = xg[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+            y = yg[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+            s = torch.tensor(7.0, dtype=DT, requires_grad=True)
+            b = torch.tensor(-3.0, dtype=DT, requires_grad=True)
+            loss = make()(x, y, s, b)
+            loss.backward()
+            results.append((loss.detach(), x.grad, y.grad, s.grad, b.grad))
+        (l0, gx0, gy0, gs0, gb0), (l1, gx1, gy1, gs1, gb1) = results
+        mean_value = l0.clone()
+        dist.all_reduce(mean_value)
+        problem = compare_value(l1, mean_value / size, "global loss = mean of open_clip's per-rank losses")
+        if not problem:
+            problem = compare_grads([gx1, gy1], [gx0, gy0], ["image_features", "text_features"])
+        if not problem:
+            scalars = [g.clone() for g in (gs0, gb0)]
+            for g in scalars:
+                dist.all_reduce(g)
+            problem = compare_grads([gs1, gb1], [g / size for g in scalars], ["logit_scale", "logit_bias"])
+        out[f"open_clip parity SigLipLoss(dist_impl={impl})"] = problem
     return out
 
 
@@ -192,6 +227,40 @@ def extra_keys_check():
     return None
 
 
+def bf16_check(rank, size):
+    """bf16 features (gloo), gather and ring CLIP and SigLIP against float64 on the same (rounded)
+    global batch: loss within 1e-4·|ref| + 1e-6·L, this rank's feature gradients (÷ W, the DDP
+    convention) within 1e-2 relative norm — the bf16 tolerances of docs/guarantees.md."""
+    sizes = SHARDS[size]
+    g = torch.Generator().manual_seed(31)
+    n = sum(sizes)
+    xg = F.normalize(torch.randn(n, 16, generator=g), dim=1).to(torch.bfloat16)
+    yg = F.normalize(torch.randn(n, 16, generator=g), dim=1).to(torch.bfloat16)
+    scale, bias = 10.0, -2.0
+    bound = scale + abs(bias)  # L: unit features
+    out = {}
+    for loss_name, call in (("clip", lambda x, y, **kw: mmloss.clip_loss(x, y, scale, **kw)),
+                            ("siglip", lambda x, y, **kw: mmloss.siglip_loss(x, y, scale, bias, **kw))):
+        xr, yr = xg.double().requires_grad_(), yg.double().requires_grad_()
+        want = call(xr, yr)
+        want.backward()
+        for mode in ("gather", "ring"):
+            x = slice_rows(xg, sizes, rank).clone().requires_grad_()
+            y = slice_rows(yg, sizes, rank).clone().requires_grad_()
+            got = call(x, y, distributed=mode)
+            got.backward()
+            problem = None
+            if abs(float(got) - float(want)) > 1e-4 * abs(float(want)) + 1e-6 * bound:
+                problem = f"loss {float(got)} vs float64 {float(want)}"
+            for name, grad, ref in (("x", x.grad, xr.grad), ("y", y.grad, yr.grad)):
+                ref = slice_rows(ref, sizes, rank)
+                err = float((grad.double() / size - ref).norm() / ref.norm())
+                if problem is None and err > 1e-2:
+                    problem = f"{name} gradient relative error {err:.2e} > 1e-2"
+            out[f"bf16 {loss_name} {mode}"] = problem
+    return out
+
+
 def worker(rank: int, size: int, init_file: str, result_dir: str, open_clip_path) -> None:
     import torch.distributed as dist
 
@@ -211,6 +280,10 @@ def worker(rank: int, size: int, init_file: str, result_dir: str, open_clip_path
         run("extra_keys = appended keys (single process)", extra_keys_check)
         run("DDP training (5 SGD steps, ClipLoss())", lambda: ddp_training_check(rank, size))
         try:
+            results.update(bf16_check(rank, size))
+        except Exception:
+            results["bf16"] = traceback.format_exc(limit=6)
+        try:
             results.update(subgroup_check(rank, size))
         except Exception:
             results["subgroup"] = traceback.format_exc(limit=6)
@@ -219,6 +292,7 @@ def worker(rank: int, size: int, init_file: str, result_dir: str, open_clip_path
                 results.update(error_checks(rank, size))
             except Exception:
                 results["error checks"] = traceback.format_exc(limit=6)
+        if size in (2, 4):
             if open_clip_path:
                 try:
                     results.update(open_clip_parity(rank, size, open_clip_path))

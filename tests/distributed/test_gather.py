@@ -56,6 +56,7 @@ def _failures(results):
 def test_gather_matches_single_process(outcomes):
     size, results = outcomes
     expected = set(_gather_worker.loss_cases(size)) | {"DDP training (5 SGD steps, ClipLoss())"}
+    expected |= {f"bf16 {loss} {mode}" for loss in ("clip", "siglip") for mode in ("gather", "ring")}
     for rank, out in enumerate(results):
         assert expected <= set(out), (rank, sorted(expected - set(out)))
         if rank > 0:
@@ -69,13 +70,15 @@ def test_gather_matches_single_process(outcomes):
     assert not failures, "\n".join(f"{k}: {v}" for k, v in failures.items())
 
 
-@pytest.mark.parametrize("outcomes", [2], indirect=True, ids=["W=2"])
+@pytest.mark.parametrize("outcomes", [2, 4], indirect=True, ids=["W=2", "W=4"])
 def test_open_clip_parity(outcomes):
-    """Runs in the world-size-2 spawn (equal shards of 3 rows)."""
+    """Runs in the world-size-2 and -4 spawns (equal shards of 3 rows): ClipLoss with
+    gather_with_grad=True (local_loss False/True) and SigLipLoss for every dist_impl."""
     size, results = outcomes
     if _open_clip_loss_path() is None:
         pytest.skip("open_clip (pip package open_clip_torch) is not installed: no open_clip comparison")
+    keys = [f"open_clip parity local_loss={flag}" for flag in (False, True)]
+    keys += [f"open_clip parity SigLipLoss(dist_impl={impl})" for impl in ("bidir", "shift", "reduce", "gather")]
     for rank, out in enumerate(results):
-        for local_loss in (False, True):
-            key = f"open_clip parity local_loss={local_loss}"
+        for key in keys:
             assert key in out and out[key] is None, (rank, key, out.get(key))
