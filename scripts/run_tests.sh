@@ -8,7 +8,7 @@
 #   compile            tests/compile/           4 min    torch.compile / opcheck of ops and losses
 #   triton (interp.)   tests/triton_interpret/  6 min    triton kernels under TRITON_INTERPRET=1 on CPU
 #   triton (compile)   tests/triton_compile/    5 min    compile-only sm_90 / sm_80 checks (no GPU)
-#   distributed        tests/distributed/       3 min    multi-process gloo tests (when present)
+#   distributed        tests/distributed/       5 min    multi-process gloo tests: every loss x mode at W=2,3,4, ring memory
 #   examples           tests/examples/          —        examples/ in --quick mode, as subprocesses
 #   benchmark smoke    benchmarks/              —        pytest-benchmark suites, tiny, one round
 #
@@ -89,7 +89,7 @@ if [ -d tests/triton_compile ]; then
   run "triton (compile-only)" 300 env -u TRITON_INTERPRET "$PY" -m pytest -q tests/triton_compile "$@"
 fi
 if [ -d tests/distributed ]; then
-  run "distributed" 180 env -u TRITON_INTERPRET "$PY" -m pytest -q tests/distributed "$@"
+  run "distributed" 300 env -u TRITON_INTERPRET "$PY" -m pytest -q tests/distributed "$@"
 fi
 if [ -d tests/examples ]; then
   run "examples" 0 env -u TRITON_INTERPRET "$PY" -m pytest -q tests/examples "$@"
