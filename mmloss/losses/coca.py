@@ -17,7 +17,9 @@ class CoCaLoss(ClipLoss):
     gather_with_grad=False, cache_labels=False, rank=0, world_size=1, use_horovod=False, *,
     distributed="auto", group=None, backend="auto", check_finite=False)`` — open_clip's
     arguments and defaults (the weights have no default there either), then ``ClipLoss``'s
-    mmloss keywords (``distributed`` as in ``ClipLoss``: rank-local until mmloss gathers).
+    mmloss keywords. Distributed: the contrastive term is ``ClipLoss``'s (``distributed="auto"``
+    gathers under a process group of world size > 1: the global CLIP loss on every rank); the
+    caption term is this rank's token mean, as in open_clip.
     """
 
     def __init__(
@@ -50,13 +52,13 @@ class CoCaLoss(ClipLoss):
         (N, T) token ids; logit_scale: exponentiated CLIP scale. Returns ``(contrastive_loss,
         caption_loss)``, or ``{"contrastive_loss": ..., "caption_loss": ...}`` with
         ``output_dict=True`` (open_clip's keys)."""
+        # The contrastive term is ClipLoss's (global under a process group, as open_clip's
+        # CoCaLoss gathers); the caption term is this rank's token mean, as in open_clip.
         if self.clip_loss_weight:
-            self._require_local()
-        contrastive, caption = F.coca_loss(
-            image_features, text_features, logits, labels, logit_scale,
-            caption_loss_weight=self.caption_loss_weight, clip_loss_weight=self.clip_loss_weight,
-            pad_id=self.pad_id, backend=self.backend, check_finite=self.check_finite,
-        )
+            contrastive = self.clip_loss_weight * super().forward(image_features, text_features, logit_scale)
+        else:
+            contrastive = torch.tensor(0, device=logits.device)
+        caption = F.caption_loss(logits, labels, self.pad_id, check_finite=self.check_finite) * self.caption_loss_weight
         if output_dict:
             return {"contrastive_loss": contrastive, "caption_loss": caption}
         return contrastive, caption

@@ -70,6 +70,17 @@ def loss_cases(size):
         x, y, s, b = model(xin, yin)
         return mmloss.ClipLoss(**kw)(x, y, s, b) if kw else mmloss.ClipLoss(distributed=None)(x, y, s, b)
 
+    caption_logits = torch.randn(n, 3, 7, generator=torch.Generator().manual_seed(6), dtype=DT)
+    caption_labels = ids(n * 3, 7, 7).view(n, 3)
+
+    def coca_module(model, xin, yin, kw, p):
+        """CoCaLoss's contrastive term gathers under "auto" (its caption term is rank-local, as in
+        open_clip, so it is weighted 0 here to compare with one process)."""
+        x, y, s, _ = model(xin, yin)
+        module = mmloss.CoCaLoss(0.0, 1.0, distributed=None) if p is None else mmloss.CoCaLoss(0.0, 1.0, group=kw["group"])
+        contrastive, caption = module(x, y, part(caption_logits, p), part(caption_labels, p), s)
+        return contrastive + caption
+
     def siglip_module(model, xin, yin, kw, p):
         x, y, s, b = model(xin, yin)
         if p is None:
@@ -111,6 +122,7 @@ def loss_cases(size):
         "clip/labels+smoothing/sum": (sx, sx, clip(labels=labels, label_smoothing=0.2, reduction="sum"), "sum"),
         "clip/none": (sx, sx, clip(reduction="none"), "none"),
         "ClipLoss(default auto)": (sx, sx, clip_module, "mean"),
+        "CoCaLoss(default auto, contrastive)": (sx, sx, coca_module, "mean"),
         "siglip": (sx, sx, siglip(), "mean"),
         "siglip/labels": (sx, sx, siglip(labels=labels), "mean"),
         "siglip/pair_labels(N!=M)": (sx, sy_rect, siglip(pair_labels=True), "mean"),
