@@ -11,6 +11,7 @@
 #   distributed        tests/distributed/       5 min    multi-process gloo tests: every loss x mode at W=2,3,4, ring memory
 #   examples           tests/examples/          —        examples/ in --quick mode, as subprocesses
 #   benchmark smoke    benchmarks/              —        pytest-benchmark suites, tiny, one round
+#   docs build         docs/ + mkdocs.yml       —        mkdocs --strict (when the docs extra is installed)
 #
 # Budgets are wall-clock times on the reference machine: 2 CPU cores (AMD EPYC / Intel Xeon).
 # Each stage prints its time against its budget; a stage that exceeds its budget by more than
@@ -97,6 +98,14 @@ fi
 if [ -d benchmarks ] && ls benchmarks/test_*.py >/dev/null 2>&1; then
   run "benchmark smoke" 0 env -u TRITON_INTERPRET MMLOSS_BENCH_SMOKE=1 "$PY" -m pytest -q benchmarks \
     --benchmark-disable-gc --benchmark-min-rounds=1 --benchmark-warmup=off "$@"
+fi
+
+# The documentation site, warnings as errors (mkdocs + mkdocstrings: the "docs" extra); the
+# API pages import nothing, so a docstring or link that breaks the build fails here.
+if "$PY" -c "import mkdocs, mkdocstrings" >/dev/null 2>&1; then
+  run "docs build" 0 env MMLOSS_DOCS_SITE="${TMPDIR:-/tmp}/mmloss-docs-site" bash scripts/build_docs.sh --quiet
+else
+  echo "=== docs build: skipped (mkdocs/mkdocstrings not installed: pip install -e '.[docs]')"
 fi
 
 echo "=== stage times (budgets for 2 cores; MMLOSS_STAGE_BUDGETS=$BUDGETS)"
