@@ -227,6 +227,37 @@ def extra_keys_check():
     return None
 
 
+def grad_cache_ddp_check(rank, size):
+    """mmloss.grad_cache_step under a real process group: two DDP-wrapped towers (no_sync on every
+    sub-batch but the last), a gathering clip_loss on the cached representations, a log-scale
+    outside DDP (its gradient is already global: the gather convention all-reduces it). After the
+    step every gradient equals one process's full-batch gradient within 1e-10."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    sizes = SHARDS[size]
+    xin, yin = global_inputs(77, sum(sizes), sum(sizes))
+    single = Towers(13)
+    x, y, s, _ = single(xin, yin)
+    mmloss.clip_loss(x, y, s).backward()
+    want = [single.image.weight.grad, single.image.bias.grad, single.text.weight.grad, single.text.bias.grad,
+            single.log_scale.grad]
+
+    local = Towers(13)
+    image, text = DDP(local.image), DDP(local.text)
+
+    def loss_fn(a, b):
+        return mmloss.clip_loss(F.normalize(a, dim=1), F.normalize(b, dim=1), local.log_scale.exp(),
+                                distributed="gather")
+
+    loss = mmloss.grad_cache_step([image, text], [slice_rows(xin, sizes, rank), slice_rows(yin, sizes, rank)],
+                                  loss_fn, chunk_size=2)
+    got = [local.image.weight.grad, local.image.bias.grad, local.text.weight.grad, local.text.bias.grad,
+           local.log_scale.grad]
+    problem = compare_value(loss, mmloss.clip_loss(x, y, s).detach())
+    return problem or compare_grads(got, want, ["image.weight", "image.bias", "text.weight", "text.bias",
+                                                "log_scale"])
+
+
 def bf16_check(rank, size):
     """bf16 features (gloo), gather and ring CLIP and SigLIP against float64 on the same (rounded)
     global batch: loss within 1e-4·|ref| + 1e-6·L, this rank's feature gradients (÷ W, the DDP
@@ -279,6 +310,7 @@ def worker(rank: int, size: int, init_file: str, result_dir: str, open_clip_path
             run(name, lambda: check_against_single(1 + k, 50 + k, sx, sy, call, rank, size, reduction=reduction))
         run("extra_keys = appended keys (single process)", extra_keys_check)
         run("DDP training (5 SGD steps, ClipLoss())", lambda: ddp_training_check(rank, size))
+        run("grad_cache_step under DDP (no_sync)", lambda: grad_cache_ddp_check(rank, size))
         try:
             results.update(bf16_check(rank, size))
         except Exception:
