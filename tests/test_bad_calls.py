@@ -133,6 +133,14 @@ BAD_CALLS = [
     ("mv_infonce/one_view", lambda: mmloss.mv_infonce_loss(torch.randn(1, 4, 8)), ValueError,
      ["views", "1"]),
     ("mv_infonce/views_differ", lambda: mmloss.mv_infonce_loss([A, feats(5)]), ValueError, ["views", "(5, 8)"]),
+    # distributed keywords of the SSL losses (issue 10; no process group here)
+    ("ntxent/distributed_mode", lambda: mmloss.ntxent_loss(A, B, distributed="all"), ValueError,
+     ["distributed", "'all'"]),
+    ("supcon/distributed_ring", lambda: mmloss.supcon_loss(feats(8), ints(0, 1).repeat(4), distributed="ring"),
+     ValueError, ["supcon_loss", "distributed='ring'"]),
+    ("dcl/group_type", lambda: mmloss.dcl_loss(A, B, group="world"), TypeError, ["group", "str"]),
+    ("mv_dhel/uniform_shards_type", lambda: mmloss.mv_dhel_loss([A, B], uniform_shards="yes"), TypeError,
+     ["uniform_shards", "str"]),
     # --- symile / cyclip / distillation / score distillation
     ("symile/one_modality", lambda: mmloss.symile_loss([A], 10.0), ValueError, ["representations", "1"]),
     ("symile/sampling", lambda: mmloss.symile_loss([A, B], 10.0, negative_sampling="m"), ValueError,

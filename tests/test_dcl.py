@@ -101,3 +101,19 @@ def test_dcl_weight_fn_returning_a_non_tensor():
 def test_dclw_bad_sigma():
     with pytest.raises(ValueError):
         F.dclw_loss(*views(2, 4, 3), sigma=0.0)
+
+
+def test_gather_distributed_is_lightlys_flag():
+    """Issue 10: DCLLoss(temperature, weight_fn, gather_distributed) and DCLWLoss(temperature,
+    sigma, gather_distributed) take lightly's positional flag; True is distributed="auto" (the
+    local loss in a single process, bit for bit). The gathered loss: tests/distributed/cases_ssl.py."""
+    out0, out1 = views(2, 6, 4, seed=41)
+    dcl = mmloss.DCLLoss(0.2, weights_by_distance, True)
+    dclw = mmloss.DCLWLoss(0.2, 0.7, True)
+    for module in (dcl, dclw):
+        assert module.gather_distributed is True and module.distributed == "auto"
+    assert mmloss.DCLLoss().gather_distributed is False and mmloss.DCLWLoss().distributed is None
+    assert torch.equal(dcl(out0, out1), F.dcl_loss(out0, out1, 0.2, weights_by_distance))
+    assert torch.equal(dclw(out0, out1), F.dclw_loss(out0, out1, 0.2, 0.7))
+    with pytest.raises(TypeError, match="gather_distributed"):
+        mmloss.DCLWLoss(gather_distributed="yes")

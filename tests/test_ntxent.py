@@ -90,6 +90,7 @@ def test_pytorch_metric_learning_ntxent():
 
 
 def test_module_refuses_distributed_gather():
+    """Without a process group, "gather" raises rather than return a rank-local loss."""
     with pytest.raises(RuntimeError):
         mmloss.NTXentLoss(distributed="gather")(*views(2, 4, 3))
 
@@ -205,9 +206,25 @@ def test_memory_bank_size_is_validated_like_lightly(size, error):
         mmloss.NTXentLoss(memory_bank_size=size)
 
 
-def test_gather_distributed_raises_until_supported():
-    with pytest.raises(NotImplementedError, match="gather_distributed"):
-        mmloss.NTXentLoss(gather_distributed=True)
+def test_gather_distributed_is_lightlys_flag():
+    """Issue 10: gather_distributed=True (lightly: gather when world_size() > 1) is
+    distributed="auto" — the local loss in a single process, bit for bit, memory bank included;
+    an explicit distributed= wins; a non-bool is a TypeError. The gathered loss itself:
+    tests/distributed/cases_ssl.py."""
+    module = mmloss.NTXentLoss(gather_distributed=True)
+    assert module.gather_distributed is True and module.distributed == "auto"
+    assert mmloss.NTXentLoss(gather_distributed=True, distributed="gather").distributed == "gather"
+    out0, out1 = views(2, 6, 5, seed=97)
+    assert torch.equal(mmloss.NTXentLoss(0.3, 0, True)(out0, out1), F.ntxent_loss(out0, out1, 0.3))
+    torch.manual_seed(3)
+    local = mmloss.NTXentLoss(0.3, (4, 5))
+    torch.manual_seed(3)
+    flagged = mmloss.NTXentLoss(0.3, (4, 5), True)
+    for _ in range(2):
+        assert torch.equal(flagged(out0, out1), local(out0, out1))
+        assert torch.equal(flagged.bank, local.bank) and torch.equal(flagged.bank_ptr, local.bank_ptr)
+    with pytest.raises(TypeError, match="gather_distributed must be a bool"):
+        mmloss.NTXentLoss(gather_distributed=1)
 
 
 def test_memory_bank_of_wrong_dimension():

@@ -464,3 +464,62 @@ def test_traces_in_one_graph(name):
     assert_loss_close(got, expected.detach().double(), torch.float32, logit_bound=logit_bound_of(name))
     for a, b in zip(torch.autograd.grad(got, inputs), torch.autograd.grad(expected, inputs)):
         assert_grad_close(a, b.double(), torch.float32)
+
+
+# ----------------------------------------------------------------------------- distributed keywords (single process)
+# The gathered losses themselves run in spawned gloo ranks: tests/distributed/cases_ssl.py.
+
+
+def _no_process_group():
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_distributed_none_and_auto_alone_are_the_local_loss(name):
+    """Without a process group, None and "auto" (with or without uniform_shards) compute the
+    loss of the given rows, bit for bit."""
+    assert _no_process_group()
+    loss = LOSSES[name]
+    inputs = loss.build(6, 4, seed=71)
+    plain = loss.run(inputs, "torch")
+    for options in (dict(distributed=None), dict(distributed="auto"), dict(distributed="auto", uniform_shards=True)):
+        assert torch.equal(loss.run(inputs, "torch", **options), plain), options
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_distributed_keywords_are_validated(name):
+    """"ring" has no SSL form (ValueError naming it), unknown modes are refused, "gather" needs an
+    initialised process group, group must be a ProcessGroup and uniform_shards a bool."""
+    assert _no_process_group()
+    loss = LOSSES[name]
+    inputs = loss.build(6, 4, seed=72)
+    with pytest.raises(ValueError, match="distributed='ring'"):
+        loss.run(inputs, "torch", distributed="ring")
+    with pytest.raises(ValueError, match=r"distributed must be one of .*'everywhere'"):
+        loss.run(inputs, "torch", distributed="everywhere")
+    with pytest.raises(RuntimeError, match="initialised"):
+        loss.run(inputs, "torch", distributed="gather")
+    with pytest.raises(TypeError, match=r"group must be .*ProcessGroup, got str"):
+        loss.run(inputs, "torch", group="world")
+    with pytest.raises(TypeError, match="uniform_shards must be a bool, got str"):
+        loss.run(inputs, "torch", distributed="auto", uniform_shards="yes")
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_module_distributed_options(name):
+    """Modules: the mode is checked at construction; "ring" raises and "gather" needs a process
+    group at forward; "auto" alone is the local loss; uniform_shards is stored."""
+    assert _no_process_group()
+    cls, _, loss_name = MODULES[name]
+    inputs = LOSSES[loss_name].build(6, 4, seed=73)
+    with pytest.raises(ValueError, match="distributed must be one of"):
+        cls(distributed="everywhere")
+    with pytest.raises(ValueError, match=rf"{name}: distributed='ring'"):
+        cls(distributed="ring")(*inputs)
+    with pytest.raises(RuntimeError, match=rf"{name}: distributed='gather' needs an initialised"):
+        cls(distributed="gather")(*inputs)
+    assert torch.equal(cls(distributed="auto", backend="torch")(*inputs), cls(backend="torch")(*inputs))
+    assert cls(uniform_shards=True).uniform_shards is True and cls().uniform_shards is False
+    with pytest.raises(TypeError, match="uniform_shards"):
+        cls(uniform_shards=1)

@@ -13,7 +13,8 @@ import torch
 from .. import _validation as V
 from .._device import no_autocast
 from ._common import softplus
-from .ssl_common import Views, check_temperature, prepare_two_views
+from .ssl_common import check_temperature, prepare_two_views
+from .ssl_gather import min_local_rows, open_exchange, resolve_distributed, views_of
 
 Tensor = torch.Tensor
 
@@ -34,7 +35,8 @@ def _log1mexp(t: Tensor) -> Tensor:
 
 
 def hcl_loss(out0: Tensor, out1: Tensor, temperature: float = 0.5, tau_plus: float = 0.1,
-             beta: float = 1.0, *, backend: str = "auto", check_finite: bool = False) -> Tensor:
+             beta: float = 1.0, *, backend: str = "auto", check_finite: bool = False, distributed=None,
+             group=None, uniform_shards: bool = False) -> Tensor:
     """Hard-negative, debiased contrastive loss (docs/losses.md §12; Robinson et al. 2021).
 
     In the NT-Xent layout (2N anchors, positive logit p_a, negatives n_aj = ℓ over the 2N−2 others):
@@ -51,13 +53,22 @@ def hcl_loss(out0: Tensor, out1: Tensor, temperature: float = 0.5, tau_plus: flo
     propagate).
     Primitives: the NT-Xent blocks at scale (1+β)/τ and, when β ≠ 0, again at β/τ (β = 0 gives
     LSE(0·n) = log Ñ without a call). Memory O(N·D) plus one block's workspace.
+
+    ``distributed`` (None | "auto" | "gather"; "ring" raises: HCL has no ring form), ``group``,
+    ``uniform_shards``: as ``ntxent_loss``. Gathered, N (in Ñ = 2N−2) is the global batch's
+    (≥ 2; a rank may hold one row) and this rank's anchors' log-sum-exps run over the 2N−2
+    negatives of the global batch (per anchor, so exact); the value is the global loss on every
+    rank, the gradient W × this rank's share (``mmloss.distributed``). Memory: the gathered
+    2·N_global·D unit rows plus one N_local×N_global block's workspace.
     """
-    x0, x1 = prepare_two_views(out0, out1, 2, "hcl_loss", check_finite)
+    mode = resolve_distributed("hcl_loss", distributed, group, uniform_shards)
+    x0, x1 = prepare_two_views(out0, out1, min_local_rows(mode, 2), "hcl_loss", check_finite)
     beta = check_concentration(beta)
     tau = check_temperature("temperature", temperature, V.compute_dtype(x0), beta=beta)
     tp = V.check_fraction("tau_plus", tau_plus)
+    comm = open_exchange("hcl_loss", mode, group, uniform_shards, 2, out0=x0)
     with no_autocast(x0.device):
-        views = Views([x0, x1], tau)
+        views = views_of([x0, x1], tau, comm, "out0")
         # log Ñ as a tensor: math.log of the (symbolic) row count would make torch.compile
         # specialise on the batch size.
         log_count = torch.log(torch.full((), 2 * views.rows - 2, dtype=views.dtype, device=x0.device))
@@ -77,7 +88,7 @@ def hcl_loss(out0: Tensor, out1: Tensor, temperature: float = 0.5, tau_plus: flo
             safe_t = torch.where(below, t, torch.full_like(t, -1.0))
             log_ng = torch.where(below, log_ng + _log1mexp(safe_t) - math.log1p(-tp), float("-inf"))
         log_ng = torch.clamp(log_ng, min=log_count - 1.0 / tau)
-        return softplus(log_ng - positive).mean()
+        return views.reduce(softplus(log_ng - positive), "mean")
 
 
 __all__ = ["hcl_loss"]

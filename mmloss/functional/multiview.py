@@ -13,7 +13,8 @@ import torch
 
 from .. import _validation as V
 from .._device import no_autocast
-from .ssl_common import Views, check_temperature
+from .ssl_common import check_temperature
+from .ssl_gather import min_local_rows, open_exchange, resolve_distributed, views_of
 
 Tensor = torch.Tensor
 
@@ -49,7 +50,7 @@ def _view_list(views, min_instances: int, loss: str, check_finite: bool) -> list
     return parts
 
 
-def _pair_lse(views: Views, ordered: bool) -> Tensor:
+def _pair_lse(views, ordered: bool) -> Tensor:
     """(M,) LSE of u_il·u_il'/τ over view pairs l < l' (``ordered``: over l ≠ l', i.e. + log 2)."""
     pairs = [views.positive(l, m) for l in range(views.count) for m in range(l + 1, views.count)]
     lse = pairs[0] if len(pairs) == 1 else torch.logsumexp(torch.stack(pairs), dim=0)
@@ -57,7 +58,8 @@ def _pair_lse(views: Views, ordered: bool) -> Tensor:
 
 
 def mv_infonce_loss(views, temperature: float = 0.1, same_view_negatives: bool = True, *,
-                    backend: str = "auto", check_finite: bool = False) -> Tensor:
+                    backend: str = "auto", check_finite: bool = False, distributed=None, group=None,
+                    uniform_shards: bool = False) -> Tensor:
     """Multi-view InfoNCE (docs/losses.md §8; Koromilas et al. 2025).
 
     ``L = (1/M) Σ_i [LSE_l LSE_{(j,m)≠(i,l)} u_il·u_jm/τ − LSE_{l≠l'} u_il·u_il'/τ]``: the V row LSEs
@@ -70,37 +72,53 @@ def mv_infonce_loss(views, temperature: float = 0.1, same_view_negatives: bool =
             normaliser; False drops them (the paper's printed form).
         check_finite: True raises a ValueError naming the input tensor that holds NaN/Inf
             (default False: they propagate to a NaN loss, as in torch; a host sync on GPUs).
+        distributed: None (default: the loss of the given rows) | "auto" (gather when a process
+            group of world size > 1 is initialised; a collective call) | "gather" | "ring"
+            (ValueError: no ring form). Gathered, the instances of every rank form the global
+            batch (rank order, any M_local ≥ 1 per rank); the unit rows of all V views are
+            gathered in one collective and this rank's instances run against them (V(V−1)
+            cross-view and V within-view N_local×N_global row-only blocks). The value is the
+            global loss on every rank, the gradient W × this rank's share
+            (``mmloss.distributed``). group, uniform_shards: as ``ntxent_loss``.
 
     Primitives: V(V−1)/2 cross-view blocks (nothing excluded: the other views of the instance
     are in the normaliser) and, with ``same_view_negatives``, V within-view blocks. Positives:
-    V(V−1)/2 row-wise dots, O(M·V²·D). Memory O(V·M·D) plus one block's workspace.
+    V(V−1)/2 row-wise dots, O(M·V²·D). Memory O(V·M·D) plus one block's workspace (gathered:
+    the V·M_global·D gathered unit rows).
     """
+    mode = resolve_distributed("mv_infonce_loss", distributed, group, uniform_shards)
     parts = _view_list(views, 1, "mv_infonce_loss", check_finite)
     tau = check_temperature("temperature", temperature, V.compute_dtype(parts[0]))
     V.check_bool("same_view_negatives", same_view_negatives)
+    comm = open_exchange("mv_infonce_loss", mode, group, uniform_shards, 1, views=parts[0])
     with no_autocast(parts[0].device):
-        vs = Views(parts, tau)
+        vs = views_of(parts, tau, comm, "views")
         positive = _pair_lse(vs, ordered=True)
         normalisers, = vs.normalisers(within=same_view_negatives, across="none", backend=backend)
         grouped = torch.logsumexp(torch.stack(normalisers), dim=0)
-        return (grouped - positive).mean()
+        return vs.reduce(grouped - positive, "mean")
 
 
-def mv_dhel_loss(views, temperature: float = 0.1, *, backend: str = "auto", check_finite: bool = False) -> Tensor:
+def mv_dhel_loss(views, temperature: float = 0.1, *, backend: str = "auto", check_finite: bool = False,
+                 distributed=None, group=None, uniform_shards: bool = False) -> Tensor:
     """Multi-view DHEL (docs/losses.md §8; Koromilas et al. 2025).
 
     ``L = (1/M) Σ_i [Σ_l LSE_{j≠i} u_il·u_jl/τ − LSE_{l<l'} u_il·u_il'/τ]``: uniformity within each
     view only. views: (V, M, D) or a list of V (M, D); V ≥ 2, M ≥ 2 (negatives); normalised
     inside; τ default 0.1; ``check_finite`` as in ``mv_infonce_loss``. Primitives: V within-view
-    blocks. Memory O(V·M·D) plus one block's workspace.
+    blocks. Memory O(V·M·D) plus one block's workspace. ``distributed``, ``group``,
+    ``uniform_shards``: as ``mv_infonce_loss`` (V within-view N_local×N_global blocks; "ring"
+    raises); gathered, M ≥ 2 is needed of the global batch only (a rank may hold one instance).
     """
-    parts = _view_list(views, 2, "mv_dhel_loss", check_finite)
+    mode = resolve_distributed("mv_dhel_loss", distributed, group, uniform_shards)
+    parts = _view_list(views, min_local_rows(mode, 2), "mv_dhel_loss", check_finite)
     tau = check_temperature("temperature", temperature, V.compute_dtype(parts[0]))
+    comm = open_exchange("mv_dhel_loss", mode, group, uniform_shards, 2, views=parts[0])
     with no_autocast(parts[0].device):
-        vs = Views(parts, tau)
+        vs = views_of(parts, tau, comm, "views")
         positive = _pair_lse(vs, ordered=False)
         uniformity, = vs.normalisers(within=True, across=None, backend=backend)
-        return (sum(uniformity) - positive).mean()
+        return vs.reduce(sum(uniformity) - positive, "mean")
 
 
 __all__ = ["mv_dhel_loss", "mv_infonce_loss"]

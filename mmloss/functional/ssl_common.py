@@ -39,6 +39,9 @@ keep the largest per-row logit scale 1/(τ·eps) finite in the compute dtype
 (``check_temperature``). NaN/Inf features propagate to a NaN loss (torch's convention) unless
 ``check_finite=True``, which raises naming the tensor.
 
+Distributed (``distributed="gather"``): ``ssl_gather.GatheredViews`` has the interface of
+``Views`` for this rank's anchors against the global batch (``mmloss.functional.ssl_gather``).
+
 torch.compile: no autograd.Function of the SSL modules reads a module-level Python float. Under
 ``dynamic=True`` dynamo makes such a float a symbolic graph input; realised inside one
 Function's forward it crashes the next Function that reads it (torch 2.13,
@@ -54,7 +57,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import similarity_lse
-from ._common import as_compute
+from ._common import as_compute, reduce
 
 Tensor = torch.Tensor
 
@@ -348,11 +351,22 @@ class Views:
             for l in range(self.count):
                 for k, factor in enumerate(factors):
                     parts[k][l].append(self.within(l, factor, backend))
-        return [[self._merge(p) for p in per_view] for per_view in parts]
+        return [[merge_lses(p, self.rows, self.dtype, self.raw[0].device) for p in per_view] for per_view in parts]
 
-    def _merge(self, lses: list[Tensor]) -> Tensor:
-        if not lses:
-            return torch.full((self.rows,), float("-inf"), dtype=self.dtype, device=self.raw[0].device)
-        if len(lses) == 1:
-            return lses[0]
-        return torch.logsumexp(torch.stack(lses), dim=0)
+    def local_part(self, t):
+        """Rows of a per-sample quantity of the whole batch that belong to this call's anchors:
+        all of them (``GatheredViews`` slices its rank's rows)."""
+        return t
+
+    def reduce(self, terms: Tensor, reduction: str) -> Tensor:
+        """"mean" | "sum" | "none" of the per-anchor terms (``_common.reduce``)."""
+        return reduce(terms, reduction)
+
+
+def merge_lses(lses: list[Tensor], rows: int, dtype: torch.dtype, device) -> Tensor:
+    """(rows,) LSE over the merged (rows,) LSEs of each anchor; −inf when there are none."""
+    if not lses:
+        return torch.full((rows,), float("-inf"), dtype=dtype, device=device)
+    if len(lses) == 1:
+        return lses[0]
+    return torch.logsumexp(torch.stack(lses), dim=0)

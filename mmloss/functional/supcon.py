@@ -16,6 +16,7 @@ from .._device import no_autocast
 from ..ops import similarity_lse
 from ._common import LabelClasses, class_slots
 from .ssl_common import Views, check_positive_float, check_temperature
+from .ssl_gather import GatheredViews, open_exchange, resolve_distributed
 
 Tensor = torch.Tensor
 
@@ -74,7 +75,8 @@ def _supcon_views(embeddings, labels, check_finite: bool) -> tuple[list[Tensor],
 def supcon_loss(embeddings: Tensor, labels: Optional[Tensor] = None, temperature: float = 0.1,
                 base_temperature: Optional[float] = None, *, ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None, indices_tuple=None, backend: str = "auto",
-                check_finite: bool = False) -> Tensor:
+                check_finite: bool = False, distributed=None, group=None,
+                uniform_shards: bool = False) -> Tensor:
     """Supervised contrastive loss, "L_out" (docs/losses.md §5; Khosla et al. 2020).
 
     ``L = (τ/τ_base)·mean_{a: |P(a)|>0} [LSE_{b≠a} ℓ_ab − (1/|P(a)|) Σ_{p∈P(a)} ℓ_ap]``, positives
@@ -101,13 +103,29 @@ def supcon_loss(embeddings: Tensor, labels: Optional[Tensor] = None, temperature
             matrix mmloss never forms: NotImplementedError, naming what is supported.
         check_finite: True raises a ValueError naming the input tensor that holds NaN/Inf
             (default False: they propagate to a NaN loss, as in torch; a host sync on GPUs).
+        distributed: None (default: the loss of the given rows) | "auto" (gather when a process
+            group of world size > 1 is initialised; a collective call) | "gather" | "ring"
+            (ValueError: SupCon has no ring form). Gathered, the samples of every rank form the
+            global batch (rank order, any number ≥ 1 per rank) and ``labels`` travel with their
+            rows (the default labels of a (B, V, D) call are the GLOBAL sample indices): this
+            rank's anchors run against the unit rows of all views of every rank (gathered once)
+            and the class sums of the global batch; the number of anchors with a positive is
+            counted over the global labels. With ``ref_emb``, the reference set (and
+            ``ref_labels``) is gathered too, as pytorch-metric-learning's
+            ``DistributedLossWrapper`` does, and the anchors' labels are gathered to count the
+            global anchors; ``ref_labels`` given as the labels tensor itself excludes the global
+            pairs (i, i). The value is the global loss on every rank, the gradient W × this
+            rank's share (``mmloss.distributed``). group: the process group; uniform_shards:
+            every rank holds the same number of rows (skips the exchange of sizes).
 
     Anchors without a positive are skipped; when none has one the loss is 0 and still
     backpropagates (zero gradient). (B, 2, D) without labels equals ``ntxent_loss`` at the same τ.
     Primitives: V within-view and V(V−1)/2 cross-view blocks (B×B, nothing excluded across views);
     positives: Σ_{a∈c} Σ_{p∈P(a)} ⟨u_a, u_p⟩ = ‖S_c‖² − Σ_{a∈c} ‖u_a‖² with S_c the class sum of
-    unit rows. Memory O(n·D) plus one block's workspace. Returns fp32 (fp64 for fp64 inputs).
+    unit rows. Memory O(n·D) plus one block's workspace (gathered: the V·B_global·D gathered unit
+    rows and one B_local×B_global block's). Returns fp32 (fp64 for fp64 inputs).
     """
+    mode = resolve_distributed("supcon_loss", distributed, group, uniform_shards)
     if indices_tuple is not None:
         raise NotImplementedError(
             "supcon_loss: indices_tuple (a miner's pairs or triplets) is not supported — mmloss never "
@@ -116,12 +134,19 @@ def supcon_loss(embeddings: Tensor, labels: Optional[Tensor] = None, temperature
         )
     if ref_emb is not None or ref_labels is not None:
         return _supcon_against_refs(embeddings, labels, ref_emb, ref_labels, temperature, base_temperature,
-                                    backend, check_finite)
+                                    backend, check_finite, mode, group, uniform_shards)
+    sample_labels = labels is None
     parts, labels = _supcon_views(embeddings, labels, check_finite)
     dt = V.compute_dtype(parts[0])
     tau = check_temperature("temperature", temperature, dt)
     base = tau if base_temperature is None else check_positive_float("base_temperature", base_temperature, dt)
     ratio = float(V.check_scalar("temperature / base_temperature", tau / base, positive=True, dtype=dt))
+    comm = open_exchange("supcon_loss", mode, group, uniform_shards, 1, embeddings=parts[0])
+    if comm is not None:
+        if sample_labels:  # the default labels are the global sample indices
+            labels = labels + comm.shards["embeddings"].offset
+        with no_autocast(parts[0].device):
+            return ratio * _supcon_gathered(GatheredViews(Views(parts, tau), comm, "embeddings"), labels, backend)
     with no_autocast(parts[0].device):
         views = Views(parts, tau)
         dt, device = views.dtype, views.raw[0].device
@@ -151,8 +176,38 @@ def supcon_loss(embeddings: Tensor, labels: Optional[Tensor] = None, temperature
         return ratio * ((lse_total - positive_total) / anchors.clamp_min(1).to(dt))
 
 
+def _supcon_gathered(views: GatheredViews, labels: Tensor, backend: str) -> Tensor:
+    """(τ_base/τ)·SupCon of this rank's anchors against the global batch (value global, gradient
+    W × this rank's share). Per anchor a of class c: LSE_a − (⟨u_a, S_c⟩ − ‖u_a‖²)/(|P(a)|·τ),
+    S_c the class sum of the global unit rows of every view; summed over the rank's anchors
+    with a positive and divided by the global count of such anchors (known from the gathered
+    labels on every rank: no further collective)."""
+    local, dt = views.local, views.dtype
+    device = local.raw[0].device
+    labels_all = views.comm.gather("embeddings", labels.to(torch.int64))       # (B_global,)
+    slots_all = class_slots(torch.sort(labels_all).values, labels_all)
+    b = views.rows
+    unit_sum = views.unit(0)
+    for l in range(1, views.count):
+        unit_sum = unit_sum + views.unit(l)
+    class_sum = torch.zeros(b, unit_sum.shape[1], dtype=dt, device=device).index_add(0, slots_all, unit_sum)
+    class_rows = torch.zeros(b, dtype=dt, device=device).index_add(
+        0, slots_all, torch.full((b,), float(views.count), dtype=dt, device=device))
+    pairs_per_anchor = class_rows - 1.0
+    has_positives = pairs_per_anchor > 0
+    slots = views.local_part(slots_all)
+    anchor_ok = has_positives[slots]
+    pairs = pairs_per_anchor[slots].clamp_min(1.0) * views.temperature
+    positives = [(torch.linalg.vecdot(local.unit(l), class_sum[slots]) - local.squared_unit_norm(l)) / pairs
+                 for l in range(views.count)]
+    normalisers, = views.normalisers(within=True, across="none", backend=backend)
+    terms = torch.cat([torch.where(anchor_ok, lse - pos, 0.0) for lse, pos in zip(normalisers, positives)])
+    anchors = has_positives[slots_all].sum() * views.count
+    return views.comm.finish(terms, "sum", anchors="embeddings") / anchors.clamp_min(1).to(dt)
+
+
 def _supcon_against_refs(embeddings, labels, ref_emb, ref_labels, temperature, base_temperature, backend,
-                         check_finite) -> Tensor:
+                         check_finite, mode, group, uniform_shards) -> Tensor:
     """SupCon with PML's reference set (``supcon_loss`` docstring): anchors are ``embeddings``,
     positives and negatives ``ref_emb``.
 
@@ -183,24 +238,39 @@ def _supcon_against_refs(embeddings, labels, ref_emb, ref_labels, temperature, b
     tau = check_temperature("temperature", temperature, dt)
     base = tau if base_temperature is None else check_positive_float("base_temperature", base_temperature, dt)
     ratio = float(V.check_scalar("temperature / base_temperature", tau / base, positive=True, dtype=dt))
+    comm = open_exchange("supcon_loss", mode, group, uniform_shards, 1, embeddings=x, ref_emb=r)
     with no_autocast(x.device):
         anchors, refs = Views([x], tau), Views([r], tau)
         # The O(N·D) positive term first, the block last (memory order, see Views).
-        unit_refs = refs.unit(0)
+        own_refs = unit_refs = refs.unit(0)
+        ref_offset = 0
+        if comm is not None:  # the reference set of every rank, labels with their rows
+            unit_refs = comm.gather("ref_emb", own_refs)
+            ref_labels = comm.gather("ref_emb", ref_labels)
+            ref_offset = comm.shards["ref_emb"].offset
         classes = LabelClasses(unit_refs, ref_labels, anchors.dtype)
+
+        def positives_count(anchor_labels: Tensor) -> Tensor:
+            slots = classes.slots_for(anchor_labels)
+            count = torch.where(classes.sorted_labels[slots] == anchor_labels, classes.counts[slots], 0.0)
+            return count - 1.0 if same_rows else count  # same_rows: drop the pair (i, i)
+
         slots = classes.slots_for(labels)
-        count = torch.where(classes.sorted_labels[slots] == labels, classes.counts[slots], 0.0)
+        count = positives_count(labels)
         positive_sum = torch.linalg.vecdot(anchors.unit(0), classes.sums[slots])
         if same_rows:       # drop the pair (i, i) from P(i) and from the normaliser
-            count = count - 1.0
-            positive_sum = positive_sum - torch.linalg.vecdot(anchors.unit(0), unit_refs)
+            positive_sum = positive_sum - torch.linalg.vecdot(anchors.unit(0), own_refs)
         has_positive = count > 0
         positive = positive_sum / (count.clamp_min(1.0) * tau)
         normaliser, _ = similarity_lse(anchors.raw[0], unit_refs, anchors.scale[0],
-                                       exclude="diagonal" if same_rows else "none", cols=False,
-                                       backend=backend)
+                                       exclude="diagonal" if same_rows else "none",
+                                       offset=ref_offset if same_rows else 0, cols=False, backend=backend)
         terms = torch.where(has_positive, normaliser - positive, 0.0)
-        return ratio * (terms.sum() / has_positive.sum().clamp_min(1).to(anchors.dtype))
-
+        if comm is None:
+            return ratio * (terms.sum() / has_positive.sum().clamp_min(1).to(anchors.dtype))
+        # The global number of anchors with a positive, from the gathered anchor labels.
+        with_positive = (positives_count(comm.gather("embeddings", labels)) > 0).sum()
+        total = comm.finish(terms, "sum", anchors="embeddings")
+        return ratio * (total / with_positive.clamp_min(1).to(anchors.dtype))
 
 __all__ = ["supcon_loss"]

@@ -1,7 +1,8 @@
 """DHEL module (docs/losses.md §7), lightly's ``forward(out0, out1)`` call style (no math here;
 ``mmloss.functional.dhel``).
 
-L2-normalised inside, rank-local, ``backend=`` and ``check_finite=``: as ``mmloss.losses.ntxent``.
+L2-normalised inside, rank-local by default, ``backend=``, ``check_finite=`` and the distributed
+options (``distributed=``, ``group=``, ``uniform_shards=``): as ``mmloss.losses.ntxent``.
 """
 from __future__ import annotations
 
@@ -20,16 +21,17 @@ class DHELLoss(LossModule):
     include_augs=True)(out0, out1)``."""
 
     def __init__(self, temperature: float = 0.3, include_augs: bool = True, *, backend: str = "auto",
-                 distributed=None, group=None,
+                 distributed=None, group=None, uniform_shards: bool = False,
                  check_finite: bool = False):
-        super().__init__(backend=backend, distributed=distributed, group=group, check_finite=check_finite)
+        super().__init__(backend=backend, distributed=distributed, group=group, check_finite=check_finite,
+                         uniform_shards=uniform_shards)
         self.temperature = check_temperature("temperature", temperature)
         self.include_augs = V.check_bool("include_augs", include_augs)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
-        self._require_local()
         return dhel_loss(out0, out1, self.temperature, self.include_augs, backend=self.backend,
-                           check_finite=self.check_finite)
+                         check_finite=self.check_finite, distributed=self._resolve_distributed(), group=self.group,
+                         uniform_shards=self.uniform_shards)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, include_augs={self.include_augs}, {super().extra_repr()}"

@@ -1,7 +1,8 @@
 """Multi-view modules (docs/losses.md §8): ``forward(views)`` with a (V, M, D) tensor or a list of
 V (M, D) tensors (no math here; ``mmloss.functional.multiview``).
 
-L2-normalised inside, rank-local, ``backend=`` and ``check_finite=``: as ``mmloss.losses.ntxent``.
+L2-normalised inside, rank-local by default, ``backend=``, ``check_finite=`` and the distributed
+options (``distributed=``, ``group=``, ``uniform_shards=``): as ``mmloss.losses.ntxent``.
 """
 from __future__ import annotations
 
@@ -20,16 +21,17 @@ class MultiViewInfoNCELoss(LossModule):
     same_view_negatives=True)(views)`` with views (V, M, D) or a list of V (M, D)."""
 
     def __init__(self, temperature: float = 0.1, same_view_negatives: bool = True, *, backend: str = "auto",
-                 distributed=None, group=None,
+                 distributed=None, group=None, uniform_shards: bool = False,
                  check_finite: bool = False):
-        super().__init__(backend=backend, distributed=distributed, group=group, check_finite=check_finite)
+        super().__init__(backend=backend, distributed=distributed, group=group, check_finite=check_finite,
+                         uniform_shards=uniform_shards)
         self.temperature = check_temperature("temperature", temperature)
         self.same_view_negatives = V.check_bool("same_view_negatives", same_view_negatives)
 
     def forward(self, views) -> Tensor:
-        self._require_local()
         return mv_infonce_loss(views, self.temperature, self.same_view_negatives, backend=self.backend,
-                                 check_finite=self.check_finite)
+                               check_finite=self.check_finite, distributed=self._resolve_distributed(),
+                               group=self.group, uniform_shards=self.uniform_shards)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, same_view_negatives={self.same_view_negatives}, "
@@ -40,13 +42,15 @@ class MultiViewDHELLoss(LossModule):
     """MV-DHEL (docs/losses.md §8): ``MultiViewDHELLoss(temperature=0.1)(views)``."""
 
     def __init__(self, temperature: float = 0.1, *, backend: str = "auto", distributed=None, group=None,
-                 check_finite: bool = False):
-        super().__init__(backend=backend, distributed=distributed, group=group, check_finite=check_finite)
+                 uniform_shards: bool = False, check_finite: bool = False):
+        super().__init__(backend=backend, distributed=distributed, group=group, check_finite=check_finite,
+                         uniform_shards=uniform_shards)
         self.temperature = check_temperature("temperature", temperature)
 
     def forward(self, views) -> Tensor:
-        self._require_local()
-        return mv_dhel_loss(views, self.temperature, backend=self.backend, check_finite=self.check_finite)
+        return mv_dhel_loss(views, self.temperature, backend=self.backend, check_finite=self.check_finite,
+                            distributed=self._resolve_distributed(), group=self.group,
+                            uniform_shards=self.uniform_shards)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, {super().extra_repr()}"

@@ -2,15 +2,20 @@
 with lightly's memory bank as module state (no math here; ``mmloss.functional.ntxent``).
 
 Like every self-supervised module (supcon, dcl, dhel, multiview, hcl), it L2-normalises inside,
-computes the rank-local loss (``distributed=None``, like lightly's ``gather_distributed=False``)
-and accepts ``backend=`` and ``check_finite=`` (True: ``forward`` raises a ValueError naming an
-input that holds NaN/Inf; by default they propagate, as in torch).
+computes the rank-local loss by default (``distributed=None``, like lightly's
+``gather_distributed=False``) and accepts ``backend=`` and ``check_finite=`` (True: ``forward``
+raises a ValueError naming an input that holds NaN/Inf; by default they propagate, as in torch).
+``distributed="auto"`` (gather under a process group of world size > 1; a collective call: every
+rank of the group must call forward) or ``"gather"`` computes the exact loss of the global batch
+(``mmloss.functional.ssl_common``, "Distributed"), with ``group=`` and ``uniform_shards=``;
+"ring" raises a ValueError (the SSL losses have no ring form).
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _validation as V
+from .. import distributed as D
 from ..functional.ntxent import ntxent_loss
 from ..functional.ssl_common import check_temperature
 from ._base import LossModule
@@ -41,6 +46,15 @@ def _memory_bank_shape(size) -> tuple[int, ...]:
     return shape
 
 
+def distributed_from_lightly(gather_distributed, distributed):
+    """The ``distributed`` mode of a module with lightly's ``gather_distributed`` flag: True means
+    lightly's ``gather_distributed and world_size() > 1``, i.e. "auto" (gather under a process
+    group of world size > 1, the local loss in a single process), unless ``distributed`` is given."""
+    if V.check_bool("gather_distributed", gather_distributed) and distributed is None:
+        return "auto"
+    return distributed
+
+
 class NTXentLoss(LossModule):
     """NT-Xent / SimCLR (docs/losses.md §4), lightly's ``NTXentLoss(temperature=0.5,
     memory_bank_size=0, gather_distributed=False)`` call style: ``loss(out0, out1)`` returns the
@@ -57,22 +71,25 @@ class NTXentLoss(LossModule):
     training mode (the project's convention for stateful losses) unless the module was built
     with ``update_state_in_eval=True``. ``memory_bank_size=0`` (default) is plain NT-Xent.
 
-    ``gather_distributed=True`` (lightly's cross-GPU negatives) raises NotImplementedError until
-    mmloss gathers across ranks; the loss is rank-local (``distributed=None``).
+    Distributed: rank-local by default (``distributed=None``, lightly's
+    ``gather_distributed=False``). ``gather_distributed=True`` is lightly's flag, which gathers
+    when the world size is > 1: it sets ``distributed="auto"`` (unless ``distributed`` is given);
+    ``distributed="gather"`` insists on a process group. Gathering, forward is a collective call
+    (every rank of ``group`` must make it) and returns the exact NT-Xent of the global batch
+    (``ntxent_loss(distributed=...)``: value global, gradient W × this rank's share, so DDP's
+    average is the single-process gradient; lightly returns each rank's own mean). With the
+    memory bank, the loss is each rank's anchors against the bank, reduced globally, and the
+    gathered ``out1`` rows of every rank are enqueued (lightly's rule), so banks that start equal
+    on every rank (same seed) stay equal.
     """
 
     def __init__(self, temperature: float = 0.5, memory_bank_size=0, gather_distributed: bool = False, *,
-                 backend: str = "auto", distributed=None, group=None, check_finite: bool = False,
-                 update_state_in_eval: bool = False):
-        super().__init__(backend=backend, distributed=distributed, group=group, check_finite=check_finite)
+                 backend: str = "auto", distributed=None, group=None, uniform_shards: bool = False,
+                 check_finite: bool = False, update_state_in_eval: bool = False):
+        super().__init__(backend=backend, distributed=distributed_from_lightly(gather_distributed, distributed),
+                         group=group, check_finite=check_finite, uniform_shards=uniform_shards)
         self.temperature = check_temperature("temperature", temperature)
-        if V.check_bool("gather_distributed", gather_distributed):
-            raise NotImplementedError(
-                "NTXentLoss(gather_distributed=True): mmloss cannot gather negatives across ranks yet. "
-                "Use gather_distributed=False (the rank-local loss, which is what lightly computes "
-                "in a single process)"
-            )
-        self.gather_distributed = False
+        self.gather_distributed = bool(gather_distributed)
         self.update_state_in_eval = V.check_bool("update_state_in_eval", update_state_in_eval)
         shape = _memory_bank_shape(memory_bank_size)
         self.memory_bank_size = shape if len(shape) == 2 else 0
@@ -89,22 +106,26 @@ class NTXentLoss(LossModule):
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         """``out0``, ``out1``: (N, D) views (L2-normalised inside). Returns the 0-d loss, fp32
         (fp64 for fp64 inputs). With a memory bank, updates it (see the class docstring)."""
-        self._require_local()
+        mode = self._resolve_distributed()
+        options = dict(backend=self.backend, check_finite=self.check_finite, distributed=mode, group=self.group,
+                       uniform_shards=self.uniform_shards)
         if not self.uses_memory_bank:
-            return ntxent_loss(out0, out1, self.temperature, backend=self.backend,
-                                 check_finite=self.check_finite)
+            return ntxent_loss(out0, out1, self.temperature, **options)
         negatives = self.bank.clone()      # the pre-update bank; the loss keeps it for backward
-        loss = ntxent_loss(out0, out1, self.temperature, memory_bank=negatives.to(out0.device),
-                             backend=self.backend, check_finite=self.check_finite)
+        loss = ntxent_loss(out0, out1, self.temperature, memory_bank=negatives.to(out0.device), **options)
         update = isinstance(out0, Tensor) and out0.requires_grad and (self.training or self.update_state_in_eval)
         if update:
-            self._enqueue(out1)
+            self._enqueue(out1, mode)
         return loss
 
     @torch.no_grad()
-    def _enqueue(self, out1: Tensor) -> None:
-        """lightly's ``_dequeue_and_enqueue`` on the normalised rows of ``out1``."""
+    def _enqueue(self, out1: Tensor, mode) -> None:
+        """lightly's ``_dequeue_and_enqueue`` on the normalised rows of ``out1`` (gathered from
+        every rank of the group, in rank order, when ``mode`` is "gather")."""
         batch = torch.nn.functional.normalize(out1.detach(), dim=1).to(self.bank.dtype)
+        if mode == "gather":
+            comm = D.Exchange.open(type(self).__name__, self.group, self.uniform_shards, out1=batch)
+            batch = comm.gather("out1", batch)
         size = self.bank.shape[0]
         ptr = int(self.bank_ptr)
         rows = batch.shape[0]

@@ -2,7 +2,10 @@
 indices_tuple=None, ref_emb=None, ref_labels=None)``, which also takes HobbitLong's (B, V, D)
 tensor (no math here; ``mmloss.functional.supcon``).
 
-L2-normalised inside, rank-local, ``backend=`` and ``check_finite=``: as ``mmloss.losses.ntxent``.
+L2-normalised inside, rank-local by default, ``backend=``, ``check_finite=`` and the distributed
+options (``distributed=``, ``group=``, ``uniform_shards=``): as ``mmloss.losses.ntxent``;
+gathering, labels travel with their rows (pytorch-metric-learning's ``DistributedLossWrapper``
+gathers too, but returns W × the loss).
 """
 from __future__ import annotations
 
@@ -26,9 +29,10 @@ class SupConLoss(LossModule):
     ``indices_tuple`` from a miner raises NotImplementedError."""
 
     def __init__(self, temperature: float = 0.1, base_temperature: Optional[float] = None, *,
-                 backend: str = "auto", distributed=None, group=None,
+                 backend: str = "auto", distributed=None, group=None, uniform_shards: bool = False,
                  check_finite: bool = False):
-        super().__init__(backend=backend, distributed=distributed, group=group, check_finite=check_finite)
+        super().__init__(backend=backend, distributed=distributed, group=group, check_finite=check_finite,
+                         uniform_shards=uniform_shards)
         self.temperature = check_temperature("temperature", temperature)
         self.base_temperature = (None if base_temperature is None
                                  else check_positive_float("base_temperature", base_temperature))
@@ -36,10 +40,11 @@ class SupConLoss(LossModule):
     def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, indices_tuple=None,
                 ref_emb: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None) -> Tensor:
         """Returns the 0-d loss, fp32 (fp64 for fp64 inputs); see ``mmloss.supcon_loss``."""
-        self._require_local()
         return supcon_loss(embeddings, labels, self.temperature, self.base_temperature,
-                             ref_emb=ref_emb, ref_labels=ref_labels, indices_tuple=indices_tuple,
-                             backend=self.backend, check_finite=self.check_finite)
+                           ref_emb=ref_emb, ref_labels=ref_labels, indices_tuple=indices_tuple,
+                           backend=self.backend, check_finite=self.check_finite,
+                           distributed=self._resolve_distributed(), group=self.group,
+                           uniform_shards=self.uniform_shards)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, base_temperature={self.base_temperature}, "

@@ -26,6 +26,11 @@ GATHERS = {
     "ClipLoss": lambda x, y: mmloss.clip_loss(x, y, 10.0),
     "SigLipLoss": lambda x, y: mmloss.siglip_loss(x, y, 10.0, -2.0),
     "InfoNCELoss": lambda x, y: mmloss.infonce_loss(x, y, 10.0),
+    "NTXentLoss": lambda x, y: mmloss.ntxent_loss(x, y),
+    "DCLLoss": lambda x, y: mmloss.dcl_loss(x, y),
+    "DistillClipLoss": lambda x, y: mmloss.clip_loss(x, y, 10.0) + mmloss.contrastive_distill_loss(
+        x, y, 10.0, *(torch.cat([_features(rank)[k] for rank in (0, 1)]) for k in (2, 3)), 5.0),
+    "CyCLIPLoss": lambda x, y: mmloss.cyclip_loss(x, y, 10.0),
 }
 
 
@@ -55,6 +60,11 @@ def _cases(seed: int):
         "NTXentLoss": (lambda **kw: mmloss.NTXentLoss(**kw)(x, y), lambda: mmloss.ntxent_loss(x, y)),
         "DCLLoss": (lambda **kw: mmloss.DCLLoss(**kw)(x, y), lambda: mmloss.dcl_loss(x, y)),
         "CyCLIPLoss": (lambda **kw: mmloss.CyCLIPLoss(**kw)(x, y, 10.0), lambda: mmloss.cyclip_loss(x, y, 10.0)),
+        # No distributed form: "auto" under world size 2 must raise, never return a rank-local loss.
+        "TripleContrastiveLoss": (lambda **kw: mmloss.TripleContrastiveLoss(**kw)(x, y, xt, yt),
+                                  lambda: mmloss.tcl_loss(x, y, xt, yt, 0.07)),
+        "ISogCLRLoss": (lambda **kw: mmloss.ISogCLRLoss(8, **kw)(x, y, torch.arange(6)),
+                        lambda: mmloss.ISogCLRLoss(8, distributed=None)(x, y, torch.arange(6))),
     }
 
 
