@@ -132,10 +132,11 @@ def check_against_single(model_seed, data_seed, sizes_x, sizes_y, loss_call, ran
     else:
         problem = compare_value(got.detach(), want.detach())
         got.backward()
-    if problem:
-        return problem
+    # The gradient all-reduce runs on every rank even when this rank's value is already wrong:
+    # returning early would leave the other ranks waiting in the collective until the timeout.
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(model.parameters(), _grads(model))]
-    return compare_grads(_ddp_average(grads, size, group), want_grads, _names(model))
+    averaged = _ddp_average(grads, size, group)
+    return problem or compare_grads(averaged, want_grads, _names(model))
 
 
 
