@@ -54,6 +54,15 @@ def check_mode(mode) -> None:
         raise ValueError(f"distributed must be one of {list(MODES)}, got {mode!r}")
 
 
+def check_group(group) -> None:
+    """``group`` is None (the world) or a torch.distributed ProcessGroup."""
+    if group is None:
+        return
+    process_group = getattr(torch.distributed, "ProcessGroup", None)
+    if process_group is None or not isinstance(group, process_group):
+        raise TypeError(f"group must be None or a torch.distributed ProcessGroup, got {type(group).__name__}")
+
+
 def _dist():
     return torch.distributed
 
@@ -100,6 +109,7 @@ def resolve_mode(loss_name: str, mode, group=None, configured_world_size: int = 
     > 1 without an initialised process group raises a RuntimeError (the loss could not be global).
     """
     check_mode(mode)
+    check_group(group)
     if mode is None:
         return None
     if mode == "ring" and not ring:

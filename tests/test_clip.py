@@ -326,3 +326,10 @@ def test_clip_matches_open_clip(backend, with_bias, small_chunks):
     want = torch.autograd.grad(theirs["contrastive_loss"], [rx, ry, rs])
     for name, a, e in zip(("image", "text", "logit_scale"), got, want):
         assert_grad_close(a, e, torch.float32, f"grad {name} vs open_clip")
+
+
+def test_group_must_be_a_process_group():
+    x, y = torch.randn(4, 3), torch.randn(4, 3)
+    for kw in (dict(distributed="auto", group="world"), dict(distributed=None, group=0)):
+        with pytest.raises(TypeError, match="ProcessGroup"):
+            mmloss.clip_loss(x, y, 2.0, **kw)
