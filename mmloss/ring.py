@@ -66,10 +66,14 @@ def _travel(ring: Ring, rows_first, rows_last, step: int, wait: bool = True):
     recv_first = [t.new_empty((rows,) + tuple(t.shape[1:])) for t in rows_first]
     recv_last = [t.new_empty(tuple(t.shape[:-1]) + (rows,)) for t in rows_last]
     nxt, prv = (ring.rank + 1) % ring.size, (ring.rank - 1) % ring.size
-    works = []
+    # One batch_isend_irecv: NCCL then launches the sends and receives as one group, which a
+    # ring needs (separate isend/irecv would each wait for their peer's matching call: every rank
+    # sending first deadlocks the ring).
+    ops = []
     for send, recv in zip(list(rows_first) + list(rows_last), recv_first + recv_last):
-        works.append(dist.isend(send.contiguous(), group=ring.group, group_dst=nxt))
-        works.append(dist.irecv(recv, group=ring.group, group_src=prv))
+        ops.append(dist.P2POp(dist.isend, send.contiguous(), group=ring.group, group_peer=nxt))
+        ops.append(dist.P2POp(dist.irecv, recv, group=ring.group, group_peer=prv))
+    works = dist.batch_isend_irecv(ops) if ops else []
     if wait:
         for w in works:
             w.wait()
