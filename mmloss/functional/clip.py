@@ -45,7 +45,8 @@ def clip_loss(
             default they propagate to the loss, as in torch; a host sync on GPUs).
         distributed: None (default: the loss of the given tensors) | "auto" (gather when a
             process group of world size > 1 is initialised; a collective call) | "gather" |
-            "ring" (not available yet: ValueError). Gathered, the rows of every rank form the
+            "ring" (the texts travel around the ranks, ``mmloss.ring``: same value and gradients,
+            O(N_local·D) memory per rank; labels need "gather"). Gathered, the rows of every rank form the
             global batch (rank order) and ``labels`` travel with their rows; this rank computes
             its rows against the global texts and its texts against the global images (never a
             B×B matrix). The value is the global loss on every rank; the gradient is W × this

@@ -52,8 +52,9 @@ def infonce_loss(
     concatenation [keys (gathered when distributed); extra_keys].
 
     ``distributed``: None (default: the loss of the given tensors) | "auto" (gather when a
-    process group of world size > 1 is initialised; a collective call) | "gather" | "ring" (not
-    available yet: ValueError). Gathered, the keys (and ``key_labels``) of every rank are
+    process group of world size > 1 is initialised; a collective call) | "gather" | "ring" (the
+    keys travel around the ranks, ``mmloss.ring``: default targets only, as many keys as queries
+    on every rank; O(N_local·D) memory per rank). Gathered, the keys (and ``key_labels``) of every rank are
     concatenated in rank order; the queries stay local and are rows of the global batch (rank
     order), so the default target of this rank's query i is global key (query offset + i). The
     value is the global loss on every rank; the gradient is W × this rank's share

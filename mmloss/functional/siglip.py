@@ -38,7 +38,8 @@ def siglip_loss(
             default they propagate to the loss, as in torch; a host sync on GPUs).
         distributed: None (default: the loss of the given tensors) | "auto" (gather when a
             process group of world size > 1 is initialised; a collective call) | "gather" |
-            "ring" (not available yet: ValueError). Gathered, only the texts (and their labels)
+            "ring" (the texts travel around the ranks, ``mmloss.ring``: same value and gradients,
+            O(N_local·D) memory per rank; labels need "gather"). Gathered, only the texts (and their labels)
             are gathered: this rank's images against every rank's texts, rows of the global
             N_global × M_global problem (rank order). The value is the global loss on every
             rank (mean over N_global images); the gradient is W × this rank's share

@@ -21,8 +21,9 @@ class ClipLoss(LossModule):
     Distributed (``mmloss.distributed``): default "auto", like open_clip's loss, which gathers:
     under an initialised process group of world size > 1, forward gathers both sides across the
     group (a collective call: every rank of the group must call forward) and computes this rank's
-    rows and columns against the global batch, exactly, with uneven shards allowed. "ring" is not
-    available yet (ValueError); None computes the loss of the given, rank-local tensors.
+    rows and columns against the global batch, exactly, with uneven shards allowed. "ring" passes
+    the texts around the ranks instead (same value and gradients, O(N_local·D) memory per rank);
+    None computes the loss of the given, rank-local tensors.
 
     - ``local_loss=False`` (default): the value is the global loss on every rank; the features'
       gradient is W × this rank's share and logit_scale's gradient the global one on every rank,
@@ -76,6 +77,19 @@ class ClipLoss(LossModule):
         output_dict: bool = False,
         labels: Optional[torch.Tensor] = None,
     ):
+        """Symmetric CLIP loss of N pairs, without the N×N logit matrix (docs/losses.md §1).
+
+        Args:
+            image_features, text_features: (N, D) each, fp16/bf16/fp32/fp64, used as given.
+            logit_scale: the exponentiated scale, a positive float or 0-d tensor.
+            logit_bias: accepted for DDP, a no-op for softmax (its gradient is exactly 0).
+            output_dict: True returns open_clip's ``{"contrastive_loss": loss}``.
+            labels: optional (N,) integer ids (mmloss only): same-id pairs are positives.
+
+        Returns:
+            The 0-d loss, fp32 (fp64 for fp64 inputs). Under a process group (default "auto") a
+                collective call: the global loss on every rank (``local_loss=True``: this rank's share).
+        """
         loss = clip_loss_core(
             image_features, text_features, logit_scale, logit_bias, labels=labels,
             label_smoothing=self.label_smoothing, backend=self.backend, check_finite=self.check_finite,

@@ -48,10 +48,16 @@ class CoCaLoss(ClipLoss):
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logits: torch.Tensor,
                 labels: torch.Tensor, logit_scale, output_dict: bool = False):
-        """image_features, text_features: (N, D); logits: (N, T, V) caption logits; labels:
-        (N, T) token ids; logit_scale: exponentiated CLIP scale. Returns ``(contrastive_loss,
-        caption_loss)``, or ``{"contrastive_loss": ..., "caption_loss": ...}`` with
-        ``output_dict=True`` (open_clip's keys)."""
+        """CoCa's weighted CLIP and captioning losses (docs/losses.md §16).
+
+        Args:
+            image_features, text_features: (N, D); logits: (N, T, V) caption logits; labels:
+                (N, T) token ids; logit_scale: exponentiated CLIP scale.
+
+        Returns:
+            ``(contrastive_loss, caption_loss)``, or ``{"contrastive_loss": ..., "caption_loss": ...}``
+                with ``output_dict=True`` (open_clip's keys).
+        """
         # The contrastive term is ClipLoss's (global under a process group, as open_clip's
         # CoCaLoss gathers); the caption term is this rank's token mean, as in open_clip.
         if self.clip_loss_weight:

@@ -37,6 +37,16 @@ class DCLLoss(LossModule):
         self.gather_distributed = bool(gather_distributed)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        """Decoupled contrastive loss of two views, lightly's call (docs/losses.md §6).
+
+        Args:
+            out0, out1: (N, D) views, N ≥ 2, fp16/bf16/fp32/fp64, L2-normalised inside.
+
+        Returns:
+            The 0-d loss, fp32 (fp64 for fp64 inputs). Rank-local by default; with
+                ``distributed="auto"``/``"gather"`` (a collective call) the global batch's loss on every
+                rank, ``weight_fn`` called on the global batch (lightly calls it on each rank's rows).
+        """
         return dcl_loss(out0, out1, self.temperature, self.weight_fn, backend=self.backend,
                         check_finite=self.check_finite, distributed=self._resolve_distributed(), group=self.group,
                         uniform_shards=self.uniform_shards)
@@ -60,6 +70,16 @@ class DCLWLoss(LossModule):
         self.gather_distributed = bool(gather_distributed)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        """Weighted DCL of two views, lightly's call (docs/losses.md §6).
+
+        Args:
+            out0, out1: (N, D) views, N ≥ 2, fp16/bf16/fp32/fp64, L2-normalised inside.
+
+        Returns:
+            The 0-d loss, fp32 (fp64 for fp64 inputs). Rank-local by default; with
+                ``distributed="auto"``/``"gather"`` (a collective call) the global batch's loss on every
+                rank, the weights' softmax over the global batch (lightly: each rank's own).
+        """
         return dclw_loss(out0, out1, self.temperature, self.sigma, backend=self.backend,
                          check_finite=self.check_finite, distributed=self._resolve_distributed(), group=self.group,
                          uniform_shards=self.uniform_shards)

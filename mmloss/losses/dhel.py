@@ -29,6 +29,16 @@ class DHELLoss(LossModule):
         self.include_augs = V.check_bool("include_augs", include_augs)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        """Decoupled hyperspherical energy loss of two views (docs/losses.md §7).
+
+        Args:
+            out0, out1: (N, D) anchors u and positives v, N ≥ 2, fp16/bf16/fp32/fp64, L2-normalised
+                inside.
+
+        Returns:
+            The 0-d loss, fp32 (fp64 for fp64 inputs). Rank-local by default; with
+                ``distributed="auto"``/``"gather"`` (a collective call) the global batch's loss on every rank.
+        """
         return dhel_loss(out0, out1, self.temperature, self.include_augs, backend=self.backend,
                          check_finite=self.check_finite, distributed=self._resolve_distributed(), group=self.group,
                          uniform_shards=self.uniform_shards)

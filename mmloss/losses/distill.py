@@ -42,6 +42,17 @@ class ContrastiveDistillLoss(LossModule):
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, teacher_image_features: Tensor,
                 teacher_text_features: Tensor, teacher_logit_scale) -> Tensor:
+        """Similarity-matrix distillation of a student against a teacher (docs/losses.md §13).
+
+        Args:
+            image_features: (N, D); text_features: (M, D): the student, used as given; N ≠ M allowed.
+            logit_scale, teacher_logit_scale: positive floats or 0-d tensors (s, s_t).
+            teacher_image_features: (N, D_t); teacher_text_features: (M, D_t); no gradient.
+
+        Returns:
+            The 0-d loss, fp32 (fp64 for fp64 inputs). Rank-local by default; "auto"/"gather" (a
+                collective call) the global batch's loss on every rank (teacher gathered, no gradient).
+        """
         return contrastive_distill_loss(
             image_features, text_features, logit_scale, teacher_image_features, teacher_text_features,
             teacher_logit_scale, cross_entropy=self.cross_entropy, backend=self.backend,
@@ -73,6 +84,18 @@ class DistillClipLoss(ClipLoss):
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, dist_image_features: Tensor,
                 dist_text_features: Tensor, dist_logit_scale, output_dict: bool = False):
+        """The student's CLIP loss and its distillation term (docs/losses.md §1, §13).
+
+        Args:
+            image_features, text_features: (N, D) student features; logit_scale: its scale.
+            dist_image_features, dist_text_features: (N, D_t) teacher features (no gradient);
+                dist_logit_scale: the teacher's scale.
+            output_dict: True returns open_clip's ``{"contrastive_loss": …, "distill_loss": …}``.
+
+        Returns:
+            ``(contrastive_loss, distill_loss)``, 0-d, fp32 (fp64 for fp64 inputs), as open_clip.
+                Distributed as ``ClipLoss`` (default "auto": the global losses on every rank).
+        """
         shared = dict(backend=self.backend, check_finite=self.check_finite, distributed=self.distributed,
                       group=self.group, uniform_shards=self.uniform_shards, local_share=bool(self.local_loss),
                       configured_world_size=self.world_size, loss_name="DistillClipLoss")
@@ -105,6 +128,17 @@ class ModXLoss(LossModule):
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, old_image_features: Tensor,
                 old_text_features: Tensor) -> Tensor:
+        """ModX: CLIP plus α × the old model's kept-row/column KL (docs/losses.md §13).
+
+        Args:
+            image_features, text_features: (N, D) each, the model being trained, used as given.
+            logit_scale: positive float or 0-d tensor (the CLIP term only).
+            old_image_features, old_text_features: (N, D_old) each, the previous model (no gradient).
+
+        Returns:
+            The 0-d loss, fp32 (fp64 for fp64 inputs). Rank-local by default; "auto"/"gather" (a
+                collective call) the global batch's loss on every rank.
+        """
         return modx_loss(image_features, text_features, logit_scale, old_image_features, old_text_features,
                          self.alpha, backend=self.backend, check_finite=self.check_finite,
                          **_distributed_options(self))
@@ -130,6 +164,16 @@ class CyCLIPLoss(LossModule):
         self.lambda_cross = check_weight("lambda_cross", lambda_cross)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale) -> Tensor:
+        """CyCLIP: CLIP + λ_in·L_in + λ_cross·L_cross on raw cosines (docs/losses.md §14).
+
+        Args:
+            image_features, text_features: (N, D) each, used as given (N ≠ M is a ValueError).
+            logit_scale: positive float or 0-d tensor (the CLIP term only).
+
+        Returns:
+            The 0-d loss, fp32 (fp64 for fp64 inputs). Rank-local by default; "auto"/"gather" (a
+                collective call) the global batch's loss on every rank.
+        """
         return cyclip_loss(image_features, text_features, logit_scale, self.lambda_in, self.lambda_cross,
                            backend=self.backend, check_finite=self.check_finite, **_distributed_options(self))
 
@@ -153,6 +197,17 @@ class ScoreDistillLoss(LossModule):
         self.alpha = V.check_fraction("alpha", alpha, upper_open=False)
 
     def forward(self, student_scores: Tensor, teacher_scores: Tensor, positive_index=0) -> Tensor:
+        """Score distillation (DCD) of B queries' C candidate scores (docs/losses.md §15).
+
+        Args:
+            student_scores, teacher_scores: (B, C) logits over the same candidates in the same order,
+                fp16/bf16/fp32/fp64; the teacher gets no gradient.
+            positive_index: int in [0, C) or a (B,) integer tensor (default 0).
+
+        Returns:
+            The 0-d loss, fp32 (fp64 for fp64 inputs). Rank-local by default; "auto"/"gather" (a
+                collective call) use the global batch's normalisers (nothing is gathered).
+        """
         return score_distill_loss(student_scores, teacher_scores, positive_index, self.alpha, backend=self.backend,
                                   check_finite=self.check_finite, **_distributed_options(self))
 

@@ -29,6 +29,15 @@ class HardNegativeLoss(LossModule):
         self.beta = check_concentration(beta)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        """Hard-negative, debiased contrastive loss of two views (docs/losses.md §12).
+
+        Args:
+            out0, out1: (N, D) views, N ≥ 2, fp16/bf16/fp32/fp64, L2-normalised inside.
+
+        Returns:
+            The 0-d loss, fp32 (fp64 for fp64 inputs). Rank-local by default; with
+                ``distributed="auto"``/``"gather"`` (a collective call) the global batch's loss on every rank.
+        """
         return hcl_loss(out0, out1, self.temperature, self.tau_plus, self.beta, backend=self.backend,
                         check_finite=self.check_finite, distributed=self._resolve_distributed(), group=self.group,
                         uniform_shards=self.uniform_shards)

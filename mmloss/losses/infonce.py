@@ -31,6 +31,18 @@ class InfoNCELoss(LossModule):
                 targets: Optional[torch.Tensor] = None, query_labels: Optional[torch.Tensor] = None,
                 key_labels: Optional[torch.Tensor] = None, soft_targets: Optional[torch.Tensor] = None,
                 extra_keys: Optional[torch.Tensor] = None, extra_key_labels: Optional[torch.Tensor] = None):
+        """One-directional InfoNCE of N queries against M keys (docs/losses.md §2).
+
+        Args:
+            query: (N, D); keys: (M, D), M ≥ N for the default targets ``arange(N)``; used as given.
+            logit_scale: positive float or 0-d tensor. At most one of ``targets`` (N,), ``query_labels``
+                (N,) with ``key_labels`` (M,), or ``soft_targets`` (N, M) names the positives.
+            extra_keys: (Q, D) keys appended after ``keys`` (a queue), ``extra_key_labels`` (Q,).
+
+        Returns:
+            The loss, fp32 (fp64 for fp64 inputs): 0-d, or (N,) with ``reduction="none"``. Rank-local
+                by default; "auto"/"gather" (a collective call) gather the keys, never ``extra_keys``.
+        """
         return infonce_loss(query, keys, logit_scale, targets=targets, query_labels=query_labels,
                             key_labels=key_labels, soft_targets=soft_targets,
                             reduction=self.reduction, backend=self.backend,

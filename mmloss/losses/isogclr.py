@@ -107,6 +107,18 @@ class ISogCLRLoss(LossModule):
             self._buffers.update(held)
 
     def forward(self, features_a: torch.Tensor, features_b: torch.Tensor, index: torch.Tensor):
+        """One iSogCLR step (docs/losses.md §11); updates the state in training (or ``update_state_in_eval``).
+
+        Args:
+            features_a, features_b: (N, D) each, N ≥ 2: two views (unimodal) or images and texts
+                (bimodal), used as given (LibAUC normalises inside: normalise first for parity).
+            index: (N,) integer dataset indices of the rows, in [0, dataset_size).
+
+        Returns:
+            The 0-d surrogate loss (LibAUC's value and gradient); the detached logged objective goes
+                to ``self.objective``. No distributed form: a mode other than None under a process
+                group raises a RuntimeError before the state is touched.
+        """
         self._require_local()
         loss, self.objective = isogclr_loss(
             features_a, features_b, index, self.log_u, self.tau, self.tau_momentum, self.seen,

@@ -110,6 +110,17 @@ class MemoryQueue(torch.nn.Module):
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, defer: bool = False) -> None:
+        """Write (B, dim) keys at ``ptr``, wrapping around; B > size keeps the last ``size`` rows.
+        With ``distributed`` "auto"/"gather", a collective call: every rank writes all ranks' keys.
+
+        Args:
+            keys: (B, dim), B ≥ 0; detached and cast to the queue's dtype and device.
+            defer: True holds them until the next read of ``keys``, ``flush()`` or ``state_dict()``.
+
+        Raises:
+            ValueError: keys holding NaN/Inf, on eager CPU tensors (elsewhere a device-side assert
+                and the write is skipped).
+        """
         V.check_features("keys", keys, min_rows=0)
         if keys.shape[1] != self.dim:
             raise ValueError(f"keys must have {self.dim} columns like the queue, got shape {tuple(keys.shape)}")
@@ -173,6 +184,7 @@ class MemoryQueue(torch.nn.Module):
 
     @property
     def keys(self) -> torch.Tensor:
+        """The current keys: a detached view, (size, dim) or, with ``init="empty"``, (filled, dim)."""
         self.flush()
         if self.init == "random":
             return self.queue.detach()
@@ -186,6 +198,12 @@ class MemoryQueue(torch.nn.Module):
         return torch.cat([positives, keys.to(device=positives.device, dtype=positives.dtype)])
 
     def forward(self) -> torch.Tensor:
+        """The current keys, as ``keys`` (the queues of docs/losses.md §2 and §10).
+
+        Returns:
+            A detached view of the queue in its dtype: (size, dim), or with ``init="empty"`` the first
+                ``filled`` rows until it is full. Deferred keys are written first; never a collective.
+        """
         return self.keys
 
     def __len__(self) -> int:

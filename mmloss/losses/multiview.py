@@ -29,6 +29,16 @@ class MultiViewInfoNCELoss(LossModule):
         self.same_view_negatives = V.check_bool("same_view_negatives", same_view_negatives)
 
     def forward(self, views) -> Tensor:
+        """Multi-view InfoNCE (docs/losses.md §8).
+
+        Args:
+            views: (V, M, D) tensor or a list of V (M, D) tensors, V ≥ 2, M ≥ 1, fp16/bf16/fp32/fp64;
+                L2-normalised inside.
+
+        Returns:
+            The 0-d loss, fp32 (fp64 for fp64 inputs). Rank-local by default; with
+                ``distributed="auto"``/``"gather"`` (a collective call) the global batch's loss on every rank.
+        """
         return mv_infonce_loss(views, self.temperature, self.same_view_negatives, backend=self.backend,
                                check_finite=self.check_finite, distributed=self._resolve_distributed(),
                                group=self.group, uniform_shards=self.uniform_shards)
@@ -48,6 +58,16 @@ class MultiViewDHELLoss(LossModule):
         self.temperature = check_temperature("temperature", temperature)
 
     def forward(self, views) -> Tensor:
+        """Multi-view DHEL, uniformity within each view only (docs/losses.md §8).
+
+        Args:
+            views: (V, M, D) or a list of V (M, D), V ≥ 2, M ≥ 2 (negatives), fp16/bf16/fp32/fp64;
+                L2-normalised inside.
+
+        Returns:
+            The 0-d loss, fp32 (fp64 for fp64 inputs). Rank-local by default; gathering (a
+                collective call) the global batch's loss on every rank (M ≥ 2 of the global batch).
+        """
         return mv_dhel_loss(views, self.temperature, backend=self.backend, check_finite=self.check_finite,
                             distributed=self._resolve_distributed(), group=self.group,
                             uniform_shards=self.uniform_shards)

@@ -104,8 +104,16 @@ class NTXentLoss(LossModule):
         return self.memory_bank_size != 0 and self.memory_bank_size[0] > 0
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
-        """``out0``, ``out1``: (N, D) views (L2-normalised inside). Returns the 0-d loss, fp32
-        (fp64 for fp64 inputs). With a memory bank, updates it (see the class docstring)."""
+        """NT-Xent of two views, lightly's call (docs/losses.md §4).
+
+        Args:
+            out0, out1: (N, D) views (L2-normalised inside).
+
+        Returns:
+            The 0-d loss, fp32 (fp64 for fp64 inputs); with a memory bank, updates it (class
+                docstring). Rank-local by default; gathering (a collective call) the global batch's
+                loss on every rank (lightly returns each rank's own mean).
+        """
         mode = self._resolve_distributed()
         options = dict(backend=self.backend, check_finite=self.check_finite, distributed=mode, group=self.group,
                        uniform_shards=self.uniform_shards)

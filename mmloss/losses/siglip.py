@@ -53,6 +53,18 @@ class SigLipLoss(LossModule):
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
                 logit_bias=None, output_dict: bool = False, labels=None):
+        """Sigmoid loss of N images against M texts, without the N×M logit matrix (docs/losses.md §3).
+
+        Args:
+            image_features: (N, D); text_features: (M, D), M = N unless ``labels`` is a pair; as given.
+            logit_scale: positive float or 0-d tensor; logit_bias: optional float or 0-d tensor.
+            output_dict: True returns open_clip's ``{"contrastive_loss": loss}``.
+            labels: None (diagonal positives), (N,) integer ids, or ``(image_labels, text_labels)``.
+
+        Returns:
+            The 0-d loss, fp32 (fp64 for fp64 inputs). Under a process group (default "auto") a
+                collective call: the global loss on every rank (open_clip returns this rank's rows).
+        """
         mode = self.distributed
         if self.dist_impl in ("bidir", "shift") and mode == "auto" and D.world_size(self.group) > 1:
             mode = "ring"  # open_clip's neighbour exchange: the texts travel around the ranks

@@ -39,7 +39,18 @@ class SupConLoss(LossModule):
 
     def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, indices_tuple=None,
                 ref_emb: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None) -> Tensor:
-        """Returns the 0-d loss, fp32 (fp64 for fp64 inputs); see ``mmloss.supcon_loss``."""
+        """Supervised contrastive loss, pytorch-metric-learning's call (docs/losses.md §5).
+
+        Args:
+            embeddings: (n, D) with labels (n,) (PML), or (B, V, D) with optional labels (B,);
+                L2-normalised inside.
+            ref_emb, ref_labels: optional (m, D), (m,) reference set: positives and negatives.
+            indices_tuple: must be None (a miner's output raises NotImplementedError).
+
+        Returns:
+            The 0-d loss, fp32 (fp64 for fp64 inputs); see ``mmloss.supcon_loss``. Rank-local by
+                default; gathering (a collective call), labels travel with their rows.
+        """
         return supcon_loss(embeddings, labels, self.temperature, self.base_temperature,
                            ref_emb=ref_emb, ref_labels=ref_labels, indices_tuple=indices_tuple,
                            backend=self.backend, check_finite=self.check_finite,

@@ -31,6 +31,17 @@ class SymileLoss(LossModule):
         self.reduction = V.check_reduction(reduction)
 
     def forward(self, representations, logit_scale, generator: Optional[torch.Generator] = None):
+        """Symile loss of K ≥ 2 modalities (docs/losses.md §9).
+
+        Args:
+            representations: a list or tuple of K (N, D) tensors or one (K, N, D) tensor, as given.
+            logit_scale: the exponentiated scale, a positive float or 0-d tensor.
+            generator: None or a torch.Generator (CPU or the inputs' device) for "n" sampling.
+
+        Returns:
+            The loss, fp32 (fp64 for fp64 inputs): 0-d, or (N,) with ``reduction="none"``. Rank-local
+                by default; "auto"/"gather" (a collective call) the global batch's loss on every rank.
+        """
         return symile_loss(representations, logit_scale, self.negative_sampling, generator,
                            reduction=self.reduction, check_finite=self.check_finite, backend=self.backend,
                            distributed=self.distributed, group=self.group, uniform_shards=self.uniform_shards)

@@ -87,6 +87,19 @@ class TripleContrastiveLoss(LossModule):
     def forward(self, image_features, text_features, image_features_m, text_features_m, image_locals_m=None,
                 text_locals_m=None, image_local_mask=None, text_local_mask=None, alpha: Optional[float] = None,
                 return_terms: bool = False):
+        """TCL's loss of one step (docs/losses.md §10); in training it also clamps and enqueues.
+
+        Args:
+            image_features, text_features: (B, D) online global features (receive gradients).
+            image_features_m, text_features_m: (B, D) momentum features (no gradient; enqueued).
+            image_locals_m, text_locals_m: optional (B, P, D) momentum locals (their LMI terms), with
+                optional (B, P) masks image_local_mask, text_local_mask (nonzero = a real local).
+            alpha: overrides the constructor's α. return_terms: also return the unweighted terms.
+
+        Returns:
+            The 0-d loss, fp32 (fp64 for fp64 inputs), or ``(loss, terms)``. No distributed form:
+                a mode other than None under a process group raises a RuntimeError, state untouched.
+        """
         self._require_local()
         update = self.training or self.update_state_in_eval
         if update:
