@@ -1,8 +1,7 @@
 """Peak memory of one training step, full batch vs mmloss.grad_cache_step, against batch size.
 
-Measured on CPU from the allocator's events (torch profiler, the technique of
-tests/memtrack.py): the bytes held above what existed before the step. The encoder is a
-4-layer MLP of width 2048 (its activations dominate, as in real encoders); the loss is
+Measured on CPU from the allocator's events (torch profiler, ``mmloss.bench.allocations``): the
+bytes held above what existed before the step. The encoder is a 4-layer MLP of width 2048 (its activations dominate, as in real encoders); the loss is
 mmloss.clip_loss, which itself needs only O(B·D). Run: python examples/grad_cache_memory.py
 """
 from __future__ import annotations
@@ -10,26 +9,14 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
 
 import mmloss
+from mmloss.bench.allocations import peak_bytes_above_start
 
 
 def peak_bytes(fn) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while pending:
-        node = pending.pop()
-        if node.tag == _EventType.Allocation:
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-        pending.extend(node.children)
-    current = peak = 0
-    for _, size in sorted(events, key=lambda e: (e[0], -e[1])):
-        current += size
-        peak = max(peak, current)
-    return peak
+    """Peak bytes held above the start during ``fn()`` (mmloss.bench.allocations' event replay)."""
+    return peak_bytes_above_start(fn)[0]
 
 
 def main() -> None:

@@ -12,8 +12,13 @@
 #   clip     python -m mmloss.bench, CLIP 32768 bf16 with peers      -> bench_clip.json, bench.csv
 #   siglip   python -m mmloss.bench, SigLIP 65536 bf16 with peers    -> bench_siglip.json, bench.csv
 #   clip1m   CLIP N = M = 1,048,576 completes                        -> results.jsonl
-# Time limits (seconds) can be overridden: T_TESTS, T_KERNELS, T_CLIP, T_SIGLIP, T_CLIP1M.
-# Budget: under 6 minutes on an H200 from a cold Triton cache. Works on torch 2.11 / Triton 3.6.
+#   nproc    only when >= 2 GPUs are visible: python -m mmloss.bench --nproc N (NCCL, one GPU per
+#            rank), CLIP and SigLIP gather / ring vs open_clip, B_local 8192 bf16 -> bench_nproc.json
+#            (its tables go to run.log; re-print with --from-json)
+# Time limits (seconds) can be overridden: T_TESTS, T_KERNELS, T_CLIP, T_SIGLIP, T_CLIP1M, T_NPROC;
+# NPROC (default: every visible GPU, at most 8), NPROC_SIZES (per-rank batch sizes, default 8192).
+# Budget: under 6 minutes on an H200 from a cold Triton cache (plus T_NPROC on a multi-GPU
+# machine). Works on torch 2.11 / Triton 3.6.
 set -uo pipefail
 
 cd "$(dirname "$0")/../.." || exit 1
@@ -27,7 +32,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --out) OUTDIR=$2; shift ;;
     --skip) SKIP=",$2," ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -41,6 +46,7 @@ T_KERNELS=${T_KERNELS:-70}
 T_CLIP=${T_CLIP:-50}
 T_SIGLIP=${T_SIGLIP:-50}
 T_CLIP1M=${T_CLIP1M:-55}
+T_NPROC=${T_NPROC:-120}
 WORKERS=${WORKERS:-8}
 PEERS_CLIP=${PEERS_CLIP:-open_clip,memeff,inf_cl,dense}
 PEERS_SIGLIP=${PEERS_SIGLIP:-open_clip,siglip_kernel}
@@ -131,6 +137,18 @@ section siglip "$T_SIGLIP" "$PY" -m mmloss.bench --loss siglip --sizes 65536 --d
 
 # --- the 1M-row CLIP must complete ----------------------------------------------------------------
 section clip1m "$T_CLIP1M" "$PY" benchmarks/gpu/kernel_bench.py --only clip1m --out "$OUTDIR/results.jsonl"
+
+# --- the multi-process bench (NCCL), only with several GPUs ------------------------------------------
+NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null)
+NGPU=${NGPU:-0}
+if [ "$NGPU" -ge 2 ] 2>/dev/null; then
+  NPROC=${NPROC:-$(( NGPU < 8 ? NGPU : 8 ))}
+  section nproc "$T_NPROC" "$PY" -m mmloss.bench --nproc "$NPROC" --device cuda --loss clip,siglip \
+    --sizes "${NPROC_SIZES:-8192}" --dim 768 --dtype bfloat16 --backends triton --repeats 10 \
+    --json "$OUTDIR/bench_nproc.json"
+else
+  say "=== nproc: not run ($NGPU GPU visible; the multi-process bench needs one GPU per rank, >= 2)"
+fi
 
 say "=== done in $((SECONDS - T0))s, status $STATUS; results in $OUTDIR"
 if [ "$DRY" = 0 ] && [ -f "$OUTDIR/results.jsonl" ]; then

@@ -8,6 +8,10 @@ a peer's loss files by path), ``implementations`` (mmloss backends and peers as 
 agreement), ``results`` (the rows), ``checks`` (the honesty checks), ``report`` (tables, JSON,
 CSV), ``console`` (header and summary), ``progress`` (the progress bar), ``plot`` (PNG), ``cli``
 (the command: parse → plan → run → report).
+
+``--nproc N`` (the distributed losses across N processes): ``multiprocess`` (plan, spawn, collect),
+``ranks`` (what each spawned rank runs), ``multiprocess_report`` (rows and tables), ``allocations``
+(the CPU peak-memory probe from allocator events).
 """
 from .cli import main
 

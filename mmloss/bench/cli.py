@@ -6,7 +6,8 @@ B = 4096 … 65536, D = 768, bf16 — over every available mmloss backend and ev
 prints one table per loss, the mmloss-versus-peer ratios and two honesty checks (a re-timed
 configuration must land inside its first min–max; the dense baseline at N = M = 4096 fp32 CLIP
 must show at least its 64 MiB of logits). ``--from-json`` re-renders saved results without
-measuring. See ``--help`` for the options and ``benchmarks/README.md`` for the method.
+measuring. ``--nproc N`` measures the distributed losses across N processes instead
+(``multiprocess.py``). See ``--help`` for the options and ``benchmarks/README.md`` for the method.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 import mmloss
 from mmloss.ops import BACKENDS
 
-from . import console, environment, measure, peers, report
+from . import console, environment, measure, multiprocess, multiprocess_report, peers, report
 from .cases import CASES, describe_flop_model
 from .implementations import mmloss_implementation, peer_implementation
 from .options import Selection, backend_reason, build_parser, choose_device, select
@@ -59,6 +60,9 @@ def main(argv: Optional[list] = None) -> int:
     _tolerate_narrow_locales()
     parser = build_parser()
     args = parser.parse_args(argv)
+    multiprocess.check_options(parser, args)
+    if args.nproc is not None:
+        return multiprocess.main(parser, args, command_line(argv))
     if args.from_json:
         return from_json(parser, args)
     device = choose_device(parser, args.device)
@@ -113,6 +117,8 @@ def from_json(parser, args) -> int:
         rows = [Row.from_dict(r) for r in doc["results"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         parser.error(f"--from-json: cannot read {args.from_json}: {type(exc).__name__}: {exc}")
+    if doc.get("meta", {}).get("nproc"):
+        return _multiprocess_from_json(parser, args, doc)
     console.print_saved(args.from_json, doc, rows)
     if args.csv:
         report.CsvSink(args.csv).add(None, rows)
@@ -123,6 +129,19 @@ def from_json(parser, args) -> int:
         title = f"mmloss benchmark · {info.get('gpu', info.get('cpu', ''))}"
         plot(rows, args.plot, title, {name: c.title for name, c in CASES.items()})
         print(f"plot written to {args.plot}")
+    return 0
+
+
+def _multiprocess_from_json(parser, args, doc: dict) -> int:
+    """``--from-json`` of a ``--nproc`` file: its tables and summary (no --plot / --csv)."""
+    if args.csv or args.plot:
+        parser.error("--from-json: --csv and --plot are not available for --nproc results")
+    info = doc["meta"].get("environment", {})
+    rows = multiprocess_report.print_saved(args.from_json, doc, print,
+                                           console.environment_lines(info) if info else [])
+    console.print_summary(rows, [])
+    for failure in doc.get("failures") or ():
+        print(f"\n── run stopped ──\n{failure}")
     return 0
 
 

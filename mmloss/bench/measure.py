@@ -113,6 +113,15 @@ def ensure_mmap_threshold() -> str:
     return "not set (CPU peaks may be underestimated)"
 
 
+def available_cpu_bytes() -> int:
+    """The machine's available memory (``MemAvailable`` of /proc/meminfo); 0 when unknown."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class CpuMemoryProbe:
     """Growth of the resident high-water mark during a call (Linux)."""
 
@@ -136,11 +145,7 @@ class CpuMemoryProbe:
         return max(0, _proc_status()["VmHWM"] - self._base)
 
     def available_bytes(self) -> int:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+        return available_cpu_bytes()
 
 
 class CudaMemoryProbe:

@@ -86,6 +86,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nproc(text: str) -> int:
+    value = _convert(text, int, f"--nproc takes an integer, got {text!r}")
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"--nproc needs at least 2 processes, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = _convert(text, float, f"expected a number of seconds, got {text!r}")
     if not value > 0:
@@ -129,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-checks", action="store_true", help="skip the re-timing and dense-memory checks")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     p.add_argument("--list", action="store_true", help="list the losses, backends and peers available here and exit")
+    p.add_argument("--nproc", type=_nproc, default=None, metavar="N",
+                   help="multi-process mode: N ≥ 2 ranks (gloo on the CPU, NCCL with one GPU per rank) "
+                        "measure mmloss's distributed='gather' and 'ring' against open_clip's distributed "
+                        "losses; --sizes are then PER-RANK batch sizes (defaults: CPU 2048, D 128, fp32; "
+                        "CUDA 4096,16384, D 768, bf16)")
+    p.add_argument("--smoke", action="store_true",
+                   help="with --nproc: tiny shapes (B_local 16, D 8, 2 rounds unless given), for CI")
     p.add_argument("--from-json", metavar="PATH", help="measure nothing: print the tables of a saved --json "
                    "file (and write --plot / --csv from it)")
     return p

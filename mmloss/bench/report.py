@@ -44,6 +44,11 @@ def fmt_ratio(value: Optional[float]) -> str:
     return DASH if value is None else f"{value:.2f}" if value >= 0.1 else f"{value:.3f}"
 
 
+# (title, width, alignment) of the time columns, shared by the single- and multi-process tables.
+TIME_COLUMNS = [("fwd ms med [min–max]", 22, ">"), ("bwd ms med [min–max]", 22, ">"),
+                ("total ms med [min–max]", 23, ">")]
+
+
 class TableFormat:
     """Fixed column widths, so rows can be printed one configuration at a time and still align."""
 
@@ -53,9 +58,7 @@ class TableFormat:
         self.columns = [
             ("implementation", max(impl_width, 14), "<"),
             ("B", 6, ">"),
-            ("fwd ms med [min–max]", 22, ">"),
-            ("bwd ms med [min–max]", 22, ">"),
-            ("total ms med [min–max]", 23, ">"),
+            *TIME_COLUMNS,
             ("peak MiB", 9, ">"),
             ("×floor", 7, ">"),
             (self.flops_unit, 8, ">"),
@@ -137,10 +140,11 @@ class ConsoleSink:
         """Every row was written as it was measured."""
 
 
-def print_tables(rows, write: Callable[[str], None], gpu: bool, cases: dict) -> None:
-    """The per-loss tables for saved rows (``--from-json``), in the order they were measured."""
-    width = max([len(r.impl) for r in rows] + [14]) + 1
-    table = TableFormat(width, gpu)
+def print_tables(rows, write: Callable[[str], None], gpu: bool, cases: dict, table=None) -> None:
+    """The per-loss tables for saved rows (``--from-json``), in the order they were measured
+    (``table``: the format, by default the single-process one)."""
+    if table is None:
+        table = TableFormat(max([len(r.impl) for r in rows] + [14]) + 1, gpu)
     group = None
     for row in rows:
         key = (row.loss, row.dtype, row.dim)

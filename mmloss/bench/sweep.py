@@ -81,7 +81,8 @@ class Plan:
         return self.repeats if self.repeats is not None else default_repeats(batch, self.device)
 
 
-def _error_text(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
+    """The one-line reason a row shows for an exception ("out of memory" for any OOM)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
         return "out of memory"
@@ -100,8 +101,18 @@ def check_agreement(row: Row, value: float, grads: list, reference: tuple, dtype
     """Loss relative error and gradient relative norm error of ``row`` against ``reference``
     (label, loss value, gradients); the row's check reads "ok" or names what differs."""
     reference_label, reference_value, reference_grads = reference
-    row.loss_rel_err = abs(value - reference_value) / max(abs(reference_value), 1e-12)
+    row.loss_rel_err = relative_error(value, reference_value)
     row.grad_rel_err = _relative_norm_error(grads, reference_grads)
+    judge_agreement(row, reference_label, dtype)
+
+
+def relative_error(value: float, reference: float) -> float:
+    return abs(value - reference) / max(abs(reference), 1e-12)
+
+
+def judge_agreement(row: Row, reference_label: str, dtype: torch.dtype) -> None:
+    """Sets ``row.check`` from its ``loss_rel_err`` and ``grad_rel_err`` (inf: gradients missing):
+    "ok", or what differs from ``reference_label`` beyond the dtype's tolerances."""
     problems = []
     if not (row.loss_rel_err <= loss_tolerance(dtype)):
         problems.append(f"LOSS≠ {row.loss_rel_err:.0e}")
@@ -262,7 +273,7 @@ class Sweep:
             try:
                 live.append((row, impl.factory(case, inputs)))
             except Exception as exc:  # noqa: BLE001 - e.g. a peer's shape restriction
-                row.status, row.note = "skipped", _error_text(exc)
+                row.status, row.note = "skipped", error_text(exc)
         return rows, live
 
     def _warm_up(self, config: Config, live: list, inputs: Inputs) -> list:
@@ -276,7 +287,7 @@ class Sweep:
                 value = float(result.loss.float())
                 grads = [None if g is None else g.detach().clone() for g in inputs.grads()]
             except Exception as exc:  # noqa: BLE001
-                row.status, row.note = "error", _error_text(exc)
+                row.status, row.note = "error", error_text(exc)
                 inputs.clear_grads()
                 measure.free_cached(self.plan.device)
                 continue
@@ -303,7 +314,7 @@ class Sweep:
             if floor.blocked:
                 floor_row.note = f"output in row blocks of {floor.block}"
         except Exception as exc:  # noqa: BLE001
-            floor, floor_row.status, floor_row.note = None, "error", _error_text(exc)
+            floor, floor_row.status, floor_row.note = None, "error", error_text(exc)
         return floor_row, floor
 
     def _time_rounds(self, survivors: list, floor_row: Row, floor, inputs: Inputs, repeats: int):
@@ -345,7 +356,7 @@ class Sweep:
         try:
             result = measure.timed_call(fn, inputs, self.clock, probe)
         except Exception as exc:  # noqa: BLE001
-            row.status, row.note = "error", _error_text(exc)
+            row.status, row.note = "error", error_text(exc)
             inputs.clear_grads()
             measure.free_cached(self.plan.device)
             return False
