@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time and peak memory of mmloss's fused losses against dense torch and installed "
                     "peers (open_clip, lightly, pytorch-metric-learning, Inf-CL, memeff, siglip-kernel). "
                     "Without options: a sweep sized for the device present.",
-        epilog="Example (the Foundation acceptance): python -m mmloss.bench --loss clip --sizes 8192 "
+        epilog="Example (the headline CPU comparison): python -m mmloss.bench --loss clip --sizes 8192 "
                "--dim 512 --dtype float32 --backends torch --peers open_clip,dense",
     )
     p.add_argument("--loss", default=None, help=f"comma list of {', '.join(CASES)} or 'all' "
