@@ -58,6 +58,9 @@ def check_group(group) -> None:
     """``group`` is None (the world) or a torch.distributed ProcessGroup."""
     if group is None:
         return
+    member = getattr(torch.distributed, "GroupMember", None)
+    if member is not None and group is member.NON_GROUP_MEMBER:
+        return  # what new_group() gives ranks outside it: refused as "not a member" where used
     process_group = getattr(torch.distributed, "ProcessGroup", None)
     if process_group is None or not isinstance(group, process_group):
         raise TypeError(f"group must be None or a torch.distributed ProcessGroup, got {type(group).__name__}")
