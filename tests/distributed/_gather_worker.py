@@ -7,6 +7,7 @@ rank writes rank<k>.json: check name → None (passed) or the failure message; t
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import traceback
@@ -102,6 +103,35 @@ def open_clip_parity(rank, size, open_clip_path):
         out[f"open_clip parity local_loss={local_loss}"] = problem
     out.update(_siglip_parity(oc, rank, size, xg, yg, n))
     return out
+
+
+def lightly_parity(rank, size):
+    """Equal shards: mmloss.NTXentLoss(gather_distributed=True) against lightly's NTXentLoss with
+    the same flag (loaded by file path, no torchvision). lightly returns the mean over this rank's
+    rows (mmloss: the global loss, the mean over ranks of lightly's values) and gathers with
+    gradient, so the per-rank feature gradients are the same."""
+    import torch.distributed as dist
+
+    from mmloss.bench.peers import load_peer
+
+    lightly_ntxent, _ = load_peer("lightly")
+    g = torch.Generator().manual_seed(23)
+    n = 3
+    a_all = torch.randn(n * size, D_OUT, generator=g, dtype=DT)
+    b_all = torch.randn(n * size, D_OUT, generator=g, dtype=DT)
+    results = []
+    for make in (lambda: lightly_ntxent(temperature=0.5, gather_distributed=True),
+                 lambda: mmloss.NTXentLoss(temperature=0.5, gather_distributed=True)):
+        a = a_all[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+        b = b_all[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+        loss = make()(a, b)
+        loss.backward()
+        results.append((loss.detach(), a.grad, b.grad))
+    (l0, ga0, gb0), (l1, ga1, gb1) = results
+    mean_value = l0.clone()
+    dist.all_reduce(mean_value)
+    problem = compare_value(l1, mean_value / size, "global loss = mean of lightly's per-rank losses")
+    return problem or compare_grads([ga1, gb1], [ga0, gb0], ["out0", "out1"])
 
 
 def _siglip_parity(oc, rank, size, xg, yg, n):
@@ -325,6 +355,8 @@ def worker(rank: int, size: int, init_file: str, result_dir: str, open_clip_path
             except Exception:
                 results["error checks"] = traceback.format_exc(limit=6)
         if size in (2, 4):
+            if importlib.util.find_spec("lightly") is not None:
+                run("lightly parity NTXentLoss(gather_distributed=True)", lambda: lightly_parity(rank, size))
             if open_clip_path:
                 try:
                     results.update(open_clip_parity(rank, size, open_clip_path))

@@ -83,3 +83,15 @@ def test_open_clip_parity(outcomes):
     for rank, out in enumerate(results):
         for key in keys:
             assert key in out and out[key] is None, (rank, key, out.get(key))
+
+
+@pytest.mark.parametrize("outcomes", [2, 4], indirect=True, ids=["W=2", "W=4"])
+def test_lightly_parity(outcomes):
+    """Runs in the world-size-2 and -4 spawns: NTXentLoss(gather_distributed=True) against
+    lightly's, equal shards of 3 rows."""
+    size, results = outcomes
+    if importlib.util.find_spec("lightly") is None:
+        pytest.skip("lightly is not installed: no lightly comparison")
+    key = "lightly parity NTXentLoss(gather_distributed=True)"
+    for rank, out in enumerate(results):
+        assert key in out and out[key] is None, (rank, key, out.get(key))
