@@ -52,11 +52,26 @@ def check_supported(spec: PairSpec, names: tuple[str, str] = ("x", "y")) -> None
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: fp32 follows torch.get_float32_matmul_precision()
-    ("highest" → exact "ieee", "high"/"medium" → TF32); half operands ignore it."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+    """``tl.dot`` input precision: fp32 follows torch's fp32 matmul setting (exact "ieee" for
+    "highest" / ``fp32_precision = "ieee"``, TF32 otherwise); half operands ignore it."""
+    if dtype == torch.float32 and _fp32_matmul_is_exact():
         return "ieee"
     return "tf32"
+
+
+def _fp32_matmul_is_exact() -> bool:
+    """True when torch's CUDA fp32 matmuls are exact. Reads the newer
+    ``torch.backends.cuda.matmul.fp32_precision`` when a user set it: after that,
+    ``torch.get_float32_matmul_precision()`` raises (a mix of the two APIs), so it is consulted
+    only while the new setting is still "none". Anything unreadable counts as exact."""
+    matmul = getattr(getattr(torch.backends, "cuda", None), "matmul", None)
+    setting = getattr(matmul, "fp32_precision", "none")
+    if setting in ("ieee", "tf32"):
+        return setting == "ieee"
+    try:
+        return torch.get_float32_matmul_precision() == "highest"
+    except RuntimeError:
+        return True
 
 
 @functools.lru_cache(maxsize=None)
