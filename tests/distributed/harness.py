@@ -140,3 +140,24 @@ def check_against_single(model_seed, data_seed, sizes_x, sizes_y, loss_call, ran
 
 
 
+
+
+def spawn_ranks(worker, size: int, tmp, *extra, what: str = "gloo run", limit_s: float = 150) -> list:
+    """Run ``worker(rank, size, rendezvous_file, result_dir, *extra)`` in ``size`` spawned
+    processes; each writes ``rank<k>.json`` into ``tmp``. Kills them and fails the test after
+    ``limit_s``. Returns the ranks' JSON results in rank order."""
+    import json
+    import time
+
+    import pytest
+
+    context = torch.multiprocessing.start_processes(
+        worker, args=(size, str(tmp / "rendezvous"), str(tmp), *extra), nprocs=size, join=False,
+        start_method="spawn")
+    deadline = time.monotonic() + limit_s
+    while not context.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"the {size}-process {what} did not finish within {limit_s:.0f} s")
+    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(size)]

@@ -10,17 +10,15 @@ errors of bad setups and open_clip parity (equal shards).
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
-import time
 
 import pytest
-import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 import _gather_worker  # noqa: E402
+from harness import spawn_ranks  # noqa: E402
 
 
 def _open_clip_loss_path():
@@ -32,16 +30,7 @@ def _open_clip_loss_path():
 
 
 def _spawn(size: int, tmp) -> list:
-    context = torch.multiprocessing.start_processes(
-        _gather_worker.worker, args=(size, str(tmp / "rendezvous"), str(tmp), _open_clip_loss_path()),
-        nprocs=size, join=False, start_method="spawn")
-    deadline = time.monotonic() + 150
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail(f"the {size}-process gloo run did not finish within 150 s")
-    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(size)]
+    return spawn_ranks(_gather_worker.worker, size, tmp, _open_clip_loss_path())
 
 
 @pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda w: f"W={w}")

@@ -15,10 +15,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import pytest
 import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from harness import spawn_ranks  # noqa: E402
 
 B_LOCAL, D = 2048, 128
 WORKSPACE = 1 << 20
@@ -58,16 +61,7 @@ def _worker(rank: int, size: int, init_file: str, result_dir: str, mode: str) ->
 
 
 def _peaks(size: int, mode: str, tmp) -> list:
-    context = torch.multiprocessing.start_processes(
-        _worker, args=(size, str(tmp / "rendezvous"), str(tmp), mode), nprocs=size, join=False,
-        start_method="spawn")
-    deadline = time.monotonic() + 150
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail(f"the {size}-process ring memory run did not finish within 150 s")
-    return [json.loads((tmp / f"rank{r}.json").read_text())["peak"] for r in range(size)]
+    return [out["peak"] for out in spawn_ranks(_worker, size, tmp, mode, what="ring memory run")]
 
 
 @pytest.mark.parametrize("size", [2, 4], ids=lambda w: f"W={w}")
