@@ -38,16 +38,19 @@ def _triton_import_error() -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
 def _extension_error() -> Optional[str]:
-    try:
-        from mmloss import _C  # noqa: F401
-    except Exception:
-        return (
-            "the C++/CUDA extension mmloss._C is not built in this installation "
-            "(csrc/ holds no backend yet)"
-        )
-    return None  # pragma: no cover
+    """None when ``mmloss._C`` (the compiled ``cpu`` backend) is importable, else why not."""
+    from .. import _extension
+
+    return _extension.extension_error()
+
+
+def _cuda_extension_error() -> Optional[str]:
+    """None when the compiled ``cuda`` backend may run, else why not (not built, or no GPU
+    self-check recorded for it: csrc/cuda/README.md)."""
+    from .. import _extension
+
+    return _extension.cuda_error()
 
 
 def triton_unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
@@ -77,11 +80,11 @@ def _reason(name: str, device: Optional[torch.device]) -> Optional[str]:
     if name == "triton":
         return triton_unavailable_reason(device)
     if name in ("cuda", "cpu"):
-        err = _extension_error()
+        err = _extension_error() if name == "cpu" else _cuda_extension_error()
         if err is not None:
             return err
-        if device is not None and device.type != name:  # pragma: no cover - needs _C
-            return f"the {name} backend does not run on {device.type} tensors"
+        if device is not None and device.type != name:
+            return f"the {name} backend runs on {name.upper()} tensors, not on {device.type} tensors"
         return None
     raise AssertionError(name)
 

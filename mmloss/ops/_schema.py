@@ -31,6 +31,16 @@ from .._device import no_autocast
 Tensor = torch.Tensor
 
 _TENSOR_TYPES = ("Tensor", "Tensor?")
+# Backends implemented by the compiled extension ``mmloss._C`` (csrc/): their ops are
+# ``mmloss_C::<name>``, defined from the same declarations (``emit_schema`` writes the C++
+# schemas) with CPU / CUDA / Meta kernels and autograd in C++.
+COMPILED_BACKENDS = ("cpu", "cuda")
+
+
+def compiled_op(name: str):
+    """The compiled extension's op ``mmloss_C::<name>`` (importing ``mmloss._C`` registers it)."""
+    importlib.import_module("mmloss._C")
+    return getattr(torch.ops.mmloss_C, name)
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,9 @@ class Primitive:
         return _schema(self.backward_args, len(self.grad_args))
 
     def backend_module(self, backend: str):
+        """The Python module of ``backend`` (for a compiled backend: its statistics helpers)."""
+        if backend in COMPILED_BACKENDS:
+            return importlib.import_module("mmloss.ops.compiled")
         try:
             return importlib.import_module(self.modules[backend])
         except KeyError:  # pragma: no cover - resolve_backend refuses these first
@@ -111,14 +124,24 @@ class Primitive:
 
     def __call__(self, *args, **named):
         """Run the forward op on its arguments, positional in declaration order or by name
-        (every argument named: the call then reads like the declaration)."""
+        (every argument named: the call then reads like the declaration). The compiled
+        backends go straight to ``mmloss_C::<name>``, whose autograd is C++."""
         if named:
             args = args + tuple(named[a.name] for a in self.args[len(args):])
+        if args[self._backend_slot] in COMPILED_BACKENDS:
+            return compiled_op(self.name)(*args)
         return self.ops["forward"](*args)
 
     def run_backward(self, *args):
         """Run the backward op on positional arguments in ``backward_args`` order."""
+        n_upstream = sum(o.differentiable for o in self.outputs)
+        if args[n_upstream + self._backend_slot] in COMPILED_BACKENDS:
+            return compiled_op(f"{self.name}_backward")(*args)
         return self.ops["backward"](*args)
+
+    @property
+    def _backend_slot(self) -> int:
+        return self.ops["backend_slot"]
 
 
 def row_col_fake(x: Tensor, y: Tensor, rows: bool, cols: bool, stat_fields: int):
@@ -133,13 +156,15 @@ def row_col_fake(x: Tensor, y: Tensor, rows: bool, cols: bool, stat_fields: int)
 def row_col_backward(backend_function: str):
     """The ``backward`` of a row/column primitive: the upstream gradients of the directions that
     were computed (outputs named "row…"/"col…", first two), the saved ``row_stats`` /
-    ``col_stats``, handed to the backend's ``backend_function``."""
+    ``col_stats``, then any further saved outputs in declaration order (similarity_lse's
+    ``logits``), handed to the backend's ``backend_function``."""
     def backward(module, spec, p, grads, saved, needs):
         row = grads[0] if p.rows else None
         col = grads[1] if p.cols else None
         if row is None and col is None:
             return (None,) * len(needs)
-        return getattr(module, backend_function)(spec, row, col, saved.row_stats, saved.col_stats, needs)
+        extra = tuple(getattr(saved, name) for name in saved._fields if name not in ("row_stats", "col_stats"))
+        return getattr(module, backend_function)(spec, row, col, saved.row_stats, saved.col_stats, *extra, needs)
     return backward
 
 
@@ -176,6 +201,7 @@ def register(p: Primitive) -> Primitive:
             out = p.forward(p.backend_module(params.backend), p.spec(params), params)
         return tuple(_empty_if_none(t, x) for t in out) if len(p.outputs) > 1 else out
 
+    p.ops["backend_slot"] = next(i for i, a in enumerate(p.args) if a.name == "backend")
     forward = torch.library.custom_op(f"mmloss::{p.name}", forward_impl, mutates_args=(), schema=p.schema)
     forward.register_fake(lambda *args: p.fake(Params._make(args)))
     p.ops["forward"] = forward
