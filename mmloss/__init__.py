@@ -10,10 +10,11 @@ from .functional import *  # noqa: F401,F403
 from .losses import *  # noqa: F401,F403
 from .grad_cache import grad_cache_step
 from .ops import available_backends, pairwise_sigmoid, similarity_kl, similarity_lse, similarity_topk
+from .ops._budget import logit_budget
 
 __all__ = (
-    ["__version__", "available_backends", "grad_cache_step", "pairwise_sigmoid", "similarity_kl", "similarity_lse",
-     "similarity_topk"]
+    ["__version__", "available_backends", "grad_cache_step", "logit_budget", "pairwise_sigmoid", "similarity_kl",
+     "similarity_lse", "similarity_topk"]
     + functional.__all__
     + losses.__all__
 )

@@ -140,9 +140,10 @@ class _RingLSE(torch.autograd.Function):
             k = ring.holder_of(step)
             last = step == ring.size - 1
             pending = [] if last else _travel(ring, [current], [], step, wait=False)
-            _, _, block_rows, block_cols = SIMILARITY_LSE(
+            # Statistics only (logit budget 0: a block's logits are never kept across the ring).
+            _, _, block_rows, block_cols, _ = SIMILARITY_LSE(
                 x, current, scale, scale_value, bias, bias_value, exclude, x_offset - ring.offset(ring.y_sizes, k),
-                None, None, True, cols, backend, options["chunk_size"], options["deterministic"])
+                None, None, True, cols, backend, options["chunk_size"], options["deterministic"], 0)
             row_stats = block_rows if row_stats is None else merge(row_stats, block_rows)
             if cols:
                 col_record = block_cols if col_record is None else merge(col_record, block_cols)
@@ -182,8 +183,9 @@ class _RingLSE(torch.autograd.Function):
             bx, by, bs, bb = SIMILARITY_LSE.run_backward(
                 grad_row, upstream, x, current, scale, scale_value, bias, bias_value, exclude,
                 x_offset - ring.offset(ring.y_sizes, k), None, None, rows, cols, options["backend"],
-                options["chunk_size"], options["deterministic"], row_stats, record if cols else
-                torch.empty((2, 0), dtype=cdt, device=x.device), needs[0], needs[1], needs[2], False)
+                options["chunk_size"], options["deterministic"], 0, row_stats, record if cols else
+                torch.empty((2, 0), dtype=cdt, device=x.device), torch.empty(0, dtype=cdt, device=x.device),
+                needs[0], needs[1], needs[2], False)
             _block_grads(acc, (bx, bs, bb), needs, cdt)
             if dy_acc is not None:
                 dy_acc = _accumulate(dy_acc, by, cdt)

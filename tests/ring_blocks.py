@@ -17,10 +17,11 @@ def ring_blocks(x, y, scale, bias, shard_rows, backend, *, exclude="diagonal", g
     offsets = [sum(shard_rows[:k]) for k in range(len(shard_rows))]
     shards = list(torch.split(y, list(shard_rows)))
     args = dict(scale=scale, scale_value=0.0, bias=bias, bias_value=0.0, exclude=exclude, x_labels=None,
-                y_labels=None, rows=True, cols=True, backend=backend, chunk_size=0, deterministic=True)
+                y_labels=None, rows=True, cols=True, backend=backend, chunk_size=0, deterministic=True,
+                logit_budget=0)
     row_stats, col_stats = None, []
     for y_k, off in zip(shards, offsets):
-        _, _, rs, cs = SIMILARITY_LSE(x=x, y=y_k, offset=-off, **args)
+        _, _, rs, cs, _ = SIMILARITY_LSE(x=x, y=y_k, offset=-off, **args)
         row_stats = rs if row_stats is None else module.merge_lse_stats(row_stats, rs)
         col_stats.append(cs)
     row = module.lse_from_stats(row_stats) + bias
@@ -29,7 +30,7 @@ def ring_blocks(x, y, scale, bias, shard_rows, backend, *, exclude="diagonal", g
     for y_k, off, cs, g_col in zip(shards, offsets, col_stats, torch.split(grad_col, list(shard_rows))):
         dx, dy, ds, db = SIMILARITY_LSE.run_backward(
             grad_row, g_col, x, y_k, scale, 0.0, bias, 0.0, exclude, -off, None, None, True, True, backend, 0,
-            True, row_stats, cs, True, True, True, False)
+            True, 0, row_stats, cs, row_stats.new_empty(0), True, True, True, False)
         grads[0] = dx if grads[0] is None else grads[0] + dx
         grads[1].append(dy)
         grads[2] = ds if grads[2] is None else grads[2] + ds

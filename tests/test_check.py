@@ -50,8 +50,8 @@ def _perturb_row_lse(monkeypatch, delta: float):
     real = torch_chunked.similarity_lse_forward
 
     def wrong(spec, rows, cols):
-        row, col, row_stats, col_stats = real(spec, rows, cols)
-        return row + delta if row.numel() else row, col, row_stats, col_stats
+        row, col, row_stats, col_stats, logits = real(spec, rows, cols)
+        return row + delta if row.numel() else row, col, row_stats, col_stats, logits
 
     monkeypatch.setattr(torch_chunked, "similarity_lse_forward", wrong)
 
@@ -71,8 +71,8 @@ def test_fails_on_a_wrong_value(monkeypatch, capsys):
 def _scale_gradient_off(monkeypatch, factor: float):
     real = torch_chunked.similarity_lse_backward
 
-    def wrong(spec, grad_row, grad_col, row_stats, col_stats, needs):
-        dx, dy, ds, db = real(spec, grad_row, grad_col, row_stats, col_stats, needs)
+    def wrong(spec, grad_row, grad_col, row_stats, col_stats, logits, needs):
+        dx, dy, ds, db = real(spec, grad_row, grad_col, row_stats, col_stats, logits, needs)
         return dx, dy, (None if ds is None else ds * factor), db
 
     monkeypatch.setattr(torch_chunked, "similarity_lse_backward", wrong)

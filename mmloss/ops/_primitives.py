@@ -16,8 +16,9 @@ import torch
 from .. import _validation as V
 from ._args import check_chunk_size, check_marks, requires_grad, resolve_deterministic, scale_and_bias
 from ._backends import resolve_backend
+from ._budget import current_logit_budget
 from ._schema import Arg, Out, Primitive, register, row_col_backward, row_col_fake
-from ._spec import PairSpec
+from ._spec import PairSpec, keeps_logits
 
 Tensor = torch.Tensor
 
@@ -41,26 +42,38 @@ def _pair_args(marks: str, *middle: Arg, extra: tuple[Arg, ...] = ()) -> tuple[A
 
 def _pair_spec(marks: str):
     def spec(p) -> PairSpec:
+        # Only similarity_lse declares logit_budget; the other pair primitives keep nothing.
         return PairSpec(p.x, p.y, p.scale, p.scale_value, p.bias, p.bias_value, getattr(p, marks), p.offset,
-                        p.x_labels, p.y_labels, p.chunk_size, p.deterministic)
+                        p.x_labels, p.y_labels, p.chunk_size, p.deterministic, getattr(p, "logit_budget", 0))
     return spec
 
 
 # ----------------------------------------------------------------------------- similarity_lse
 
 
+def _similarity_lse_fake(p):
+    dt = V.compute_dtype(p.x)
+    n, m = p.x.shape[0], p.y.shape[0]
+    logits = p.x.new_empty((n, m), dtype=dt) if keeps_logits(n, m, dt, p.logit_budget) else p.x.new_empty(0, dtype=dt)
+    return (*row_col_fake(p.x, p.y, p.rows, p.cols, stat_fields=2), logits)
+
+
 SIMILARITY_LSE = register(Primitive(
     name="similarity_lse",
-    args=_pair_args("exclude", Arg("rows", "bool"), Arg("cols", "bool")),
+    # logit_budget: bytes the call may keep its logits in (``_spec.keeps_logits``; 0 = never).
+    args=_pair_args("exclude", Arg("rows", "bool"), Arg("cols", "bool"), extra=(Arg("logit_budget", "int"),)),
     # The LSEs (empty where not asked) and the backend's unrounded statistics (2, N) / (2, M)
     # (max and log-sum in the backend's own units), which only that backend's backward reads:
     # recomputing exp(L − max − logsum) keeps the exponent exact at any logit magnitude, where
-    # one rounded fp32 LSE would lose |L|·2⁻²⁴.
-    outputs=(Out("row_lse"), Out("col_lse"), Out("row_stats", saved=True), Out("col_stats", saved=True)),
+    # one rounded fp32 LSE would lose |L|·2⁻²⁴. ``logits``: the (N, M) compute-dtype matrix
+    # S = s·x·yᵀ (excluded pairs −inf, bias not added) when it fits ``logit_budget``, else an
+    # empty (0,) tensor; a backward given it forms the gradient from it instead of recomputing.
+    outputs=(Out("row_lse"), Out("col_lse"), Out("row_stats", saved=True), Out("col_stats", saved=True),
+             Out("logits", saved=True)),
     modules=PAIR_MODULES,
     spec=_pair_spec("exclude"),
     forward=lambda module, spec, p: module.similarity_lse_forward(spec, p.rows, p.cols),
-    fake=lambda p: row_col_fake(p.x, p.y, p.rows, p.cols, stat_fields=2),
+    fake=_similarity_lse_fake,
     backward=row_col_backward("similarity_lse_backward"),
 ))
 
@@ -144,7 +157,10 @@ def similarity_lse(
     Returns:
         ``(row_lse (N,) | None, col_lse (M,) | None)`` in fp32 (fp64 for fp64 inputs). A row or
         column whose every pair is excluded gives −inf and a zero gradient. Gradients reach x, y,
-        scale and bias. Memory O((N+M)·D) plus the backend's bounded workspace.
+        scale and bias. Memory O((N+M)·D) plus the backend's bounded workspace — unless a
+        logit budget (``mmloss.logit_budget`` / ``MMLOSS_LOGIT_BUDGET``, default 0) admits the
+        call's N×M compute-dtype logits: the torch backend then keeps them from the forward
+        (N·M·4 bytes, held until the backward) and its backward skips the recompute GEMM.
     """
     x, y, scale, bias, name, chunk = _common(x, y, scale, bias, backend, chunk_size)
     x_labels, y_labels = check_marks("exclude", exclude, offset, x_labels, y_labels, x.shape[0], y.shape[0],
@@ -161,10 +177,13 @@ def similarity_lse(
             y_labels=y_labels, rows=rows, cols=cols,
         )
     scale_t, scale_value, bias_t, bias_value = scale_and_bias(x, scale, bias)
-    row, col, _, _ = SIMILARITY_LSE(
+    # Kept logits only pay off when a backward will read them.
+    wants_grad = any(requires_grad(t) for t in (x, y, scale, bias))
+    row, col, _, _, _ = SIMILARITY_LSE(
         x=x, y=y, scale=scale_t, scale_value=scale_value, bias=bias_t, bias_value=bias_value,
         exclude=exclude, offset=offset, x_labels=x_labels, y_labels=y_labels, rows=rows, cols=cols,
         backend=name, chunk_size=chunk, deterministic=resolve_deterministic(deterministic),
+        logit_budget=current_logit_budget() if wants_grad else 0,
     )
     return (row if rows else None), (col if cols else None)
 

@@ -33,6 +33,7 @@ class PairSpec:
     y_labels: Optional[torch.Tensor]   # (M,) integers when marks == "same_label"
     chunk_size: int = 0                # rows per chunk for chunked backends; 0 = from the budget
     deterministic: bool = True         # False allows atomics in kernels where that is faster
+    logit_budget: int = 0              # bytes similarity_lse may keep its N×M logits in (0: never)
 
     @property
     def n(self) -> int:
@@ -50,6 +51,11 @@ class PairSpec:
     @property
     def per_row_scale(self) -> bool:
         return self.scale is not None and self.scale.dim() == 1
+
+    @property
+    def keeps_logits(self) -> bool:
+        """Whether ``similarity_lse`` keeps its logits for the backward (``keeps_logits``)."""
+        return keeps_logits(self.n, self.m, self.compute_dtype, self.logit_budget)
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,17 @@ class KLSpec:
         return PairSpec(self.x_t, self.y_t, self.scale_t, self.scale_t_value, None, 0.0, "none", 0,
                         None, None, self.chunk_size if chunk_size is None else chunk_size,
                         self.deterministic)
+
+
+def keeps_logits(n, m, compute_dtype: torch.dtype, budget: int) -> bool:
+    """True when the (N, M) compute-dtype logits of one call fit ``budget`` bytes:
+    ``0 < N·M·elem ≤ budget``. Then ``similarity_lse``'s forward returns them (its saved
+    ``logits`` output) and the backward forms its gradient from them instead of recomputing the
+    GEMM (3 GEMM-equivalents instead of 4). Every backend and the fake kernel decide with this
+    one rule (n and m may be symbolic under torch.compile: the comparison becomes a guard)."""
+    elem = 8 if compute_dtype == torch.float64 else 4
+    size = n * m * elem
+    return budget > 0 and 0 < size and size <= budget
 
 
 def scale_vector(spec: PairSpec, rows: slice) -> Optional[torch.Tensor]:

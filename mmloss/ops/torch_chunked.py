@@ -8,8 +8,9 @@ fp32 statistics, forms the logit gradient ``G`` in place and applies it with two
 division by s, so s = 0 works) and the bias gradient needs no extra pass.
 
 Cost: symmetric statistics take one GEMM-equivalent forward; backward takes three (recompute,
-dx, dy). Memory: O((N+M)·D) plus a workspace of one C×M compute-dtype buffer and a cache-sized
-column-block scratch, C chosen from a byte budget (``workspace_budget``: half the size of x and
+dx, dy) — two when ``similarity_lse`` kept its logits (``spec.keeps_logits``: a user's logit
+budget admits the N×M compute-dtype matrix, held from forward to backward). Memory:
+O((N+M)·D) plus a workspace of one C×M compute-dtype buffer and a cache-sized column-block scratch, C chosen from a byte budget (``workspace_budget``: half the size of x and
 y, within [1 MiB, 16 MiB] on CPU and up to 512 MiB on GPUs; ``MMLOSS_CHUNK_BYTES`` overrides)
 or given as ``chunk_size``. Accumulation is
 fp32 (fp64 for fp64 inputs); half inputs are upcast per chunk.
@@ -90,12 +91,18 @@ def chunk_rows(spec: PairSpec) -> int:
 
 
 class ChunkedLogits:
-    """Recomputes row chunks of ``S = s·x·yᵀ`` (bias not added) with marks applied."""
+    """Recomputes row chunks of ``S = s·x·yᵀ`` (bias not added) with marks applied.
 
-    def __init__(self, spec: PairSpec, exclude_marks: bool):
+    With ``kept`` (an (N, M) compute-dtype tensor) each chunk is written into its rows of
+    ``kept`` instead of the workspace, so the whole matrix survives the pass (similarity_lse's
+    kept logits); the workspace then serves as the target of the passes that must not
+    overwrite S."""
+
+    def __init__(self, spec: PairSpec, exclude_marks: bool, kept: Optional[torch.Tensor] = None):
         self.spec = spec
         self.cdt = spec.compute_dtype
         self.exclude_marks = exclude_marks
+        self.kept = kept
         self.y = spec.y.to(self.cdt)
         self.rows = chunk_rows(spec)
         device = spec.x.device
@@ -149,8 +156,9 @@ class ChunkedLogits:
         return self.spec.x_labels[i0:i1, None] == self.spec.y_labels[None, :]
 
     def logits(self, i0: int, i1: int) -> torch.Tensor:
-        """S for rows [i0, i1) in the workspace; marked pairs are −inf when excluding."""
-        out = self.buf[: i1 - i0]
+        """S for rows [i0, i1) in the workspace (in ``kept`` when given); marked pairs are −inf
+        when excluding."""
+        out = self.buf[: i1 - i0] if self.kept is None else self.kept[i0:i1]
         torch.mm(self.scaled_x(i0, i1), self.y.t(), out=out)
         if self.exclude_marks:
             self.fill_marked(out, i0, i1, float("-inf"))
@@ -184,7 +192,7 @@ def _empty(spec: PairSpec, dtype) -> torch.Tensor:
 
 
 def similarity_lse_forward(spec: PairSpec, rows: bool, cols: bool):
-    """(row_lse (N,), col_lse (M,), row_stats (2, N), col_stats (2, M)) over allowed pairs.
+    """(row_lse (N,), col_lse (M,), row_stats (2, N), col_stats (2, M), logits) over allowed pairs.
 
     LSEs include the bias; a direction not asked for is empty ((0,) and (2, 0)). The statistics
     are this backend's unrounded record of each row (column) of ``S = s·x·yᵀ``: ``[shift, sum]``
@@ -192,10 +200,16 @@ def similarity_lse_forward(spec: PairSpec, rows: bool, cols: bool):
     ``sum = Σ exp(S − shift)``. The backward recomputes S with the same chunk plan, so
     ``exp(S − shift)/sum`` reproduces each probability to fp32 accuracy whatever |S| is — a
     single rounded LSE would shift every exponent by up to |S|·2⁻²⁴ (docs/guarantees.md).
+
+    ``logits``: when ``spec.keeps_logits`` (the N×M compute-dtype matrix fits
+    ``spec.logit_budget``), the (N, M) matrix S itself (excluded pairs −inf) — each chunk is
+    formed in its rows and the passes below leave it intact, writing their exponentials to the
+    workspace — so the backward skips its recompute GEMM; else an empty (0,) tensor.
     """
-    ch = ChunkedLogits(spec, exclude_marks=True)
-    cdt = ch.cdt
     dev = spec.x.device
+    kept = torch.empty(spec.n, spec.m, dtype=spec.compute_dtype, device=dev) if spec.keeps_logits else None
+    ch = ChunkedLogits(spec, exclude_marks=True, kept=kept)
+    cdt = ch.cdt
     if rows:
         row_stats = torch.empty((2, spec.n), dtype=cdt, device=dev)
         row_shift, row_total = row_stats[0], row_stats[1]
@@ -219,9 +233,9 @@ def similarity_lse_forward(spec: PairSpec, rows: bool, cols: bool):
                 row_sum += torch.sub(sb, row_max[:, None], out=e).exp_().sum(dim=1)
                 col_sum[j0:j1] += torch.sub(sb, shift[None, j0:j1], out=e).exp_().sum(dim=0)
         elif rows:
-            torch.sum(s.sub_(row_max[:, None]).exp_(), dim=1, out=row_total[i0:i1])
+            torch.sum(_shifted_exp(ch, s, row_max[:, None]), dim=1, out=row_total[i0:i1])
         else:
-            col_sum += s.sub_(shift[None, :]).exp_().sum(dim=0)
+            col_sum += _shifted_exp(ch, s, shift[None, :]).sum(dim=0)
     empty_stats = spec.x.new_empty((2, 0), dtype=cdt)
     if rows:
         row = row_total.log().add_(row_shift).add_(ch.bias)
@@ -232,7 +246,15 @@ def similarity_lse_forward(spec: PairSpec, rows: bool, cols: bool):
         col = col_sum.log().add_(col_stats[0]).add_(ch.bias)
     else:
         col, col_stats = _empty(spec, cdt), empty_stats
-    return row, col, row_stats, col_stats
+    return row, col, row_stats, col_stats, (_empty(spec, cdt) if kept is None else kept)
+
+
+def _shifted_exp(ch: ChunkedLogits, s: torch.Tensor, shift) -> torch.Tensor:
+    """exp(s − shift): in place on a workspace chunk; into the workspace when ``s`` is a row
+    block of kept logits, which must survive."""
+    if ch.kept is None:
+        return s.sub_(shift).exp_()
+    return torch.sub(s, shift, out=ch.buf[: s.shape[0]]).exp_()
 
 
 def merge_lse_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -276,11 +298,17 @@ def similarity_lse_backward(
     grad_col: Optional[torch.Tensor],
     row_stats: torch.Tensor,
     col_stats: torch.Tensor,
+    logits: Optional[torch.Tensor],
     needs: tuple[bool, bool, bool, bool],
 ):
     """Gradients (dx, dy, dscale, dbias) of ⟨grad_row, row_lse⟩ + ⟨grad_col, col_lse⟩, from the
     forward's statistics (``similarity_lse_forward``); every chunk is recomputed exactly as the
-    forward computed it (same chunk rows, same GEMM), so ``S − shift`` is exact."""
+    forward computed it (same chunk rows, same GEMM), so ``S − shift`` is exact.
+
+    ``logits``: the forward's kept (N, M) matrix S, or empty. When given, the logit gradient
+    G is formed from it chunk by chunk in the workspace (2 GEMMs per chunk instead of 3); it is
+    only read — a saved tensor, which a ``retain_graph=True`` backward reads again."""
+    kept = _kept_logits(spec, logits)
     ch = ChunkedLogits(spec, exclude_marks=True)
     cdt = ch.cdt
     g = h = None
@@ -292,19 +320,20 @@ def similarity_lse_backward(
         shift_c, w_c = col_stats[0], _probability_weights(h, col_stats)
     grads = FeatureGrads(ch, needs)
     for i0, i1 in ch.ranges():
-        s = ch.logits(i0, i1)
+        # G is formed in place on a recomputed chunk, or from kept rows into the workspace.
+        s = ch.logits(i0, i1) if kept is None else kept[i0:i1]
+        grad = s if kept is None else ch.buf[: i1 - i0]
         if g is not None and h is not None:
             r_c, g_c = shift_r[i0:i1, None], w_r[i0:i1, None]
             for j0, j1, sb, e in ch.blocks(s):
                 torch.sub(sb, r_c, out=e).exp_().mul_(g_c)
-                sb.sub_(shift_c[None, j0:j1]).exp_().mul_(w_c[None, j0:j1]).add_(e)
-            grad = s
+                torch.sub(sb, shift_c[None, j0:j1], out=grad[:, j0:j1]).exp_().mul_(w_c[None, j0:j1]).add_(e)
         elif g is not None:
-            grad = s.sub_(shift_r[i0:i1, None]).exp_().mul_(w_r[i0:i1, None])
+            torch.sub(s, shift_r[i0:i1, None], out=grad).exp_().mul_(w_r[i0:i1, None])
         elif h is not None:
-            grad = s.sub_(shift_c[None, :]).exp_().mul_(w_c[None, :])
+            torch.sub(s, shift_c[None, :], out=grad).exp_().mul_(w_c[None, :])
         else:
-            grad = s.zero_()
+            grad.zero_()
         grads.add_chunk(i0, i1, grad)
     dbias = None
     if needs[3]:
@@ -316,6 +345,16 @@ def similarity_lse_backward(
             total = total + _allowed_grad_sum(h, col_stats)
         dbias = total
     return grads.finish(dbias)
+
+
+def _kept_logits(spec: PairSpec, logits: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The kept (N, M) logits a backward was handed, or None when it got an empty tensor."""
+    if logits is None or logits.numel() == 0:
+        return None
+    if tuple(logits.shape) != (spec.n, spec.m) or logits.dtype != spec.compute_dtype:
+        raise ValueError(f"similarity_lse backward: kept logits must be ({spec.n}, {spec.m}) "
+                         f"{spec.compute_dtype}, got {tuple(logits.shape)} {logits.dtype}")
+    return logits
 
 
 # --------------------------------------------------------------------------- pairwise_sigmoid

@@ -135,11 +135,11 @@ def production_launches(arch: str, dtype: torch.dtype, *, n=32768, m=32768, d=76
     needs = (True, True, True, True)
     with capturing(arch) as rec:
         spec = meta_spec(n, m, d, dtype)
-        row, col, row_stats, col_stats = backend.similarity_lse_forward(spec, True, True)
+        row, col, row_stats, col_stats, kept = backend.similarity_lse_forward(spec, True, True)
         backend.similarity_lse_forward(spec, False, True)  # columns only: the swapped problem, x·yᵀ tiles
-        backend.similarity_lse_backward(spec, row, col, row_stats, col_stats, needs)
+        backend.similarity_lse_backward(spec, row, col, row_stats, col_stats, kept, needs)
         fast = meta_spec(n, m, d, dtype, deterministic=False, scale="rows")
-        backend.similarity_lse_backward(fast, row, col, row_stats, col_stats, needs)
+        backend.similarity_lse_backward(fast, row, col, row_stats, col_stats, kept, needs)
         sig = meta_spec(n, m, d, dtype, marks="same_label", labels=True)
         backend.pairwise_sigmoid_sum(sig, needs)
         backend.pairwise_sigmoid_forward(meta_spec(n, m, d, dtype, scale="float", bias=False))

@@ -10,7 +10,7 @@ def test_opcheck_triton_backend():
     y = torch.randn(17, 5, generator=g).requires_grad_()
     s = torch.tensor(2.0, requires_grad=True)
     b = torch.tensor(-0.5, requires_grad=True)
-    lse = (x, y, s, 0.0, b, 0.0, "diagonal", 1, None, None, True, True, "triton", 0, True)
+    lse = (x, y, s, 0.0, b, 0.0, "diagonal", 1, None, None, True, True, "triton", 0, True, 0)
     torch.library.opcheck(torch.ops.mmloss.similarity_lse.default, lse)
     sig = (x, y, s, 0.0, b, 0.0, "diagonal", 0, None, None, "triton", 0, True)
     torch.library.opcheck(torch.ops.mmloss.pairwise_sigmoid.default, sig)

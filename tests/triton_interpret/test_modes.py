@@ -122,8 +122,8 @@ def test_launches_pass_plain_constexprs(monkeypatch):
         needs = (True, True, scale is not None, True)
         for marks in MARKS:
             spec = _spec(scale, torch.tensor(1.0), marks)
-            row, col, rs, cs = backend.similarity_lse_forward(spec, True, True)
-            backend.similarity_lse_backward(spec, torch.ones(3), torch.ones(5), rs, cs, needs)
+            row, col, rs, cs, kept = backend.similarity_lse_forward(spec, True, True)
+            backend.similarity_lse_backward(spec, torch.ones(3), torch.ones(5), rs, cs, kept, needs)
             backend.pairwise_sigmoid_sum(spec, needs)
             backend.pairwise_sigmoid_forward(spec)
     x, y = torch.zeros(3, 4), torch.zeros(5, 4)

@@ -7,9 +7,9 @@ namespace mmloss {
 namespace schema {
 
 inline constexpr const char* similarity_lse =
-    "similarity_lse(Tensor x, Tensor y, Tensor? scale, float scale_value, Tensor? bias, float bias_value, str exclude, int offset, Tensor? x_labels, Tensor? y_labels, bool rows, bool cols, str backend, int chunk_size, bool deterministic) -> (Tensor, Tensor, Tensor, Tensor)";
+    "similarity_lse(Tensor x, Tensor y, Tensor? scale, float scale_value, Tensor? bias, float bias_value, str exclude, int offset, Tensor? x_labels, Tensor? y_labels, bool rows, bool cols, str backend, int chunk_size, bool deterministic, int logit_budget) -> (Tensor, Tensor, Tensor, Tensor, Tensor)";
 inline constexpr const char* similarity_lse_backward =
-    "similarity_lse_backward(Tensor? grad_row_lse, Tensor? grad_col_lse, Tensor x, Tensor y, Tensor? scale, float scale_value, Tensor? bias, float bias_value, str exclude, int offset, Tensor? x_labels, Tensor? y_labels, bool rows, bool cols, str backend, int chunk_size, bool deterministic, Tensor row_stats, Tensor col_stats, bool need_x, bool need_y, bool need_scale, bool need_bias) -> (Tensor, Tensor, Tensor, Tensor)";
+    "similarity_lse_backward(Tensor? grad_row_lse, Tensor? grad_col_lse, Tensor x, Tensor y, Tensor? scale, float scale_value, Tensor? bias, float bias_value, str exclude, int offset, Tensor? x_labels, Tensor? y_labels, bool rows, bool cols, str backend, int chunk_size, bool deterministic, int logit_budget, Tensor row_stats, Tensor col_stats, Tensor logits, bool need_x, bool need_y, bool need_scale, bool need_bias) -> (Tensor, Tensor, Tensor, Tensor)";
 inline constexpr const char* pairwise_sigmoid =
     "pairwise_sigmoid(Tensor x, Tensor y, Tensor? scale, float scale_value, Tensor? bias, float bias_value, str positives, int offset, Tensor? x_labels, Tensor? y_labels, str backend, int chunk_size, bool deterministic) -> Tensor";
 inline constexpr const char* pairwise_sigmoid_backward =
