@@ -14,12 +14,40 @@ from ._spec import MARKS
 Tensor = torch.Tensor
 
 
+class _HostScalar(torch.autograd.Function):
+    """A CPU 0-d tensor as a 0-d tensor of its dtype on ``device`` without a host→device copy:
+    the host reads the value (a CPU tensor, so no device synchronisation) and the device tensor
+    is filled with it as a kernel argument (``torch.full``), which a CUDA graph can capture — a
+    ``.to(device)`` copy from pageable host memory cannot be captured. The gradient returns to
+    the CPU tensor, on its device and in its dtype (a device→host copy in the backward: the
+    gradient of a CPU parameter has to reach the CPU)."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, device: torch.device) -> Tensor:
+        ctx.source = value.device
+        return torch.full((), value.item(), dtype=value.dtype, device=device)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad.to(ctx.source), None
+
+
+def host_scalar_on(value: Tensor, device: torch.device) -> Tensor:
+    """``value`` (a 0-d CPU tensor) as a 0-d tensor on ``device`` that routes its gradient back
+    (``_HostScalar``); under ``torch.compile`` the plain copy, which the compiled graph owns."""
+    if torch.compiler.is_compiling():
+        return value.to(device)
+    return _HostScalar.apply(value, device)
+
+
 def split_scalar(value, x: Tensor) -> tuple[Optional[Tensor], float]:
     """A validated scale or bias as the op's (tensor | None, float) pair: a tensor travels as a
-    tensor (and follows the features from a 0-d CPU value), a number as the float."""
+    tensor, a number as the float. A 0-d CPU tensor (validated) with features elsewhere, e.g. a
+    ``logit_scale`` parameter kept on the CPU, follows the features without a host→device copy
+    (``host_scalar_on``: CUDA-graph safe) and still receives its gradient on the CPU."""
     if isinstance(value, Tensor):
         if value.device != x.device:
-            value = value.to(x.device)  # a 0-d CPU scalar (validated) follows the features
+            value = host_scalar_on(value, x.device)
         return value, 0.0
     return None, float(value)
 

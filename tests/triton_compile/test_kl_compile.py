@@ -1,8 +1,9 @@
 """Compile-only checks of the ``similarity_kl`` triton kernels for sm_90 and sm_80 (no GPU needed).
 
 The backend's host code runs on ``meta`` tensors at a distillation-sized problem (N = M = 32768,
-student D_s = 768, teacher D_t = 1024; a second, narrow problem D_s = D_t = 128 where sm_80's
-fast mode picks the atomic owner), every launch is recorded (``_capture``) and each kernel is
+student D_s = 768, teacher D_t = 1024; a second, narrow problem D_s = D_t = 128; the fast mode's
+atomic owner is captured whether or not ``atomic_pays`` picks it there), every launch is recorded
+(``_capture``) and each kernel is
 compiled with the production tile table for fp32 (TF32), fp16 and bf16: the shared memory fits
 the architecture's per-block budget, the matrix products run on tensor cores (wgmma on sm_90,
 mma.sync on sm_80) and nothing spills to local memory.
@@ -33,15 +34,18 @@ N = M = 32768
 def capturing_kl(arch: str):
     """``_capture.capturing`` plus the device choices the KL modules imported by name."""
     saved = (kl_forward.target_programs, kl_forward.split_align, kl_backward.target_programs,
-             kl_backward.split_align)
+             kl_backward.split_align, kl_backward.atomic_pays)
     kl_forward.target_programs = kl_backward.target_programs = lambda device, per_sm: C.SMS * per_sm
     kl_forward.split_align = kl_backward.split_align = lambda device: 256
+    # the fast mode's atomic owner is compiled whether or not atomic_pays (which weighs the
+    # atomic traffic, issue 11) picks it at these sizes: it is chosen where D_t ≫ D_s
+    kl_backward.atomic_pays = lambda student, teacher: True
     try:
         with C.capturing(arch) as records:
             yield records
     finally:
         (kl_forward.target_programs, kl_forward.split_align, kl_backward.target_programs,
-         kl_backward.split_align) = saved
+         kl_backward.split_align, kl_backward.atomic_pays) = saved
 
 
 def kl_meta_spec(d_s: int, d_t: int, dtype, *, deterministic=True, teacher_dtype=None) -> KLSpec:

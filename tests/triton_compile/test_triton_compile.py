@@ -45,9 +45,12 @@ def test_production_kernels(arch, dtype, tf32):
         _check(launch, arch, expect_mma=launch.name != "_lse_combine_kernel")
 
 
-def test_exact_fp32_compiles():
+def test_exact_fp32_compiles(monkeypatch):
     # torch's default "highest" precision: fp32 tiles multiply exactly (input_precision="ieee"),
-    # i.e. with FMA instead of TF32 tensor cores; it must still compile within the budget
+    # i.e. with FMA instead of TF32 tensor cores; it must still compile within the budget. Under
+    # MMLOSS_TRITON_PATH=auto such calls take the gemm path on a GPU (the fused owners spill:
+    # test_no_spills.py checks the routing), so the fused kernels are asked for explicitly.
+    monkeypatch.setenv("MMLOSS_TRITON_PATH", "fused")
     prev = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:

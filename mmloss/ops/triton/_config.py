@@ -66,7 +66,9 @@ def _t(a, b, k, w, s, dv=16, width=16, per_sm=1) -> Tiles:
 TABLE: dict[tuple[str, str], dict[str, Tiles]] = {
     ("sm90", "half"): {
         "stats": _t(128, 64, 64, 8, 3, per_sm=1),
-        "owner": _t(64, 64, 64, 8, 3, dv=128, width=512, per_sm=1),
+        # 3 accumulators of 128: at 4 (512 columns) the sigmoid and similarity_kl owners spill
+        # 16–32 B (issue 11; tests/triton_compile/test_no_spills.py)
+        "owner": _t(64, 64, 64, 8, 3, dv=128, width=384, per_sm=1),
         "atomic": _t(64, 64, 64, 8, 3, dv=64, width=256, per_sm=1),
         "combine": _t(256, 1, 1, 4, 1),
         "kl_stats": _t(64, 64, 64, 8, 3, per_sm=1),
@@ -83,13 +85,17 @@ TABLE: dict[tuple[str, str], dict[str, Tiles]] = {
         "owner": _t(64, 64, 32, 8, 3, dv=128, width=256, per_sm=1),
         # 2 stages: the similarity_kl atomic owner holds two (max, weight) pairs per row since
         # the statistics stay unrounded, and at 3 stages it needs 8 B of stack at 255 registers
-        "atomic": _t(64, 64, 32, 8, 2, dv=32, width=128, per_sm=1),
+        # (at 4 chunks of 32 it still spilled 8 B at D = 128: 2 chunks, issue 11)
+        "atomic": _t(64, 64, 32, 8, 2, dv=32, width=64, per_sm=1),
         "combine": _t(256, 1, 1, 4, 1),
         "kl_stats": _t(64, 64, 32, 8, 3, per_sm=1),
     },
     ("sm80", "fp32"): {
         "stats": _t(128, 64, 32, 8, 2, per_sm=1),
-        "owner": _t(64, 32, 32, 8, 2, dv=128, width=256, per_sm=1),
+        # chunks of 64: one 128-wide chunk (D = 128) spilled 8 B in the column owner; four chunks
+        # (256 columns) 8–16 B in the column owners of similarity_lse and similarity_kl, three
+        # still 16 B in the similarity_kl column owner (issue 11; tests/triton_compile/test_no_spills.py)
+        "owner": _t(64, 32, 32, 8, 2, dv=64, width=128, per_sm=1),
         "atomic": _t(64, 32, 32, 8, 2, dv=32, width=128, per_sm=1),
         "combine": _t(256, 1, 1, 4, 1),
         "kl_stats": _t(64, 64, 32, 8, 2, per_sm=1),
@@ -144,6 +150,45 @@ AUTOTUNE_CANDIDATES = {
     "owner": [(64, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 4), (32, 4, 3)],
     "atomic": [(64, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 4)],
     "kl_stats": [(64, 8, 3), (64, 8, 4), (32, 4, 3)],
+}
+
+
+@dataclass(frozen=True)
+class DeviceFigures:
+    """Published peak figures of the GPU a table row stands for, as ratios for host decisions
+    (``_launch.atomic_pass_pays``). FLOP/s are NVIDIA's dense tensor-core figures (FMA units
+    for exact fp32), bandwidths NVIDIA's HBM figures; L2 bandwidth is not published and is an
+    ESTIMATE (the same figures and sources as ``mmloss/bench/devices.py``)."""
+
+    half_flops: float      # dense fp16/bf16 tensor-core FLOP/s
+    tf32_flops: float      # dense TF32 tensor-core FLOP/s
+    fp32_flops: float      # FMA FLOP/s (exact fp32 products, no tensor cores)
+    hbm_bw: float          # bytes/s
+    l2_bw: float           # bytes/s, ESTIMATE
+    l2_bytes: int
+
+    def gemm_flops(self, dtype: torch.dtype, exact_fp32: bool) -> float:
+        if dtype != torch.float32:
+            return self.half_flops
+        return self.fp32_flops if exact_fp32 else self.tf32_flops
+
+    def atomic_bw(self, target_bytes: int) -> float:
+        """Read-modify-write bandwidth of fp32 atomics into a ``target_bytes`` buffer: they run
+        in the L2 while the target fits there, else every RMW also moves the line to HBM."""
+        return self.l2_bw if target_bytes <= self.l2_bytes else self.hbm_bw
+
+
+_T = 1e12
+# sm90: H100 SXM (datasheet: 989 dense BF16, 494 dense TF32, 67 FP32 TFLOP/s, HBM3 3.35 TB/s,
+# 50 MB L2; L2 ≈ 7 TB/s estimated; H200 has more HBM bandwidth, H100's is the conservative
+# choice). sm80: A100 SXM4 (312 / 156 / 19.5 TFLOP/s, HBM2e 2.0 TB/s, 40 MB L2; L2 ≈ 5 TB/s
+# estimated). "default" (other CUDA GPUs): A100's figures as a stand-in (consumer GPUs have a
+# higher FLOP/byte ratio still, so atomics pay there even less). The interpreter has no entry:
+# it has no memory system to weigh, and it must still exercise the atomic kernels.
+FIGURES: dict[str, DeviceFigures] = {
+    "sm90": DeviceFigures(989 * _T, 494 * _T, 67 * _T, 3.35 * _T, 7.0 * _T, 50 << 20),
+    "sm80": DeviceFigures(312 * _T, 156 * _T, 19.5 * _T, 2.0 * _T, 5.0 * _T, 40 << 20),
+    "default": DeviceFigures(312 * _T, 156 * _T, 19.5 * _T, 2.0 * _T, 5.0 * _T, 40 << 20),
 }
 
 

@@ -16,7 +16,8 @@ import triton
 
 from ..._device import triton_interpreting
 from .._spec import PairSpec
-from ._config import INTERPRET_PROGRAMS, Tiles
+from . import _config
+from ._config import INTERPRET_PROGRAMS, DeviceFigures, Tiles
 from ._modes import BiasMode, LseStat, MarkMode, ScaleMode
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -150,10 +151,22 @@ def dummy(device: torch.device, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(1, dtype=dtype, device=device)
 
 
+def host_value(t: Optional[torch.Tensor], device: torch.device) -> Optional[float]:
+    """The value of a 0-d CPU tensor ``t`` that is not on ``device`` (a CPU ``logit_scale`` reaching
+    an op called directly with CUDA features), read on the host, or None. The kernels then take
+    it as the float argument: no host→device copy inside the op (CUDA graphs can capture the
+    launch); the op's gradient for ``t`` does not depend on where its value was read."""
+    if t is not None and t.dim() == 0 and t.device.type == "cpu" and t.device != device:
+        return t.item()
+    return None
+
+
 def make_pair(spec: PairSpec, a_is_x: bool) -> Pair:
     dev = spec.x.device
-    if spec.scale is None:
-        scale_mode, scale, scale_value = ScaleMode.FLOAT, dummy(dev), float(spec.scale_value)
+    host_scale, host_bias = host_value(spec.scale, dev), host_value(spec.bias, dev)
+    if spec.scale is None or host_scale is not None:
+        scale_value = float(spec.scale_value) if host_scale is None else host_scale
+        scale_mode, scale = ScaleMode.FLOAT, dummy(dev)
     elif spec.scale.dim() == 0:
         scale_mode = ScaleMode.TENSOR
         scale, scale_value = spec.scale.detach().to(device=dev, dtype=torch.float32).reshape(1), 0.0
@@ -161,8 +174,9 @@ def make_pair(spec: PairSpec, a_is_x: bool) -> Pair:
         scale_mode = ScaleMode.PER_A_ROW if a_is_x else ScaleMode.PER_B_ROW
         scale = spec.scale.detach().to(device=dev, dtype=torch.float32).contiguous()
         scale_value = 0.0
-    if spec.bias is None:
-        bias_mode, bias, bias_value = BiasMode.FLOAT, dummy(dev), float(spec.bias_value)
+    if spec.bias is None or host_bias is not None:
+        bias_value = float(spec.bias_value) if host_bias is None else host_bias
+        bias_mode, bias = BiasMode.FLOAT, dummy(dev)
     else:
         bias_mode = BiasMode.TENSOR
         bias, bias_value = spec.bias.detach().to(device=dev, dtype=torch.float32).reshape(1), 0.0
@@ -254,6 +268,50 @@ def owner_plan(n_a: int, n_b: int, dim: int, tiles: Tiles, accumulate: bool, ali
     per_split = triton.cdiv(units, splits)
     splits = triton.cdiv(units, per_split)
     return OwnerPlan(blocks_a, slices, splits, per_split * align, block_dv, num_dv)
+
+
+def atomic_bytes(n_a: int, n_b: int, dim: int, block_a: int) -> int:
+    """Bytes the atomic owner pass moves for dy: every program adds its ``(G∘s_a)ᵀ·A`` update
+    into each streamed tile and D chunk of its range (``_common.chunk_step``; masked by the B rows
+    and D only), so each of the ``cdiv(n_a, block_a)`` A blocks adds into all ``n_b × dim``
+    elements once, over its slices and splits: one fp32 read-modify-write, 4 B read + 4 B
+    written, per element and A block."""
+    return triton.cdiv(n_a, block_a) * n_b * dim * 8
+
+
+def atomic_pass_cost(n_a: int, n_b: int, dim: int, *, owner_slices: int, atomic_slices: int,
+                     atomic_block_a: int, figures: Optional[DeviceFigures], flops: float = 0.0,
+                     recompute: float = 1.0) -> tuple[float, float]:
+    """(two owner passes, one atomic pass) in GEMM-equivalents (one = ``2·n_a·n_b·dim`` FLOPs at
+    the GEMM peak ``flops``). Owner passes: a row and a column pass, each recomputing the logit
+    tile once per D slice (``recompute`` GEMMs per recompute: 1, or 1 + D_t/D_s for
+    similarity_kl's two tiles) plus its gradient GEMM: ``2·(s_owner·r + 1)``. Atomic pass:
+    ``s_atomic·r + 2`` plus the time of its ``atomic_bytes`` at the device's atomic bandwidth
+    expressed in GEMM-equivalents. ``figures`` None (the interpreter): atomics weigh nothing."""
+    owner = 2.0 * (owner_slices * recompute + 1.0)
+    atomic = atomic_slices * recompute + 2.0
+    if figures is not None:
+        gemm_equivalent_s = 2.0 * n_a * n_b * dim / flops
+        traffic_s = atomic_bytes(n_a, n_b, dim, atomic_block_a) / figures.atomic_bw(n_b * dim * 4)
+        atomic += traffic_s / gemm_equivalent_s
+    return owner, atomic
+
+
+def atomic_pass_pays(n_a: int, n_b: int, dim: int, owner_tiles: Tiles, atomic_tiles: Tiles,
+                     device: torch.device, dtype: torch.dtype, recompute: float = 1.0) -> bool:
+    """Whether ``deterministic=False`` should form dy by fp32 atomics in the row-owner pass
+    instead of running a column-owner pass: ``atomic_pass_cost`` with the D slices each tile
+    configuration needs, the device's published figures (``_config.FIGURES``) and the GEMM
+    peak of ``dtype`` at the current fp32 matmul precision. The interpreter (no figures)
+    compares GEMM work only, so its tests keep exercising the atomic kernels."""
+    align = split_align(device)
+    s_owner, s_atomic = (owner_plan(n_a, n_b, dim, t, True, align, 1).slices for t in (owner_tiles, atomic_tiles))
+    figures = _config.FIGURES.get(_config.arch_key(device))
+    flops = figures.gemm_flops(dtype, dot_precision(dtype) == "ieee") if figures is not None else 0.0
+    owner, atomic = atomic_pass_cost(n_a, n_b, dim, owner_slices=s_owner, atomic_slices=s_atomic,
+                                     atomic_block_a=atomic_tiles.block_a, figures=figures, flops=flops,
+                                     recompute=recompute)
+    return atomic < owner
 
 
 def launch_options(t: Tiles) -> dict:

@@ -38,12 +38,12 @@ import triton
 import triton.language as tl
 
 from .._spec import KLSpec
-from . import _autotune
+from . import _autotune, _counts
 from ._common import (load_scalar, load_weighted_shift, owner_program, pair_logits, slice_accumulators,
                       step_slices, store_slices, weighted_probabilities)
 from ._config import tiles
-from ._launch import (OwnerFlags, OwnerOutputs, OwnerResult, Pair, fp32_vector, make_pair, optional, owner_plan,
-                      split_align, target_programs, weighted_shifts, zeros_if_missing)
+from ._launch import (OwnerFlags, OwnerOutputs, OwnerResult, Pair, atomic_pass_pays, fp32_vector, make_pair,
+                      optional, owner_plan, split_align, target_programs, weighted_shifts, zeros_if_missing)
 from ._modes import (KL_STUDENT_MAX, KL_TEACHER_MAX, LOG2E, PER_COLUMN, PER_ROW, SCALAR_FLOAT, SCALAR_TENSOR,
                      ScaleMode)
 from .kl_forward import operand_args, table_dtype
@@ -160,16 +160,12 @@ def _operand_dtype(student: Pair, teacher: Pair) -> torch.dtype:
 
 
 def atomic_pays(student: Pair, teacher: Pair) -> bool:
-    """Whether one row-owner pass adding dy by atomics (s_atomic·(1 + r) recomputes + 2 GEMMs)
-    costs fewer GEMM-equivalents than two owner passes (2·(s_owner·(1 + r) + 1)), r = D_t/D_s."""
-    dev = student.a.device
-    dtype, align = _operand_dtype(student, teacher), split_align(dev)
-    s_owner, s_atomic = (
-        owner_plan(student.n_a, student.n_b, student.dim, tiles(kind, dev, dtype), True, align, 1).slices
-        for kind in ("owner", "atomic")
-    )
-    recompute = 1.0 + teacher.dim / student.dim
-    return s_atomic * recompute + 2 < 2 * (s_owner * recompute + 1)
+    """Whether one row-owner pass adding dy by fp32 atomics (s_atomic·(1 + r) recomputes + 2
+    GEMMs + the atomic read-modify-write traffic of dy) is faster than two owner passes
+    (2·(s_owner·(1 + r) + 1)), r = D_t/D_s: ``_launch.atomic_pass_pays`` (issue 11)."""
+    dev, dtype = student.a.device, _operand_dtype(student, teacher)
+    return atomic_pass_pays(student.n_a, student.n_b, student.dim, tiles("owner", dev, dtype),
+                            tiles("atomic", dev, dtype), dev, dtype, recompute=1.0 + teacher.dim / student.dim)
 
 
 def run_kl_owner(student: Pair, teacher: Pair, a_side: _Side, b_side: _Side, *, store_out: bool,
@@ -184,6 +180,11 @@ def run_kl_owner(student: Pair, teacher: Pair, a_side: _Side, b_side: _Side, *, 
     plan = owner_plan(student.n_a, student.n_b, student.dim, t, True, split_align(dev),
                       target_programs(dev, t.programs_per_sm))
     outputs = OwnerOutputs.allocate(flags, plan, student.a, student.n_b)
+    _counts.owner_launch("kl_owner", student.n_a, student.n_b,
+                         ((student.dim, student.a.element_size(), student.a.dtype),
+                          (teacher.dim, teacher.a.element_size(), teacher.a.dtype)),
+                         student.dim, student.a.element_size(), t, plan, dev, accumulate=True, atomic=atomic_b,
+                         store_out=store_out, dscale=need_dscale, stat_fields=4 * (b_side.stats is not None))
     _autotune.launch(
         _kl_owner_kernel, kind, t, (plan.blocks_a, plan.slices, plan.splits),
         dict(operand_args(student, teacher), **outputs.args(),

@@ -38,13 +38,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _autotune
+from . import _autotune, _counts
 from ._common import (load_scalar, load_side_scale, load_weighted_shift, marked_pairs, owner_program,
                       pair_logits, scaled_log2, slice_accumulators, softplus_and_sigmoid, step_slices,
                       store_slices, weighted_probabilities)
 from ._config import tiles
-from ._launch import (OwnerFlags, OwnerOutputs, OwnerResult, Pair, dummy, optional, owner_plan, split_align,
-                      target_programs)
+from ._launch import (OwnerFlags, OwnerOutputs, OwnerResult, Pair, atomic_pass_pays, dummy, optional, owner_plan,
+                      split_align, target_programs)
 from ._modes import (KIND_LSE, KIND_SIGMOID, LOG2E, MARKS_NONE, MARKS_SAME_LABEL, PER_COLUMN, PER_ROW,
                      SCALE_PER_A_ROW, SCALE_PER_B_ROW, OwnerKind)
 
@@ -166,16 +166,13 @@ def _owner_kernel(
 
 
 def atomic_pays(pair: Pair) -> bool:
-    """Whether the ``deterministic=False`` pass (row owner + dy by atomics: s_atomic recomputes
-    + 2 GEMMs) costs fewer GEMM-equivalents than the two owner passes (2·(s_owner + 1)), with the
-    D slices s each configuration needs for this D."""
-    dev = pair.a.device
-    align, dtype = split_align(dev), pair.a.dtype
-    slices = []
-    for kind in ("owner", "atomic"):
-        t = tiles(kind, dev, dtype)
-        slices.append(owner_plan(pair.n_a, pair.n_b, pair.dim, t, True, align, 1).slices)
-    return slices[1] < 2 * slices[0]
+    """Whether the ``deterministic=False`` pass (row owner + dy by fp32 atomics) is faster than
+    the two owner passes: ``_launch.atomic_pass_pays`` weighs the GEMM work both save or add
+    (s_atomic recomputes + 2 GEMMs against 2·(s_owner + 1)) together with the atomic
+    read-modify-write traffic of dy at the device's published bandwidth (issue 11)."""
+    dev, dtype = pair.a.device, pair.a.dtype
+    return atomic_pass_pays(pair.n_a, pair.n_b, pair.dim, tiles("owner", dev, dtype), tiles("atomic", dev, dtype),
+                            dev, dtype)
 
 
 def run_owner(pair: Pair, kind: OwnerKind, *, a_grad=None, a_stat=None, b_grad=None, b_stat=None,
@@ -199,6 +196,10 @@ def run_owner(pair: Pair, kind: OwnerKind, *, a_grad=None, a_stat=None, b_grad=N
     f32 = dict(dtype=torch.float32, device=dev)
     loss = torch.empty((plan.splits, pair.n_a), **f32) if with_loss else dummy(dev)
     dbias = torch.empty(plan.splits * plan.blocks_a, **f32) if need_dbias else dummy(dev)
+    _counts.owner_launch("owner", pair.n_a, pair.n_b, ((pair.dim, pair.a.element_size(), pair.a.dtype),),
+                         pair.dim, pair.a.element_size(), t, plan, dev, accumulate=flags.accumulate,
+                         atomic=atomic_b, store_out=store_out, dscale=need_dscale, loss_rows=with_loss,
+                         stat_fields=2 * (b_stat is not None) + (b_grad is not None and kind == OwnerKind.SIGMOID))
     _autotune.launch(
         _owner_kernel, "atomic" if atomic_b else "owner", t, (plan.blocks_a, plan.slices, plan.splits),
         dict(pair.args(), **outputs.args(),
