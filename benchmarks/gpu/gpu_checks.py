@@ -33,6 +33,13 @@ N_DET = 8192                 # determinism checks
 N_GRAPH = 4096               # CUDA-graph capture checks
 
 
+# pytest-xdist (run.sh: -n WORKERS --dist loadgroup) sends each group to one worker. Groups are
+# (kernel family, dtype), whose compiled kernels hardly overlap, so from a cold cache no kernel
+# is compiled by two workers at once; the other tests join the group whose kernels they use.
+def grouped_dtypes(family: str):
+    return [pytest.param(k, marks=pytest.mark.xdist_group(f"{family}-{k}")) for k in DTYPES]
+
+
 @pytest.fixture(autouse=True)
 def _exact_fp32():
     prev = torch.get_float32_matmul_precision()
@@ -49,7 +56,7 @@ def _labels(n, classes, seed):
     return torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(seed)).to(CUDA)
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", grouped_dtypes("lse"))
 @pytest.mark.parametrize("d", [67, 768])
 @pytest.mark.parametrize("mode", ["diagonal", "same_label", "rows_scale"])
 @pytest.mark.parametrize("deterministic", [None, False])
@@ -76,7 +83,7 @@ def test_similarity_lse_matches_reference(dtype, d, mode, deterministic):
     compare(fast, ref, [x, y, s, b], dt, f"similarity_lse {dtype} D={d} {mode}", weights=w)
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", grouped_dtypes("sigmoid"))
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 @pytest.mark.parametrize("deterministic", [None, False])
 def test_pairwise_sigmoid_matches_reference(dtype, reduction, deterministic):
@@ -101,6 +108,7 @@ def test_pairwise_sigmoid_matches_reference(dtype, reduction, deterministic):
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip", "infonce"])
+@pytest.mark.xdist_group("sigmoid-bf16")
 def test_losses_bf16(loss):
     n, d = 2048, 512
     x, y = cuda_features(n, d, torch.bfloat16, 9), cuda_features(n, d, torch.bfloat16, 10)
@@ -117,6 +125,7 @@ def test_losses_bf16(loss):
     compare(fast, ref, [x, y, s], torch.bfloat16, f"{loss} bf16")
 
 
+@pytest.mark.xdist_group("lse-bf16")
 def test_large_scale_unnormalised_bf16():
     x = cuda_features(700, 96, torch.bfloat16, 11, normalize=False, scale=3.0)
     y = cuda_features(900, 96, torch.bfloat16, 12, normalize=False, scale=3.0)
@@ -126,7 +135,7 @@ def test_large_scale_unnormalised_bf16():
     assert_loss_close(col, c, torch.bfloat16, "column LSE at scale 1000")
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", grouped_dtypes("kl"))
 @pytest.mark.parametrize("d_s,d_t", [(67, 130), (768, 512)])
 @pytest.mark.parametrize("deterministic", [None, False])
 def test_similarity_kl_matches_reference(dtype, d_s, d_t, deterministic):
@@ -151,6 +160,7 @@ def test_similarity_kl_matches_reference(dtype, d_s, d_t, deterministic):
                 weights=w)
 
 
+@pytest.mark.xdist_group("kl-bf16")
 def test_similarity_kl_large_scale_unnormalised_bf16():
     big = dict(normalize=False, scale=3.0)
     x_s, y_s = cuda_features(700, 96, torch.bfloat16, 55, **big), cuda_features(900, 96, torch.bfloat16, 56, **big)
@@ -165,6 +175,7 @@ def test_similarity_kl_large_scale_unnormalised_bf16():
         assert_loss_close(col, c, torch.bfloat16, f"KL columns at scale 1000 (cross_entropy={cross_entropy})")
 
 
+@pytest.mark.xdist_group("lse-fp32")
 def test_tf32_close_to_exact():
     # "high" precision: fp32 tiles go through TF32 tensor cores (10-bit mantissa products)
     x, y = cuda_features(1200, 768, torch.float32, 13), cuda_features(1300, 768, torch.float32, 14)
@@ -184,6 +195,7 @@ def _fwd_bwd(fn, inputs):
 
 
 @pytest.mark.parametrize("what", ["lse", "siglip_sum", "sigmoid_rows"])
+@pytest.mark.xdist_group("sigmoid-bf16")
 def test_default_mode_is_bitwise_deterministic(what):
     n, m, d = 8192, 8192 + 77, 768
     x, y = cuda_features(n, d, torch.bfloat16, 21), cuda_features(m, d, torch.bfloat16, 22)
@@ -202,6 +214,7 @@ def test_default_mode_is_bitwise_deterministic(what):
             assert torch.equal(a, e), f"{what}: output {i} differs between identical runs"
 
 
+@pytest.mark.xdist_group("lse-bf16")
 def test_64bit_offsets():
     # N·D = (2²¹ + 37)·1024 > 2³¹: row offsets of x overflow int32
     n, m, d = (1 << 21) + 37, 1999, 1024
@@ -228,6 +241,7 @@ def test_64bit_offsets():
     assert_grad_close(t[2][-1000:].float(), e[2][-1000:].float(), torch.bfloat16, "dx, last rows")
 
 
+@pytest.mark.xdist_group("lse-bf16")
 def test_cuda_graph_capture_no_host_sync():
     n, d = 4096, 768
     x, y = cuda_features(n, d, torch.bfloat16, 41), cuda_features(n, d, torch.bfloat16, 42)
@@ -254,6 +268,7 @@ def test_cuda_graph_capture_no_host_sync():
         assert torch.equal(a, e)
 
 
+@pytest.mark.xdist_group("autotune")
 def test_autotune_env_runs_and_agrees():
     code = (
         "import torch; from mmloss import ops\n"
@@ -278,6 +293,7 @@ def test_autotune_env_runs_and_agrees():
             assert_grad_close(a.float(), e.float(), torch.bfloat16, f"autotuned {name}")
 
 
+@pytest.mark.xdist_group("kl-bf16")
 def test_similarity_kl_is_bitwise_deterministic():
     n, m = N_DET, N_DET + 77
     x, y = cuda_features(n, 768, torch.bfloat16, 61), cuda_features(m, 768, torch.bfloat16, 62)
@@ -294,6 +310,7 @@ def test_similarity_kl_is_bitwise_deterministic():
             assert torch.equal(a, e), f"similarity_kl: output {i} differs between identical runs"
 
 
+@pytest.mark.xdist_group("kl-bf16")
 def test_similarity_kl_cuda_graph_capture_no_host_sync():
     n, d = N_GRAPH, 768
     x, y = cuda_features(n, d, torch.bfloat16, 65), cuda_features(n, d, torch.bfloat16, 66)

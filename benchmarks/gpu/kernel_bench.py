@@ -11,13 +11,17 @@ Sections (each result is appended to ``--out`` as one JSON line the moment it is
 - ``parts``: the CLIP kernels alone (statistics forward; backward deterministic / atomic);
 - ``siglip``: SigLIP, N = M = 65536, D = 768, bf16 — floor (3 × mm), ``siglip_loss`` (default)
   and ``pairwise_sigmoid(..., reduction="sum", deterministic=False)``;
-- ``clip1m``: CLIP at N = M = 1,048,576, D = 768, bf16: one forward + backward must complete.
-Times: CUDA events, median of ``--repeats`` after two warm-up runs (the first compiles).
+- ``clip1m``: CLIP at N = M = 1,048,576, D = 768, bf16: one forward + backward must complete
+  (a line when it starts, one after the forward, one at the end).
+Times: CUDA events, median of ``--repeats`` after two warm-up runs (the first compiles). Every
+line carries ``path``: the triton backend's ``MMLOSS_TRITON_PATH`` ("fused", "gemm"; "auto"
+when unset), which ``python -m mmloss.bench --model ... --measured`` matches to its predictions.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -98,6 +102,7 @@ class Writer:
         self.path = path
 
     def __call__(self, **row):
+        row.setdefault("path", os.environ.get("MMLOSS_TRITON_PATH", "") or "auto")
         row["time"] = time.strftime("%H:%M:%S")
         line = json.dumps(row)
         print(line, flush=True)
@@ -187,8 +192,21 @@ def section_clip1m(write, repeats, n=1 << 20, d=768):
     x, y = _features(n, d, 7), _features(n, d, 8)
     s = torch.tensor(100.0, device="cuda", requires_grad=True)
     fn = lambda: F.clip_loss(x, y, s, backend="triton")  # noqa: E731
-    f, b, t, lo, hi = time_fwd_bwd(fn, [x, y, s], repeats=1, warmup=0)
-    write(section="clip1m", impl="triton deterministic (default)", N=n, D=d, fwd_ms=f, bwd_ms=b, total_ms=t,
+    impl = "triton deterministic (default)"
+    write(section="clip1m", impl=impl, N=n, D=d, stage="started")
+    e0, e1, e2 = _events()
+    e0.record()
+    loss = fn()
+    e1.record()
+    torch.cuda.synchronize()
+    f = e0.elapsed_time(e1)
+    write(section="clip1m", impl=impl, N=n, D=d, stage="forward done", fwd_ms=f)
+    torch.autograd.grad(loss, [x, y, s])
+    e2.record()
+    torch.cuda.synchronize()
+    b, t = e1.elapsed_time(e2), e0.elapsed_time(e2)
+    del loss
+    write(section="clip1m", impl=impl, N=n, D=d, stage="done", fwd_ms=f, bwd_ms=b, total_ms=t,
           completed=True, useful_tflops=6.0 * n * n * d / t / 1e9)
     if t < 15000:  # a second run for the memory peak only when it fits the section's time limit
         peak, grad_bytes = peak_above(fn, [x, y, s])

@@ -22,7 +22,7 @@ import torch
 import mmloss
 from mmloss.ops import BACKENDS
 
-from . import console, environment, measure, multiprocess, multiprocess_report, peers, report
+from . import busy, console, environment, measure, multiprocess, multiprocess_report, peers, report
 from .cases import CASES, describe_flop_model
 from .implementations import mmloss_implementation, peer_implementation
 from .options import Selection, backend_reason, build_parser, choose_device, select
@@ -61,10 +61,18 @@ def main(argv: Optional[list] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     multiprocess.check_options(parser, args)
+    if args.busy and (args.nproc is not None or args.from_json):
+        parser.error("--busy loads the machine during a single-process sweep; not with --nproc or --from-json")
     if args.nproc is not None:
         return multiprocess.main(parser, args, command_line(argv))
     if args.from_json:
         return from_json(parser, args)
+    if args.model:
+        from . import model
+
+        return model.main(parser, args)
+    if args.measured or args.paths:
+        parser.error("--measured and --paths go with --model")
     device = choose_device(parser, args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # events and streams of the clock follow the current device
@@ -157,7 +165,8 @@ def _metadata(command: str, info: dict, selection: Selection, args) -> dict:
                     "dims": s.dims,
                     "dtypes": [str(d).replace("torch.", "") for d in s.dtypes], "backends": s.backends,
                     "peers": s.peer_names, "repeats": args.repeats, "time_limit": s.time_limit,
-                    "seed": args.seed},
+                    "seed": args.seed, "busy": args.busy,
+                    "logit_budgets": [b for b in s.logit_budgets if b is not None] or None},
         "implementations": {"mmloss": s.backends,
                             "peers": {n: {"version": peers.PEERS[n].version(), "loaded": peers.load_peer(n)[1],
                                           "call": peers.PEERS[n].how} for n in s.peer_names}},
@@ -197,21 +206,25 @@ def run(selection: Selection, args, device: torch.device, command: str) -> int:
     the honesty checks, then the JSON's closing fields and the plot."""
     malloc = measure.ensure_mmap_threshold() if device.type == "cpu" else "n/a (GPU allocator statistics)"
     info = environment.describe(device, malloc)
-    impls = [mmloss_implementation(b) for b in selection.backends] + \
+    impls = [mmloss_implementation(b, budget) for b in selection.backends for budget in selection.logit_budgets] + \
             [peer_implementation(p) for p in selection.peer_names]
     plan = Plan(device, selection.runnable, selection.sizes, selection.dims, selection.dtypes, impls,
                 args.repeats, selection.time_limit, args.seed)
-    progress = Progress(len(plan.configs()), enabled=sys.stderr.isatty())
-    for line in console.header_lines(command, info, malloc, selection, plan, args.repeats):
-        progress.write(line)
-    sinks, json_sink = _sinks(progress.write, impls, device, args, _metadata(command, info, selection, args))
-    sweep = Sweep(plan, sinks, progress)
-    try:
-        rows = sweep.run()
-    finally:
-        progress.close()
-    console.print_summary(rows, sweep.skipped)
-    checks = [] if args.no_checks else console.run_checks(sweep)
+    # --busy: the competing processes run from before the first warm-up to after the checks.
+    with busy.CompetingLoad(args.busy) as load:
+        progress = Progress(len(plan.configs()), enabled=sys.stderr.isatty())
+        for line in console.header_lines(command, info, malloc, selection, plan, args.repeats):
+            progress.write(line)
+        if args.busy:
+            progress.write(f"  {'load:':<10}{load.describe()}")
+        sinks, json_sink = _sinks(progress.write, impls, device, args, _metadata(command, info, selection, args))
+        sweep = Sweep(plan, sinks, progress)
+        try:
+            rows = sweep.run()
+        finally:
+            progress.close()
+        console.print_summary(rows, sweep.skipped)
+        checks = [] if args.no_checks else console.run_checks(sweep)
     wall = sweep.elapsed()
     print(f"\nwall time {wall:.0f} s (sweep and checks) · mmloss {mmloss.__version__} · torch {torch.__version__}")
     if json_sink:

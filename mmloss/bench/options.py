@@ -100,6 +100,30 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _busy(text: str) -> int:
+    value = _convert(text, int, f"--busy takes an integer, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--busy must be ≥ 0, got {value}")
+    return value
+
+
+def _logit_budgets(text: str) -> list:
+    """``0,80MiB`` → [0, 83886080]: one mmloss row per budget (``mmloss.logit_budget``)."""
+    from mmloss.ops._budget import parse_budget
+
+    values = []
+    for t in _csv(text):
+        try:
+            value = parse_budget(t, "--logit-budget")
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if value not in values:
+            values.append(value)
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one byte count, e.g. --logit-budget 0,80MiB")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mmloss.bench",
@@ -143,8 +167,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "CUDA 4096,16384, D 768, bf16)")
     p.add_argument("--smoke", action="store_true",
                    help="with --nproc: tiny shapes (B_local 16, D 8, 2 rounds unless given), for CI")
+    p.add_argument("--busy", type=_busy, default=0, metavar="N",
+                   help="start N competing busy processes (one single-threaded spin loop each) for the "
+                        "duration of the measurement, e.g. DataLoader workers holding cores (default 0)")
+    p.add_argument("--logit-budget", type=_logit_budgets, default=None, metavar="BYTES",
+                   help="comma list of logit budgets (e.g. 0,80MiB): each mmloss backend is measured once "
+                        "per budget under mmloss.logit_budget(...) — a budget that admits the N×M logits "
+                        "keeps them for the backward (default: MMLOSS_LOGIT_BUDGET, one row)")
     p.add_argument("--from-json", metavar="PATH", help="measure nothing: print the tables of a saved --json "
                    "file (and write --plot / --csv from it)")
+    p.add_argument("--model", choices=("h100", "h200", "a100"), default=None,
+                   help="measure nothing: PREDICT the GPU speed of mmloss's paths on this GPU from a performance "
+                        "model (counts from the code path run on meta tensors; published peaks); --loss clip,siglip, "
+                        "--sizes (default CLIP 32768, SigLIP 65536), --dim (768), --dtype (bfloat16), --json "
+                        "apply (benchmarks/README.md, 'Performance model')")
+    p.add_argument("--paths", default=None, help="with --model: comma list of fused, gemm, torch (default: all)")
+    p.add_argument("--measured", metavar="PATH", help="with --model: a GPU run's results (results.jsonl, a --json "
+                   "file, or benchmarks/gpu/run.sh's output folder) to print beside the predictions")
     return p
 
 
@@ -238,6 +277,7 @@ class Selection:
     peer_names: list
     peer_missing: dict  # peer -> why it cannot run here
     notes: list = field(default_factory=list)
+    logit_budgets: list = field(default_factory=lambda: [None])  # None: the environment's budget
 
 
 def _default_sizes(args, defaults: dict) -> dict:
@@ -269,4 +309,5 @@ def select(parser, args, device: torch.device) -> Selection:
     relevant = {p for p in peers.PEERS if any(c.name in peers.PEERS[p].losses for c in runnable)}
     return Selection(runnable, sizes, dims, dtypes, time_limit, default_limit, backends, backend_missing,
                      [p for p in peer_names if p in relevant],
-                     {p: r for p, r in peer_missing.items() if p in relevant}, notes)
+                     {p: r for p, r in peer_missing.items() if p in relevant}, notes,
+                     args.logit_budget or [None])

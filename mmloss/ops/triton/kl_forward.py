@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from .._spec import KLSpec
-from . import _autotune
+from . import _autotune, _counts
 from ._common import finite_shift, load_scalar, log2_sum, pair_logits, row_indices, split_columns
 from ._config import tiles
 from ._launch import Pair, dot_precision, make_pair, split_align, stats_plan, target_programs
@@ -312,6 +312,7 @@ def operand_args(student: Pair, teacher: Pair) -> dict:
 def _combine(part: torch.Tensor, out: torch.Tensor, stats: torch.Tensor, cross_entropy: bool) -> None:
     _, parts, n = part.shape
     t = tiles("combine", out.device, torch.float32)
+    _counts.combine_launch("kl_combine", parts, n, fields=part.shape[0], out_fields=len(KLStat))
     _autotune.launch_fixed(
         _kl_combine_kernel, (triton.cdiv(n, t.block_a),),
         dict(part_ptr=part, field=part.stride(0), parts=parts, n=n, out_ptr=out, stat_ptr=stats,
@@ -340,6 +341,10 @@ def kl_statistics(spec: KLSpec, rows: bool, cols: bool, cross_entropy: bool):
     split = plan.splits > 1
     a_part = torch.empty((fields, plan.splits, student.n_a), **f32) if split else a_out
     b_part = torch.empty((fields, plan.progs_a, student.n_b), **f32) if want_cols else a_out
+    _counts.stats_launch("kl_stats", student.n_a, student.n_b,
+                         ((student.dim, student.a.element_size(), student.a.dtype),
+                          (teacher.dim, teacher.a.element_size(), teacher.a.dtype)), t, plan,
+                         cols=want_cols, row_fields=fields, col_fields=fields)
     _autotune.launch(
         _kl_stats_kernel, "kl_stats", t, (plan.progs_a, plan.splits),
         dict(operand_args(student, teacher),

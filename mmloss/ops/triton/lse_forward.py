@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .._spec import PairSpec
-from . import _autotune
+from . import _autotune, _counts
 from ._common import (finite_shift, load_scalar, load_side_scale, marked_pairs, pair_logits, row_indices,
                       scaled_log2, split_columns, store_stats)
 from ._config import tiles
@@ -127,6 +127,7 @@ def _lse_combine_kernel(pmax_ptr, psum_ptr, parts, n, out_ptr, stat_ptr, stride_
 def combine(pmax: torch.Tensor, psum: torch.Tensor, out: torch.Tensor, stats: torch.Tensor, pair: Pair) -> None:
     parts, n = pmax.shape
     t = tiles("combine", out.device, pair.a.dtype)
+    _counts.combine_launch("lse_combine", parts, n, fields=2, out_fields=2)
     _autotune.launch_fixed(
         _lse_combine_kernel, (triton.cdiv(n, t.block_a),),
         dict(pmax_ptr=pmax, psum_ptr=psum, parts=parts, n=n, out_ptr=out, stat_ptr=stats,
@@ -157,6 +158,8 @@ def lse_statistics(spec: PairSpec, rows: bool, cols: bool):
         b_psum = torch.empty_like(b_pmax)
     else:
         b_pmax = b_psum = a_out
+    _counts.stats_launch("lse_stats", pair.n_a, pair.n_b, ((pair.dim, pair.a.element_size(), pair.a.dtype),), t,
+                         plan, cols=want_cols, row_fields=2, col_fields=2)
     _autotune.launch(
         _lse_stats_kernel, "stats", t, (plan.progs_a, plan.splits),
         dict(pair.args(), a_out_ptr=a_out, a_stat_ptr=a_stats, stride_stat=a_stats.stride(0),
