@@ -224,7 +224,39 @@ SUPCON = LossCase(
 )
 
 
-CASES = {case.name: case for case in (CLIP, SIGLIP, NTXENT, SUPCON)}
+# ----------------------------------------------------------------------------- similarity_lse
+
+
+def _dense_lse(x: Tensor, y: Tensor, scale: Tensor) -> Tensor:
+    logits = scale * x @ y.T
+    diagonal = torch.eye(x.shape[0], y.shape[0], dtype=torch.bool, device=x.device)
+    logits = logits.masked_fill(diagonal, float("-inf"))
+    return 0.5 * (torch.logsumexp(logits, dim=1).mean() + torch.logsumexp(logits, dim=0).mean())
+
+
+def _mmloss_lse(fn, inp: Inputs, backend: str) -> Tensor:
+    row, col = fn(*inp.leaves, inp.scale, exclude="diagonal", backend=backend)
+    return 0.5 * (row.mean() + col.mean())
+
+
+# The primitive alone: what mmloss adds around its GEMMs (host time of the op layer, elementwise
+# passes) shows as its total minus the floor row's (the 4 products of the same shapes).
+LSE = LossCase(
+    name="lse",
+    title="similarity_lse (the primitive: row and column LSE, diagonal excluded)",
+    mmloss_name="similarity_lse",
+    floor_gemms=4,
+    rows_per_batch=1,
+    make=lambda b, d, dt, dev, g: _make_pair(b, d, dt, dev, g, CLIP_SCALE),
+    call=_mmloss_lse,
+    dense=_dense_lse,
+    dense_args=lambda inp: (*inp.leaves, inp.scale),
+    floor_operands=lambda inp: (inp.leaves[0].detach(), inp.leaves[1].detach()),
+    note="loss = ½·(mean row LSE + mean column LSE); time above the GEMMs = total − the floor row's total",
+)
+
+
+CASES = {case.name: case for case in (CLIP, SIGLIP, NTXENT, SUPCON, LSE)}
 DEFAULT_LOSSES = ("clip", "siglip", "ntxent")
 
 

@@ -10,6 +10,7 @@ import torch
 from . import environment, peers, report
 from .cases import CASES, describe_flop_model
 from .checks import dense_memory_check, retime_check
+from .implementations import mmloss_implementation
 from .options import Selection
 from .sweep import Plan
 
@@ -42,7 +43,8 @@ def _method_lines(device: torch.device, malloc: str) -> list:
 
 def _implementation_lines(selection: Selection) -> list:
     backends = selection.backends
-    lines = [f"  {'run:':<10}" + " · ".join(f"mmloss[{b}]" for b in backends) if backends else
+    labels = [mmloss_implementation(b, budget).label for b in backends for budget in selection.logit_budgets]
+    lines = [f"  {'run:':<10}" + " · ".join(labels) if backends else
              f"  {'run:':<10}(no mmloss backend)"]
     for name in selection.peer_names:
         peer = peers.PEERS[name]

@@ -71,9 +71,9 @@ class Peer:
 PEERS = {
     p.name: p
     for p in (
-        Peer("dense", "dense", None, ("clip", "siglip", "ntxent", "supcon"), False,
+        Peer("dense", "dense", None, ("clip", "siglip", "ntxent", "supcon", "lse"), False,
              "logits = s·x@yᵀ (+b), then F.cross_entropy both ways / F.logsigmoid"),
-        Peer("compile", "dense+compile", None, ("clip", "siglip", "ntxent", "supcon"), False,
+        Peer("compile", "dense+compile", None, ("clip", "siglip", "ntxent", "supcon", "lse"), False,
              "torch.compile(dense baseline), default options; compilation happens in warm-up"),
         Peer("open_clip", "open_clip", "open_clip_torch", ("clip", "siglip"), False,
              "open_clip.loss.ClipLoss()(x, y, s) / SigLipLoss()(x, y, s, b)"),
@@ -301,6 +301,7 @@ _MATRIX_COPIES = {
     ("dense", "siglip"): 6.0, ("compile", "siglip"): 3.0, ("open_clip", "siglip"): 6.0,
     ("dense", "ntxent"): 5.0, ("compile", "ntxent"): 4.0, ("lightly", "ntxent"): 9.0,
     ("dense", "supcon"): 8.0, ("compile", "supcon"): 5.0, ("pml", "supcon"): 12.0,
+    ("dense", "lse"): 5.0, ("compile", "lse"): 4.0,  # as CLIP's (not calibrated separately)
 }
 
 
