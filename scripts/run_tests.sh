@@ -8,6 +8,7 @@
 #   compile            tests/compile/           4 min    torch.compile / opcheck of ops and losses
 #   triton (interp.)   tests/triton_interpret/  6 min    triton kernels under TRITON_INTERPRET=1 on CPU
 #   triton (compile)   tests/triton_compile/    5 min    compile-only sm_90 / sm_80 checks (no GPU)
+#   cuda (compile)     tests/cuda_compile/      3 min    nvcc -c of csrc/cuda for sm_80 / sm_90 (no GPU)
 #   distributed        tests/distributed/       5 min    multi-process gloo tests: every loss x mode at W=2,3,4, ring memory
 #   examples           tests/examples/          —        examples/ in --quick mode, as subprocesses
 #   benchmark smoke    benchmarks/              —        pytest-benchmark suites, tiny, one round
@@ -79,7 +80,7 @@ run() {
 
 run "main tests" 240 env -u TRITON_INTERPRET "$PY" -m pytest -q tests \
   --ignore=tests/triton_interpret --ignore=tests/triton_compile --ignore=tests/compile \
-  --ignore=tests/distributed --ignore=tests/examples "$@"
+  --ignore=tests/distributed --ignore=tests/examples --ignore=tests/cuda_compile "$@"
 if [ -d tests/compile ]; then
   run "compile" 240 env -u TRITON_INTERPRET "$PY" -m pytest -q tests/compile "$@"
 fi
@@ -88,6 +89,9 @@ if [ -d tests/triton_interpret ]; then
 fi
 if [ -d tests/triton_compile ]; then
   run "triton (compile-only)" 300 env -u TRITON_INTERPRET "$PY" -m pytest -q tests/triton_compile "$@"
+fi
+if [ -d tests/cuda_compile ]; then
+  run "cuda (compile-only)" 180 env -u TRITON_INTERPRET "$PY" -m pytest -q tests/cuda_compile "$@"
 fi
 if [ -d tests/distributed ]; then
   run "distributed" 300 env -u TRITON_INTERPRET "$PY" -m pytest -q tests/distributed "$@"
