@@ -58,7 +58,8 @@ def prepare_features(x_name: str, x, y_name: str, y) -> tuple[torch.Tensor, torc
     check_same_device((x_name, x), (y_name, y))
     check_same_dim(x_name, x, y_name, y)
     dtype = common_dtype(x, y)
-    return x.to(dtype), y.to(dtype)
+    # ``Tensor.to`` to the tensor's own dtype returns it, but still costs a dispatcher call.
+    return (x if x.dtype == dtype else x.to(dtype)), (y if y.dtype == dtype else y.to(dtype))
 
 
 def check_real(name: str, value, kind: str = "a float"):
@@ -201,6 +202,15 @@ def check_scalar(
             )
     if not value_checks_enabled(value):
         return value
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        # One host read instead of a dozen tensor ops (a CPU tensor: no device sync).
+        v = value.item()
+        if not math.isfinite(v):
+            return value  # NaN policy: non-finite values propagate
+        if positive and not v > 0:
+            raise ValueError(f"{name} must be > 0, got {_describe(value.detach())}")
+        _check_representable_number(name, v, dtype, positive, reciprocal)
+        return value
     if isinstance(value, torch.Tensor):
         v = value.detach()
         finite = torch.isfinite(v)
@@ -214,8 +224,25 @@ def check_scalar(
             raise ValueError(f"{name} must be finite, got {value}")
         if positive and not value > 0:
             raise ValueError(f"{name} must be > 0, got {value}")
-        _check_representable(name, torch.tensor(float(value), dtype=torch.float64), dtype, positive, reciprocal)
+        _check_representable_number(name, float(value), dtype, positive, reciprocal)
     return value
+
+
+# |v| in this range survives the cast to fp32 or fp64 finite and nonzero, and so does 1/v.
+_SAFE_MAGNITUDE = (1e-30, 1e30)
+
+
+def _check_representable_number(name: str, v: float, dtype: Optional[torch.dtype], positive: bool,
+                                reciprocal: bool) -> None:
+    """``_check_representable`` of one finite Python float: values of ordinary magnitude (and
+    a zero where zero is allowed) pass without creating a tensor; the rest take the tensor check."""
+    if dtype is None:
+        return
+    if v == 0.0 and not (positive or reciprocal):
+        return
+    if dtype in (torch.float32, torch.float64) and _SAFE_MAGNITUDE[0] <= abs(v) <= _SAFE_MAGNITUDE[1]:
+        return
+    _check_representable(name, torch.tensor(v, dtype=torch.float64), dtype, positive, reciprocal)
 
 
 def _check_representable(name: str, v: torch.Tensor, dtype: Optional[torch.dtype], positive: bool,

@@ -8,6 +8,7 @@ import torch
 from .. import _validation as V
 from .. import distributed as D
 from ..ops import similarity_lse
+from ..ops._primitives import similarity_lse_prevalidated
 from ..ring import similarity_lse_ring
 from ._common import (LabelClasses, attach_unused, compute_dtype, paired_features, reduce, rowwise_dot, scale_as,
                       softplus)
@@ -100,16 +101,37 @@ def clip_loss_core(image_features, text_features, logit_scale, logit_bias=None, 
         # The positive logits are formed before the primitive on purpose: autograd runs the
         # newest node first, so the primitive's backward (and its workspace) finishes before
         # the O(N·D) positive-pair gradients are materialised, one at a time.
-        diag = s * rowwise_dot(x, y)
-        row_lse, col_lse = similarity_lse(x, y, logit_scale, exclude="diagonal", backend=backend)
+        diag = s * _positive_dot(x, y, dt)
+        # x, y and logit_scale were validated above (the primitive's own checks would repeat them).
+        row_lse, col_lse = similarity_lse_prevalidated(x, y, logit_scale, exclude="diagonal", backend=backend)
+        if eps == 0.0:
+            # Rows and columns as one (2, N) pass (fewer ops and autograd nodes: host time is
+            # most of a small batch's cost); the mean over both is the mean of ½·(row + col).
+            terms = softplus(torch.stack((row_lse, col_lse)) - diag)
+            loss = terms.mean() if reduction == "mean" else reduce(0.5 * terms.sum(0), reduction)
+            return attach_unused(loss, logit_bias)
         rows, cols = _diagonal_terms(row_lse, col_lse, diag, eps, s,
                                      lambda: (_mean_logit(x, y, dt), _mean_logit(y, x, dt)))
     else:
-        row_lse, col_lse = similarity_lse(x, y, logit_scale, backend=backend)
+        row_lse, col_lse = similarity_lse_prevalidated(x, y, logit_scale, backend=backend)
         rows = row_lse - s * _target_logit(x, y, labels, eps, dt)
         cols = col_lse - s * _target_logit(y, x, labels, eps, dt)
     loss = reduce(0.5 * (rows + cols), reduction)
     return attach_unused(loss, logit_bias)
+
+
+# Up to this many bytes of one (N, D) feature gradient, the positive pairs' dot product is one
+# autograd op whose backward forms dx and dy together (one N×D temporary more at the peak than
+# ``rowwise_dot``'s two nodes, at most 1 MiB); its two Python nodes cost more host time than a
+# small batch's GEMMs.
+_FUSED_DOT_BYTES = 1 << 20
+
+
+def _positive_dot(x: Tensor, y: Tensor, dt: torch.dtype) -> Tensor:
+    """(N,) ⟨x_i, y_i⟩ in the compute dtype ``dt`` (``rowwise_dot``)."""
+    if x.numel() * x.element_size() <= _FUSED_DOT_BYTES and not torch.is_autocast_enabled(x.device.type):
+        return torch.linalg.vecdot(x if x.dtype == dt else x.to(dt), y if y.dtype == dt else y.to(dt))
+    return rowwise_dot(x, y)
 
 
 def _diagonal_terms(row_lse, col_lse, diag, eps, s, mean_logits):

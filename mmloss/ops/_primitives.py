@@ -163,6 +163,29 @@ def similarity_lse(
         (N·M·4 bytes, held until the backward) and its backward skips the recompute GEMM.
     """
     x, y, scale, bias, name, chunk = _common(x, y, scale, bias, backend, chunk_size)
+    return _similarity_lse(x, y, scale, bias, exclude, offset, x_labels, y_labels, rows, cols, name, chunk,
+                           deterministic)
+
+
+def similarity_lse_prevalidated(
+    x: Tensor, y: Tensor, scale, bias=None, *, exclude: str = "none", offset: int = 0,
+    x_labels: Optional[Tensor] = None, y_labels: Optional[Tensor] = None, rows: bool = True,
+    cols: bool = True, backend: str = "auto", chunk_size: Optional[int] = None,
+    deterministic: Optional[bool] = None,
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """``similarity_lse`` for a loss that has validated its arguments the way ``_common`` does:
+    x, y from ``V.prepare_features`` (one dtype, same device and D), scale / bias from
+    ``V.check_scalar`` with x's device and compute dtype (0-d or float here). The checks that
+    would only repeat those are skipped (they cost more host time than a small call's GEMMs);
+    the backend, chunk size, marks and flags are validated as in ``similarity_lse``."""
+    name = resolve_backend(backend, x.device, x.dtype)
+    return _similarity_lse(x, y, scale, bias, exclude, offset, x_labels, y_labels, rows, cols, name,
+                           check_chunk_size(chunk_size), deterministic)
+
+
+def _similarity_lse(x, y, scale, bias, exclude, offset, x_labels, y_labels, rows, cols, name, chunk,
+                    deterministic):
+    """``similarity_lse`` after ``_common``: marks and flags, then the backend."""
     x_labels, y_labels = check_marks("exclude", exclude, offset, x_labels, y_labels, x.shape[0], y.shape[0],
                                       x.device)
     V.check_bool("rows", rows)
@@ -178,7 +201,8 @@ def similarity_lse(
         )
     scale_t, scale_value, bias_t, bias_value = scale_and_bias(x, scale, bias)
     # Kept logits only pay off when a backward will read them.
-    wants_grad = any(requires_grad(t) for t in (x, y, scale, bias))
+    wants_grad = torch.is_grad_enabled() and (
+        x.requires_grad or y.requires_grad or requires_grad(scale) or requires_grad(bias))
     row, col, _, _, _ = SIMILARITY_LSE(
         x=x, y=y, scale=scale_t, scale_value=scale_value, bias=bias_t, bias_value=bias_value,
         exclude=exclude, offset=offset, x_labels=x_labels, y_labels=y_labels, rows=rows, cols=cols,

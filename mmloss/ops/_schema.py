@@ -127,9 +127,16 @@ class Primitive:
         (every argument named: the call then reads like the declaration). The compiled
         backends go straight to ``mmloss_C::<name>``, whose autograd is C++."""
         if named:
-            args = args + tuple(named[a.name] for a in self.args[len(args):])
-        if args[self._backend_slot] in COMPILED_BACKENDS:
-            return compiled_op(self.name)(*args)
+            args = args + tuple(named[name] for name in self.ops["arg_names"][len(args):])
+        if args[self.ops["backend_slot"]] in COMPILED_BACKENDS:
+            # The op's single overload, looked up once (the packet's overload resolution and
+            # the module import cost more than a small call's epilogue).
+            op = self.ops.get("compiled_forward")
+            if op is None:
+                op = compiled_op(self.name).default
+                if not torch.compiler.is_compiling():
+                    self.ops["compiled_forward"] = op
+            return op(*args)
         return self.ops["forward"](*args)
 
     def run_backward(self, *args):
@@ -201,6 +208,7 @@ def register(p: Primitive) -> Primitive:
             out = p.forward(p.backend_module(params.backend), p.spec(params), params)
         return tuple(_empty_if_none(t, x) for t in out) if len(p.outputs) > 1 else out
 
+    p.ops["arg_names"] = tuple(a.name for a in p.args)
     p.ops["backend_slot"] = next(i for i, a in enumerate(p.args) if a.name == "backend")
     forward = torch.library.custom_op(f"mmloss::{p.name}", forward_impl, mutates_args=(), schema=p.schema)
     forward.register_fake(lambda *args: p.fake(Params._make(args)))
