@@ -27,8 +27,17 @@ FOUNDATION_OPS = {"similarity_lse", "similarity_lse_backward", "pairwise_sigmoid
                   "pairwise_sigmoid_sum"}
 
 
+# The backends whose ops opcheck covers: the Python ops ``mmloss::*`` (torch backend) and, when
+# mmloss._C is built, the compiled ``mmloss_C::*`` (cpu backend). Named explicitly: "auto" picks
+# cpu where it is built, and the torch backend must stay covered.
+OP_BACKENDS = {"torch": "mmloss"}
+if mmloss.available_backends()["cpu"] is None:
+    OP_BACKENDS["cpu"] = "mmloss_C"
+
+
 class RecordMmlossOps(TorchDispatchMode):
-    """Records (op, args, kwargs) of every ``torch.ops.mmloss.*`` call that reaches dispatch."""
+    """Records (op, args, kwargs) of every ``torch.ops.mmloss.*`` / ``torch.ops.mmloss_C.*`` call
+    that reaches dispatch."""
 
     def __init__(self):
         super().__init__()
@@ -36,7 +45,7 @@ class RecordMmlossOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace == "mmloss":
+        if func.namespace in ("mmloss", "mmloss_C"):
             self.calls.append((func, args, kwargs))
         return func(*args, **kwargs)
 
@@ -72,10 +81,12 @@ COMBINATIONS = {
 }
 
 
-def _record(combination: str):
-    """Run one combination forward and backward (random upstream weights) under the recorder."""
+def _record(combination: str, backend: str = "torch"):
+    """Run one combination forward and backward (random upstream weights) on ``backend``
+    (what "auto" resolves to, via MMLOSS_BACKEND) under the recorder."""
     x, y = pair(7, 5, 3, seed=3)
-    with RecordMmlossOps() as recorder:
+    with pytest.MonkeyPatch.context() as mp, RecordMmlossOps() as recorder:
+        mp.setenv("MMLOSS_BACKEND", backend)
         out = COMBINATIONS[combination](x, y)
         outs = [t for t in (out if isinstance(out, tuple) else (out,)) if t is not None]
         g = torch.Generator().manual_seed(4)
@@ -93,11 +104,13 @@ def _fresh(arg, keep_grad: bool):
     return arg
 
 
+@pytest.mark.parametrize("backend", list(OP_BACKENDS))
 @pytest.mark.parametrize("combination", list(COMBINATIONS))
-def test_opcheck(combination):
-    calls = _record(combination)
+def test_opcheck(combination, backend):
+    calls = _record(combination, backend)
     names = {_op_name(func) for func, _, _ in calls}
-    assert names, "no torch.ops.mmloss op was reached"
+    assert names, f"no torch.ops.{OP_BACKENDS[backend]} op was reached"
+    assert {func.namespace for func, _, _ in calls} == {OP_BACKENDS[backend]}
     for func, args, kwargs in calls:
         # Forward ops are checked with their inputs requiring grad (autograd registration and
         # the backward through AOT dispatch); backward ops with plain inputs, since their own
@@ -108,12 +121,14 @@ def test_opcheck(combination):
         torch.library.opcheck(func, fresh_args, fresh_kwargs)
 
 
-def test_opcheck_covers_every_foundation_op():
+@pytest.mark.parametrize("backend", list(OP_BACKENDS))
+def test_opcheck_covers_every_foundation_op(backend):
     reached = set()
     for combination in COMBINATIONS:
-        reached |= {_op_name(func) for func, _, _ in _record(combination)}
-    missing = {name for name in FOUNDATION_OPS if not hasattr(torch.ops.mmloss, name)}
-    assert not missing, f"not registered in torch.ops.mmloss: {missing}"
+        reached |= {_op_name(func) for func, _, _ in _record(combination, backend)}
+    namespace = getattr(torch.ops, OP_BACKENDS[backend])
+    missing = {name for name in FOUNDATION_OPS if not hasattr(namespace, name)}
+    assert not missing, f"not registered in torch.ops.{OP_BACKENDS[backend]}: {missing}"
     assert FOUNDATION_OPS <= reached, f"never exercised by opcheck: {FOUNDATION_OPS - reached}"
 
 
