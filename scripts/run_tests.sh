@@ -7,7 +7,8 @@
 #   main tests         tests/ (the rest)        4 min    reference oracle, torch backend, losses, API
 #   compile            tests/compile/           4 min    torch.compile / opcheck of ops and losses
 #   triton (interp.)   tests/triton_interpret/  6 min    triton kernels under TRITON_INTERPRET=1 on CPU
-#   triton (compile)   tests/triton_compile/    5 min    compile-only sm_90 / sm_80 checks (no GPU)
+#   triton (compile)   tests/triton_compile/    5 min    compile-only sm_90 / sm_80 checks (no GPU), incl. the
+#                                                        register-spill matrix (~140 cold compiles; 2 xdist workers)
 #   cuda (compile)     tests/cuda_compile/      3 min    nvcc -c of csrc/cuda for sm_80 / sm_90 (no GPU)
 #   distributed        tests/distributed/       5 min    multi-process gloo tests: every loss x mode at W=2,3,4, ring memory
 #   examples           tests/examples/          —        examples/ in --quick mode, as subprocesses
@@ -88,7 +89,10 @@ if [ -d tests/triton_interpret ]; then
   run "triton (interpreter)" 360 env TRITON_INTERPRET=1 "$PY" -m pytest -q tests/triton_interpret "$@"
 fi
 if [ -d tests/triton_compile ]; then
-  run "triton (compile-only)" 300 env -u TRITON_INTERPRET "$PY" -m pytest -q tests/triton_compile "$@"
+  # Compiles are single-threaded (ptxas): two workers use both cores when pytest-xdist is here.
+  xdist=()
+  if "$PY" -c "import xdist" >/dev/null 2>&1; then xdist=(-n 2); fi
+  run "triton (compile-only)" 300 env -u TRITON_INTERPRET "$PY" -m pytest -q "${xdist[@]}" tests/triton_compile "$@"
 fi
 if [ -d tests/cuda_compile ]; then
   run "cuda (compile-only)" 180 env -u TRITON_INTERPRET "$PY" -m pytest -q tests/cuda_compile "$@"
