@@ -37,9 +37,19 @@ _TENSOR_TYPES = ("Tensor", "Tensor?")
 COMPILED_BACKENDS = ("cpu", "cuda")
 
 
+@torch.compiler.assume_constant_result
+def _compiled_loaded() -> bool:
+    """Import ``mmloss._C`` (registering its ops) once. A constant to ``torch.compile``, which
+    runs it eagerly while tracing: dynamo does not trace ``importlib``."""
+    from .. import _extension
+
+    _extension.load()
+    return True
+
+
 def compiled_op(name: str):
-    """The compiled extension's op ``mmloss_C::<name>`` (importing ``mmloss._C`` registers it)."""
-    importlib.import_module("mmloss._C")
+    """The compiled extension's op ``mmloss_C::<name>``."""
+    _compiled_loaded()
     return getattr(torch.ops.mmloss_C, name)
 
 
@@ -129,13 +139,15 @@ class Primitive:
         if named:
             args = args + tuple(named[name] for name in self.ops["arg_names"][len(args):])
         if args[self.ops["backend_slot"]] in COMPILED_BACKENDS:
-            # The op's single overload, looked up once (the packet's overload resolution and
-            # the module import cost more than a small call's epilogue).
+            if torch.compiler.is_compiling():
+                # No cache read while tracing: a guard on it would recompile once an eager
+                # call fills it.
+                return compiled_op(self.name).default(*args)
+            # Eager: the op's single overload, looked up once (the packet's overload resolution
+            # and the loading check cost more than a small call's epilogue).
             op = self.ops.get("compiled_forward")
             if op is None:
-                op = compiled_op(self.name).default
-                if not torch.compiler.is_compiling():
-                    self.ops["compiled_forward"] = op
+                op = self.ops["compiled_forward"] = compiled_op(self.name).default
             return op(*args)
         return self.ops["forward"](*args)
 
