@@ -13,6 +13,8 @@ the per-call median and min over rounds in microseconds. Run it with one thread
 Cases (inputs as ``python -m mmloss.bench`` makes them: L2-normalised fp32 leaves requiring grad,
 0-d fp32 scale / bias tensors without grad):
 
+- ``ops`` (opt-in): ``gemm1`` (one x·yᵀ) and ``torch.ops.mmloss_C.similarity_lse{,_backward}``
+  called directly on detached inputs (the C++ op alone, no wrapper or autograd);
 - ``gemm4``: the 4 products of the similarity_lse shapes (x·yᵀ twice, G·y, Gᵀ·x), no autograd;
 - ``lse[b]``: ``similarity_lse(x, y, s, exclude="diagonal", backend=b)`` and the backward of
   ``½·(mean row + mean col)`` (the bench's ``lse`` case);
@@ -61,6 +63,19 @@ def _cases(batch: int, dim: int, backends: list[str], which: list[str]):
                 (0.5 * (row.mean() + col.mean())).backward()
                 clear()
             out.append((f"lse[{b}] B={batch}", lse))
+    if "ops" in which:
+        # The compiled ops called directly (no Python wrapper, no autograd graph: x, y detached):
+        # what the C++ op costs above its GEMMs (1 forward, 3 backward).
+        import mmloss._C  # noqa: F401  (registers torch.ops.mmloss_C)
+        fwd_op = torch.ops.mmloss_C.similarity_lse.default
+        bwd_op = torch.ops.mmloss_C.similarity_lse_backward.default
+        args = (xd, yd, s, 1.0, None, 0.0, "diagonal", 0, None, None, True, True, "cpu", 0, False, 0)
+        _, _, rs, cs, lg = fwd_op(*args)
+        g = torch.full((batch,), 0.5 / batch)
+        out.append((f"gemm1 B={batch}", lambda: torch.mm(xd, yd.T)))
+        out.append((f"lse op fwd B={batch}", lambda: fwd_op(*args)))
+        out.append((f"lse op bwd B={batch}", lambda: bwd_op(g, g, *args[:12], "cpu", 0, False, 0, rs, cs, lg,
+                                                            True, True, False, False)))
     if "clip" in which:
         for b in backends:
             def clip(b=b):
@@ -114,7 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="64,256", help="batch sizes B, comma list (default 64,256)")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--backends", default="cpu,torch", help="mmloss backends (default cpu,torch)")
-    p.add_argument("--cases", default="lse,clip,siglip", help="comma list of lse, clip, siglip")
+    p.add_argument("--cases", default="lse,clip,siglip",
+                   help="comma list of lse, clip, siglip, ops (the compiled similarity_lse ops called directly)")
     p.add_argument("--rounds", type=int, default=15, help="alternated rounds (default 15)")
     p.add_argument("--calls", type=int, default=100, help="calls per case per round (default 100)")
     a = p.parse_args(argv)

@@ -204,40 +204,37 @@ struct LseFunction : public torch::autograd::Function<LseFunction> {
                             cs, logits});
     Edges e;
     const int ex = e.add(true), ey = e.add(true), es = e.add(defined(scale)), eb = e.add(defined(bias));
-    ctx->saved_data["edges"] = std::vector<int64_t>{ex, ey, es, eb};
-    ctx->saved_data["sv"] = sv;
-    ctx->saved_data["bv"] = bv;
-    ctx->saved_data["exclude"] = std::string(exclude);
-    ctx->saved_data["offset"] = offset;
-    ctx->saved_data["rows"] = rows;
-    ctx->saved_data["cols"] = cols;
-    ctx->saved_data["backend"] = std::string(backend);
-    ctx->saved_data["chunk"] = chunk;
-    ctx->saved_data["det"] = det;
-    ctx->saved_data["budget"] = budget;
+    // Four entries (not one per argument): each saved_data entry costs a string hash and an
+    // allocation, which shows at small sizes. "i": edges of x, y, scale, bias, then offset, rows,
+    // cols, chunk, det, budget; "f": scale_value, bias_value; "e": exclude; "b": backend.
+    ctx->saved_data["i"] = std::vector<int64_t>{ex, ey, es, eb, offset, rows, cols, chunk, det, budget};
+    ctx->saved_data["f"] = std::vector<double>{sv, bv};
+    ctx->saved_data["e"] = std::string(exclude);
+    ctx->saved_data["b"] = std::string(backend);
     return {row, col, rs, cs, logits};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto edges = ctx->saved_data["edges"].toIntVector();
-    const bool nx = needs(ctx, edges[0]), ny = needs(ctx, edges[1]), ns = needs(ctx, edges[2]),
-               nb = needs(ctx, edges[3]);
-    const bool rows = get_bool(ctx, "rows"), cols = get_bool(ctx, "cols");
+    const auto iv = ctx->saved_data["i"].toIntVector();
+    const auto fv = ctx->saved_data["f"].toDoubleVector();
+    const bool nx = needs(ctx, iv[0]), ny = needs(ctx, iv[1]), ns = needs(ctx, iv[2]), nb = needs(ctx, iv[3]);
+    const int64_t offset = iv[4], chunk = iv[7], budget = iv[9];
+    const bool rows = iv[5] != 0, cols = iv[6] != 0, det = iv[8] != 0;
     OptTensor gr = rows ? undef_to_opt(grads[0]) : OptTensor();
     OptTensor gc = cols ? undef_to_opt(grads[1]) : OptTensor();
     variable_list out(16);
     if ((!gr && !gc) || !(nx || ny || ns || nb)) return out;
     auto s = ctx->get_saved_variables();
-    const std::string exclude = get_str(ctx, "exclude"), backend = get_str(ctx, "backend");
+    const std::string& exclude = ctx->saved_data["e"].toStringRef();
+    const std::string& backend = ctx->saved_data["b"].toStringRef();
     static auto op = op_handle<LseBwdFn>("mmloss_C::similarity_lse_backward");
     // Below autograd unless a graph of the backward is being built (create_graph=True), where the
     // backward op's autograd kernel records the node that raises on double backward.
     std::optional<at::AutoDispatchBelowADInplaceOrView> below;
     if (!at::GradMode::is_enabled()) below.emplace();
-    auto r = op.call(gr, gc, s[0], s[1], undef_to_opt(s[2]), get_double(ctx, "sv"), undef_to_opt(s[3]),
-                     get_double(ctx, "bv"), exclude, get_int(ctx, "offset"), undef_to_opt(s[4]), undef_to_opt(s[5]),
-                     rows, cols, backend, get_int(ctx, "chunk"), get_bool(ctx, "det"), get_int(ctx, "budget"), s[6],
-                     s[7], s[8], nx, ny, ns, nb);
+    auto r = op.call(gr, gc, s[0], s[1], undef_to_opt(s[2]), fv[0], undef_to_opt(s[3]), fv[1], exclude, offset,
+                     undef_to_opt(s[4]), undef_to_opt(s[5]), rows, cols, backend, chunk, det, budget, s[6], s[7],
+                     s[8], nx, ny, ns, nb);
     if (nx) out[0] = std::get<0>(r);
     if (ny) out[1] = std::get<1>(r);
     if (ns) out[2] = std::get<2>(r);

@@ -55,6 +55,9 @@ struct Epilogues {
                       const scalar_t* row_max_s, const scalar_t* row_w_s, const scalar_t* row_max_t,
                       const scalar_t* row_w_t, const scalar_t* col_max_s, const scalar_t* col_w_s,
                       const scalar_t* col_max_t, const scalar_t* col_w_t);
+  // out[k] = in[k]·mult for k < n (contiguous; out may equal in): one IEEE product per element,
+  // so the values are those of the scalar loop on any ISA.
+  void (*scale_copy)(const scalar_t* in, scalar_t* out, int64_t n, scalar_t mult);
 };
 
 // One table per instruction set and dtype (defined in epilogue_<isa>.cpp).

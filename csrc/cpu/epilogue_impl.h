@@ -370,6 +370,18 @@ void kl_backward(S* Sm, const S* Tm, int64_t ld, int64_t rows, int64_t m, const 
   }
 }
 
+// ----------------------------------------------------------------------------- operands
+
+template <typename S>
+void scale_copy(const S* in, S* out, int64_t n, S mult) {
+  using V = Vec<S>;
+  constexpr int64_t w = W<S>;
+  const V vm(mult);
+  int64_t j = 0;
+  for (; j + w <= n; j += w) (V::loadu(in + j) * vm).store(out + j);
+  if (j < n) (V::loadu(in + j, n - j) * vm).store(out + j, n - j);
+}
+
 template <typename S>
 Epilogues<S> make_table() {
   Epilogues<S> e;
@@ -378,6 +390,7 @@ Epilogues<S> make_table() {
   e.sigmoid = &sigmoid_block<S>;
   e.kl_forward = &kl_forward<S>;
   e.kl_backward = &kl_backward<S>;
+  e.scale_copy = &scale_copy<S>;
   return e;
 }
 

@@ -33,6 +33,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "epilogue.h"
@@ -217,6 +218,16 @@ struct Side {
   template <typename In>
   void rows_into(const In* base, int64_t i0, int64_t i1, S* out, bool scaled) const {
     const int64_t s0 = x.stride(0), s1 = x.stride(1);
+    if constexpr (std::is_same_v<In, S>) {
+      if (s1 == 1) {
+        // Same dtype, unit column stride: the vectorised product (same values as the loop below).
+        const auto scale_copy = epilogues<S>().scale_copy;
+        const S* sr = per_row() ? scale_rows.data_ptr<S>() : nullptr;
+        for (int64_t i = i0; i < i1; ++i)
+          scale_copy(base + i * s0, out + (i - i0) * d, d, scaled ? (sr ? sr[i] : scale) : S(1));
+        return;
+      }
+    }
     for (int64_t i = i0; i < i1; ++i) {
       const In* row = base + i * s0;
       S* o = out + (i - i0) * d;
@@ -245,10 +256,11 @@ struct Side {
   // Multiply rows [i0, i1) of a contiguous (c, D) tensor by their scale in place.
   void scale_rows_of(Tensor& a, int64_t i0, int64_t i1) const {
     S* p = a.data_ptr<S>();
+    const auto scale_copy = epilogues<S>().scale_copy;
+    const S* sr = per_row() ? scale_rows.data_ptr<S>() : nullptr;
     for (int64_t i = i0; i < i1; ++i) {
-      const S mult = scale_of(i);
       S* row = p + (i - i0) * d;
-      for (int64_t k = 0; k < d; ++k) row[k] *= mult;
+      scale_copy(row, row, d, sr ? sr[i] : scale);
     }
   }
 };
