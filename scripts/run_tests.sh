@@ -7,6 +7,7 @@
 #   main tests         tests/ (the rest)        4 min    reference oracle, torch backend, losses, API
 #   compile            tests/compile/           4 min    torch.compile / opcheck of ops and losses
 #   triton (interp.)   tests/triton_interpret/  6 min    triton kernels under TRITON_INTERPRET=1 on CPU
+#   triton (gemm)      tests/triton_interpret/  5 min    the same suites forced onto the triton gemm path
 #   triton (compile)   tests/triton_compile/    5 min    compile-only sm_90 / sm_80 checks (no GPU), incl. the
 #                                                        register-spill matrix (~140 cold compiles; 2 xdist workers)
 #   cuda (compile)     tests/cuda_compile/      3 min    nvcc -c of csrc/cuda for sm_80 / sm_90 (no GPU)
@@ -87,6 +88,14 @@ if [ -d tests/compile ]; then
 fi
 if [ -d tests/triton_interpret ]; then
   run "triton (interpreter)" 360 env TRITON_INTERPRET=1 "$PY" -m pytest -q tests/triton_interpret "$@"
+fi
+if [ -d tests/triton_interpret ]; then
+  # The same suites on the triton backend's gemm path (vendor GEMM blocks + fused epilogues),
+  # forced, with 4 KiB blocks so chunk edges cut rows and columns unevenly. test_modes captures
+  # fused launches and test_gemm_path / test_fp32_precision_api choose their paths themselves.
+  run "triton (interp., gemm)" 300 env TRITON_INTERPRET=1 MMLOSS_TRITON_PATH=gemm MMLOSS_GEMM_PATH_BYTES=4KiB \
+    "$PY" -m pytest -q tests/triton_interpret --ignore=tests/triton_interpret/test_modes.py \
+    --ignore=tests/triton_interpret/test_gemm_path.py --ignore=tests/triton_interpret/test_fp32_precision_api.py "$@"
 fi
 if [ -d tests/triton_compile ]; then
   # Compiles are single-threaded (ptxas): two workers use both cores when pytest-xdist is here.
