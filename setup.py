@@ -94,7 +94,11 @@ def _extensions():
         return [], {}
 
     sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/register.cpp", "csrc/module.cpp"]
-    cxx_flags = ["-O3", "-g0", "-Wno-unknown-pragmas", "-Wno-psabi", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+    # -fopenmp: ATen's at::parallel_for is a header template that runs its whole range on the
+    # calling thread unless _OPENMP is defined (torch's CPU builds use OpenMP); without it every
+    # epilogue pass ran on one thread. The extension then binds to torch's own libgomp.
+    cxx_flags = ["-O3", "-g0", "-fopenmp", "-Wno-unknown-pragmas", "-Wno-psabi", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+    link_args = ["-fopenmp"]
     define_macros = []
     # cpp_extension adds torch's own nvcc flags (the -std of the torch build, the __CUDA_NO_HALF*
     # defines); scripts/compile_cuda.sh compiles the same sources the same way in CI.
@@ -118,10 +122,11 @@ def _extensions():
         define_macros.append(("MMLOSS_CUDA_SOURCES", f'"{_cuda_sources_hash()}"'))
         cuda_host = sorted(glob.glob("csrc/cuda/*.cpp"))  # host glue + TORCH_LIBRARY_IMPL(…, CUDA)
         ext = CUDAExtension("mmloss._C", sources + cuda_host + cu_sources, define_macros=define_macros,
-                            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, **common)
+                            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_args,
+                            **common)
     else:
         ext = CppExtension("mmloss._C", sources, define_macros=define_macros,
-                           extra_compile_args={"cxx": cxx_flags}, **common)
+                           extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_args, **common)
     strict = cpp == "1"
 
     class Build(BuildExtension):

@@ -33,6 +33,11 @@ pybind11::dict build_info() {
 #else
   d["cuda"] = false;
 #endif
+#ifdef _OPENMP
+  d["openmp"] = true;  // at::parallel_for really runs the epilogue passes in parallel
+#else
+  d["openmp"] = false;
+#endif
   d["cpu_isa"] = mmloss::cpu::epilogue_isa();
   d["cpu_isas_built"] = mmloss::cpu::epilogue_isas_built();
 #ifdef MMLOSS_BUILD_FLAGS

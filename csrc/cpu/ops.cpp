@@ -39,6 +39,12 @@
 #include "epilogue.h"
 #include "mmloss/tile_math.h"
 
+// at::parallel_for is header-only: without -fopenmp (_OPENMP undefined) it runs every epilogue
+// region on the calling thread while torch's own ops use all threads (issue 12).
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+#warning "mmloss cpu backend built without -fopenmp: at::parallel_for regions run on one thread"
+#endif
+
 namespace mmloss {
 namespace cpu {
 
