@@ -155,6 +155,19 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t block_grain(int64_t m) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, RB * m)); }
 
+// fn(b, r0, rr) for every RB-row block b (rows [r0, r0 + rr)) of a c-row chunk, the blocks in
+// parallel. Each block owns its rows and its column-partial slot b, and the partials are merged
+// in block order afterwards, so results never depend on the thread count.
+template <typename F>
+void for_each_row_block(int64_t c, int64_t m, const F& fn) {
+  at::parallel_for(0, ceil_div(c, RB), block_grain(m), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * RB;
+      fn(b, r0, std::min(RB, c - r0));
+    }
+  });
+}
+
 // ----------------------------------------------------------------------------- arguments
 
 int mark_kind(Str name, const char* arg) {
@@ -416,13 +429,10 @@ Tensor5 lse_forward_impl(const Tensor& x, const Tensor& y, const OptTensor& scal
     at::mm_out(chunk, sxc, side.y.t());
     S* sp = chunk.data_ptr<S>();
     const int64_t nb = ceil_div(c, RB);
-    at::parallel_for(0, nb, block_grain(m), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t r0 = b * RB, rr = std::min(RB, c - r0);
-        S* pb = cols ? part + b * 3 * m : nullptr;
-        ep.lse_forward(sp + r0 * m, m, rr, m, i0 + r0, mh.marks, true, rows ? rshift + i0 + r0 : nullptr,
-                       rows ? rsum + i0 + r0 : nullptr, pb, cols ? pb + m : nullptr, cols ? pb + 2 * m : nullptr);
-      }
+    for_each_row_block(c, m, [&](int64_t b, int64_t r0, int64_t rr) {
+      S* pb = cols ? part + b * 3 * m : nullptr;
+      ep.lse_forward(sp + r0 * m, m, rr, m, i0 + r0, mh.marks, true, rows ? rshift + i0 + r0 : nullptr,
+                     rows ? rsum + i0 + r0 : nullptr, pb, cols ? pb + m : nullptr, cols ? pb + 2 * m : nullptr);
     });
     if (cols) {
       // Merge the block partials into the running column statistics, in block order.
@@ -535,13 +545,9 @@ Tensor4 lse_backward_impl(const OptTensor& grad_row, const OptTensor& grad_col, 
       src = g.data_ptr<S>();
     }
     S* gp = g.data_ptr<S>();
-    const int64_t nb = ceil_div(c, RB);
-    at::parallel_for(0, nb, block_grain(m), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t r0 = b * RB, rr = std::min(RB, c - r0);
-        ep.lse_backward(src + r0 * m, m, gp + r0 * m, m, rr, m, i0 + r0, mh.marks, !keep,
-                        rs ? rs + i0 + r0 : nullptr, rw ? rw + i0 + r0 : nullptr, cs, cw);
-      }
+    for_each_row_block(c, m, [&](int64_t, int64_t r0, int64_t rr) {
+      ep.lse_backward(src + r0 * m, m, gp + r0 * m, m, rr, m, i0 + r0, mh.marks, !keep,
+                      rs ? rs + i0 + r0 : nullptr, rw ? rw + i0 + r0 : nullptr, cs, cw);
     });
     fg.add_chunk(i0, i1, g, sxc);
   }
@@ -602,14 +608,10 @@ Tensor5 sigmoid_impl(int mode, const OptTensor& grad_rows, const Tensor& x, cons
       side.scaled_x(i0, i1, sxc);
       at::mm_out(t, sxc, side.y.t());
       S* tp = t.data_ptr<S>();
-      const int64_t nb = ceil_div(c, RB);
-      at::parallel_for(0, nb, block_grain(m), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t r0 = b * RB, rr = std::min(RB, c - r0);
-          ep.sigmoid(tp + r0 * m, m, rr, m, i0 + r0, mh.marks, bias_v, loss_p ? loss_p + i0 + r0 : nullptr, want_grad,
-                     g_p ? g_p + i0 + r0 : nullptr, gsum_p ? gsum_p + i0 + r0 : nullptr,
-                     sign_p ? sign_p + b * m : nullptr);
-        }
+      for_each_row_block(c, m, [&](int64_t b, int64_t r0, int64_t rr) {
+        ep.sigmoid(tp + r0 * m, m, rr, m, i0 + r0, mh.marks, bias_v, loss_p ? loss_p + i0 + r0 : nullptr, want_grad,
+                   g_p ? g_p + i0 + r0 : nullptr, gsum_p ? gsum_p + i0 + r0 : nullptr,
+                   sign_p ? sign_p + b * m : nullptr);
       });
       if (want_grad && any_feature) fg->add_chunk(i0, i1, t, sxc);
     }
@@ -674,12 +676,9 @@ Tensor4 kl_forward_impl(const Tensor& x_s, const Tensor& y_s, const Tensor& x_t,
     const S* sp = s.data_ptr<S>();
     const S* tp = t.data_ptr<S>();
     const int64_t nb = ceil_div(c, RB);
-    at::parallel_for(0, nb, block_grain(m), [&](int64_t b0, int64_t b1) {
-      for (int64_t bb = b0; bb < b1; ++bb) {
-        const int64_t r0 = bb * RB, rr = std::min(RB, c - r0);
-        ep.kl_forward(sp + r0 * m, tp + r0 * m, m, rr, m, ce, rows ? rr_p + i0 + r0 : nullptr, n,
-                      cols ? part + bb * 6 * m : nullptr);
-      }
+    for_each_row_block(c, m, [&](int64_t b, int64_t r0, int64_t rr) {
+      ep.kl_forward(sp + r0 * m, tp + r0 * m, m, rr, m, ce, rows ? rr_p + i0 + r0 : nullptr, n,
+                    cols ? part + b * 6 * m : nullptr);
     });
     if (cols) {
       at::parallel_for(0, m, kGrainElems / std::max<int64_t>(1, nb), [&](int64_t j0, int64_t j1) {
@@ -773,14 +772,11 @@ Tensor3 kl_backward_impl(const OptTensor& grad_row, const OptTensor& grad_col, c
     at::mm_out(t, b, tt.y.t());
     S* sp = s.data_ptr<S>();
     const S* tp = t.data_ptr<S>();
-    const int64_t nb = ceil_div(c, RB);
-    at::parallel_for(0, nb, block_grain(m), [&](int64_t b0, int64_t b1) {
-      for (int64_t bb = b0; bb < b1; ++bb) {
-        const int64_t r0 = bb * RB, rr = std::min(RB, c - r0), i = i0 + r0;
-        ep.kl_backward(sp + r0 * m, tp + r0 * m, m, rr, m, r ? r + i : nullptr, r ? r + n + i : nullptr,
-                       r ? r + 2 * n + i : nullptr, r ? r + 3 * n + i : nullptr, cc, cc ? cc + m : nullptr,
-                       cc ? cc + 2 * m : nullptr, cc ? cc + 3 * m : nullptr);
-      }
+    for_each_row_block(c, m, [&](int64_t, int64_t r0, int64_t rr) {
+      const int64_t i = i0 + r0;
+      ep.kl_backward(sp + r0 * m, tp + r0 * m, m, rr, m, r ? r + i : nullptr, r ? r + n + i : nullptr,
+                     r ? r + 2 * n + i : nullptr, r ? r + 3 * n + i : nullptr, cc, cc ? cc + m : nullptr,
+                     cc ? cc + 2 * m : nullptr, cc ? cc + 3 * m : nullptr);
     });
     fg.add_chunk(i0, i1, s, a);
   }
