@@ -89,6 +89,12 @@ def main() -> None:
         assert worst < 1e-4, f"DDP and single-process parameters differ (relative {worst:.2e})"
         if rank == 0:
             print(f"parameters match single-process training (max relative difference {worst:.1e})")
+    # Tear down while the interpreter is fully alive and no collective is in flight: freeing the
+    # DDP reducer (and with it the gloo group) at interpreter exit once deadlocked in CI — the
+    # group's destructor joined gloo's loop thread while holding the GIL, and that thread waited
+    # for the GIL to release state of a finished send.
+    dist.barrier()
+    del ddp, optimizer
     dist.destroy_process_group()
 
 
