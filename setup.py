@@ -12,8 +12,8 @@ against it. Metadata lives in pyproject.toml.
   torch is a CUDA build and nvcc is found (auto: only then; 1: required).
 - ``MAX_JOBS`` limits ninja's parallel compile jobs (torch.utils.cpp_extension).
 
-The CPU part is four translation units (ops, registration, the AVX2 and portable epilogues)
-plus the pybind11 module: ~1–2 minutes on two cores, incremental with ninja.
+The CPU part is five translation units (ops, registration, the AVX-512, AVX2 and portable
+epilogues) plus the pybind11 module: ~1–2 minutes on two cores, incremental with ninja.
 """
 import glob
 import os

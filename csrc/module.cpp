@@ -1,6 +1,7 @@
 // The Python module mmloss._C: importing it loads this library, whose static initialisers
 // register the mmloss_C ops (register.cpp). Its one function reports how it was built.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/csrc/api/include/torch/version.h>
 
 #include "cpu/ops.h"
@@ -54,4 +55,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info,
         "dict: compiler, torch version built against, cuda (CUDA part built), cpu_isa (epilogue instruction set "
         "in use), cpu_isas_built");
+  m.def("logit_blocks", &mmloss::cpu::logit_blocks, pybind11::arg("n"), pybind11::arg("m"), pybind11::arg("d"),
+        pybind11::arg("elem"), pybind11::arg("chunk_size") = 0,
+        "(rows, columns) of the blocks the cpu backend's similarity_lse / pairwise_sigmoid passes cut an n x m "
+        "logit matrix into (d features of elem bytes; MMLOSS_CHUNK_BYTES and chunk_size apply)");
 }

@@ -49,7 +49,7 @@ def extension_error() -> Optional[str]:
 def build_info() -> dict:
     """What ``mmloss._C`` was built with ({} when it is not built): compiler, torch (the version
     built against), cuda (whether the CUDA part is in), cpu_isa (the CPU epilogue instruction set
-    in use; ``MMLOSS_CPU_ISA=default`` forces the portable one), cpu_isas_built, op_namespace."""
+    in use: avx512, avx2 or default; ``MMLOSS_CPU_ISA`` forces one), cpu_isas_built, op_namespace."""
     module, _ = _load()
     if module is None:
         return {}

@@ -240,6 +240,73 @@ def test_similarity_lse_kept_logits(dtype):
     assert torch.equal(xr.grad, kept[0]) and torch.equal(yr.grad, kept[1])
 
 
+def test_logit_blocks_plan(monkeypatch):
+    """Default plan: whole rows while the strip is thick (or one chunk holds every row), near-square
+    blocks when it would be thin; chunk_size sets both edges."""
+    C = _extension.load()
+    monkeypatch.delenv("MMLOSS_CHUNK_BYTES", raising=False)
+    assert C.logit_blocks(64, 64, 64, 4) == (64, 64)  # one chunk
+    br, bc = C.logit_blocks(8192, 8192, 512, 4)  # 16 MiB: a 398-row strip → ~1400² blocks
+    assert 1024 <= br <= 2048 and 1024 <= bc <= 2048 and bc % 16 == 0
+    assert br * (bc + 2 * 512) * 4 <= 16 << 20
+    assert C.logit_blocks(100, 90, 8, 4, 7) == (7, 7) and C.logit_blocks(5, 3, 8, 4, 7) == (5, 3)
+    monkeypatch.setenv("MMLOSS_CHUNK_BYTES", "64KiB")
+    assert C.logit_blocks(300, 300, 20, 4) == (75, 112)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_blocked_default_plan_matches_reference(dtype, monkeypatch):
+    """A small MMLOSS_CHUNK_BYTES makes the default plan cut rows and columns (4 × 3 blocks, the
+    last column block ragged): statistics, losses and gradients of similarity_lse (labels and an
+    offset diagonal) and the SigLIP sum against the float64 reference."""
+    monkeypatch.setenv("MMLOSS_CHUNK_BYTES", "64KiB")
+    n, m, d = 300, 300, 20
+    assert _extension.load().logit_blocks(n, m, d, 4)[1] < m
+    x = features(n, d, dtype=dtype, seed=11, noncontig=True)
+    y = features(m, d, dtype=dtype, seed=12)
+    xl, yl = labels(n, 7, 13), labels(m, 7, 14)
+    for exclude, offset in (("diagonal", 110), ("same_label", 0)):
+
+        def fast(x, y):
+            out = lse(x, y, 9.0, -0.5, exclude, offset, xl, yl)
+            return torch.cat([out[0], out[1]])
+
+        def ref(x, y):
+            return torch.cat(reference.similarity_lse(x, y, 9.0, -0.5, exclude=exclude, offset=offset, x_labels=xl,
+                                                      y_labels=yl))
+
+        compare(fast, ref, [x, y], dtype, "similarity_lse", weights=torch.linspace(0.5, 1.5, n + m,
+                                                                                     dtype=torch.float64),
+                logit_bound=logit_bound(x, y, 9.0, -0.5))
+    compare(lambda x, y: sig_sum(x, y, 6.0, -2.0, "diagonal", 40)[0],
+            lambda x, y: reference.pairwise_sigmoid(x, y, 6.0, -2.0, positives="diagonal", offset=40).sum(),
+            [x, y], dtype, "pairwise_sigmoid", logit_bound=logit_bound(x, y, 6.0, -2.0) * m)
+    compare(lambda x, y: sig(x, y, 6.0, -2.0, "same_label", 0, xl, yl),
+            lambda x, y: reference.pairwise_sigmoid(x, y, 6.0, -2.0, positives="same_label", x_labels=xl,
+                                                    y_labels=yl),
+            [x, y], dtype, "pairwise_sigmoid", weights=torch.linspace(0.5, 1.5, n, dtype=torch.float64),
+            logit_bound=logit_bound(x, y, 6.0, -2.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_similarity_lse_wide_span_takes_two_exponentials(dtype):
+    """One exponential serves both directions only within tile::kFactorSpan: here row 0's max is
+    100 while column 1's is 0, so exp(S₀₁ − r₀) = e⁻¹⁰⁰ underflows (fp32) and exp(r₀ − c₁) = e¹⁰⁰
+    overflows. Column 1's LSE is log(1 + e⁻¹) and every gradient is finite and exact."""
+    x = torch.tensor([[100.0, 0.0], [0.0, -1.0]], dtype=dtype, requires_grad=True)
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=dtype, requires_grad=True)
+    row, col, *_ = lse(x, y, 1.0, None, "none", 0)
+    ref = [t.detach().double().requires_grad_() for t in (x, y)]
+    r_row, r_col = reference.similarity_lse(*ref, 1.0)
+    torch.testing.assert_close(col.double(), r_col, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(row.double(), r_row, rtol=1e-6, atol=1e-6)
+    (row.sum() + 2 * col.sum()).backward()
+    (r_row.sum() + 2 * r_col.sum()).backward()
+    for got, want in ((x.grad, ref[0].grad), (y.grad, ref[1].grad)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- pairwise_sigmoid
 
 SIG_CASES = [
@@ -432,7 +499,8 @@ def test_torch_compile_fullgraph_dynamic():
 
 
 def test_portable_epilogues_match_vectorised():
-    """MMLOSS_CPU_ISA=default (the portable lanes) agrees with the AVX2 epilogues."""
+    """MMLOSS_CPU_ISA=default (the portable lanes) agrees with the AVX2 and (where this CPU runs
+    them) AVX-512 epilogues."""
     info = _extension.build_info()
     if "avx2" not in info.get("cpu_isas_built", ""):
         pytest.skip("the AVX2 epilogues are not built (not an x86-64 build)")
@@ -447,16 +515,25 @@ def test_portable_epilogues_match_vectorised():
         "c = o.similarity_kl(x, y, x * 0.5, y, None, 2.0, None, 3.0, True, True, True, 'cpu', 8, True)\n"
         "torch.save([E.build_info()['cpu_isa'], *a[:4], *b[:3], *c], sys.argv[1])\n"
     )
+    isas = ["default", "avx2"] + (["avx512"] if info.get("cpu_isa") == "avx512" else [])
     outs = []
-    for isa in ("default", "avx2"):
+    for isa in isas:
         env = dict(os.environ, MMLOSS_CPU_ISA=isa, OMP_NUM_THREADS="1")
         path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mmloss_isa_{os.getpid()}_{isa}.pt")
         subprocess.run([sys.executable, "-c", script, path], check=True, env=env, timeout=300)
         outs.append(torch.load(path))
         os.unlink(path)
-    assert outs[0][0] == "default" and outs[1][0] == "avx2"
-    for a, b in zip(outs[0][1:], outs[1][1:]):
-        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-6)
+    assert [o[0] for o in outs] == isas
+    # The KL divergences (entries 7, 8: row and column) are differences of log-sum-exps of
+    # logits up to L = 2·max|x|·max|y|: the lane count changes their rounding by a few ulp of L
+    # (AVX-512 vs portable: 2e-6 at values ~1e-3), so their absolute bound scales with L.
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(50, 19, generator=g), torch.randn(41, 19, generator=g)  # as in the script
+    logit_max = 2.0 * float(x.norm(dim=1).max() * y.norm(dim=1).max())
+    kl_atol = 8 * torch.finfo(torch.float32).eps * logit_max
+    for other in outs[1:]:
+        for k, (a, b) in enumerate(zip(outs[0][1:], other[1:])):
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=kl_atol if k in (7, 8) else 1e-6)
 
 
 def test_built_with_openmp_where_torch_uses_it():

@@ -26,16 +26,18 @@ struct Epilogues {
   // similarity_lse forward. Sets marked pairs of S to −inf (when mark_s) and reads it:
   // row_shift/row_sum (rows,) when non-null; col_max (exact block max, NaN propagating) and
   // col_sum (relative to finite_or_zero(col_max)) (m,) block partials when non-null, using
-  // col_scratch (m,) as scratch.
+  // col_scratch (m,) as scratch. With both directions, one exponential per pair serves both
+  // when the block allows it (tile::kFactorSpan).
   void (*lse_forward)(scalar_t* S, int64_t ld, int64_t rows, int64_t m, int64_t row0, const Marks& marks,
                       bool mark_s, scalar_t* row_shift, scalar_t* row_sum, scalar_t* col_max, scalar_t* col_sum,
                       scalar_t* col_scratch);
   // similarity_lse backward: G = w_r·exp(S − r) + w_c·exp(S − c) (each term where its pointers
   // are non-null), G written to `G` (may equal S; ldg its leading dimension). Marked pairs of S
-  // are set to −inf first when mark_s (S must then be writable).
+  // are set to −inf first when mark_s (S must then be writable). col_scratch (m,), when
+  // non-null, lets both terms share one exponential (tile::kFactorSpan).
   void (*lse_backward)(scalar_t* S, int64_t ld, scalar_t* G, int64_t ldg, int64_t rows, int64_t m, int64_t row0,
                        const Marks& marks, bool mark_s, const scalar_t* row_shift, const scalar_t* row_weight,
-                       const scalar_t* col_shift, const scalar_t* col_weight);
+                       const scalar_t* col_shift, const scalar_t* col_weight, scalar_t* col_scratch);
   // pairwise_sigmoid: T = ±(S + bias) (− on positives). row_loss[r] = Σ_j softplus(T) when
   // non-null. When want_grad: S becomes G = ±sigmoid(T)·(row_grad ? row_grad[r] : 1) in place and
   // row_gsum[r] = Σ_j G (when non-null). sign_scratch (m,) is scratch.
@@ -67,6 +69,8 @@ const Epilogues<double>& epilogues_f64_default();
 #define MMLOSS_HAVE_AVX2_EPILOGUES 1
 const Epilogues<float>& epilogues_f32_avx2();
 const Epilogues<double>& epilogues_f64_avx2();
+const Epilogues<float>& epilogues_f32_avx512();
+const Epilogues<double>& epilogues_f64_avx512();
 #endif
 
 }  // namespace cpu

@@ -9,6 +9,7 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <cstdint>
@@ -100,6 +101,25 @@ void apply_exclusions(S* s, int64_t m, int64_t i, const Marks& mk) {
 
 // ----------------------------------------------------------------------------- similarity_lse
 
+// The forward's test for the one-exponential form (tile::kFactorSpan): every block column max
+// is finite or −inf (no NaN/+Inf anywhere in the block), and K − c ≤ span for the finite ones,
+// K = max of the (finite) row shifts. Sets k_ref = K.
+template <typename S>
+bool factorable(const S* row_shift, int64_t rows, const S* col_max, int64_t m, S& k_ref) {
+  if (rows <= 0) return false;
+  S k = row_shift[0];
+  for (int64_t r = 1; r < rows; ++r) k = std::max(k, row_shift[r]);
+  S lowest = std::numeric_limits<S>::infinity();
+  for (int64_t j = 0; j < m; ++j) {
+    const S c = col_max[j];
+    if (c == T_::neg_inf<S>()) continue;
+    if (!std::isfinite(c)) return false;
+    lowest = std::min(lowest, c);
+  }
+  k_ref = k;
+  return !(k - lowest > static_cast<S>(T_::kFactorSpan));
+}
+
 template <typename S>
 void lse_forward(S* Sm, int64_t ld, int64_t rows, int64_t m, int64_t row0, const Marks& marks, bool mark_s,
                  S* row_shift, S* row_sum, S* col_max, S* col_sum, S* col_shift) {
@@ -135,10 +155,37 @@ void lse_forward(S* Sm, int64_t ld, int64_t rows, int64_t m, int64_t row0, const
       col_sum[j] = S(0);
     }
   }
+  const bool do_row = row_sum != nullptr;
+  // Both directions: one exponential per pair when the block's span allows (tile::kFactorSpan):
+  // col_sum accumulates exp(S − r_i)·exp(r_i − K) = exp(S − K), rescaled by exp(K − c_j) at the end.
+  S k_ref = S(0);
+  if (do_row && do_cols && factorable(row_shift, rows, col_max, m, k_ref)) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const S* s = Sm + r * ld;
+      const V rs(row_shift[r]);
+      const V a(std::exp(std::min(row_shift[r] - k_ref, S(0))));
+      V acc(S(0));
+      int64_t j = 0;
+      for (; j < mv; j += w) {
+        const V e = T_::Math<V>::exp(V::loadu(s + j) - rs);
+        acc = acc + e;
+        at::vec::fmadd(a, e, V::loadu(col_sum + j)).store(col_sum + j);
+      }
+      if (j < m) {
+        const int64_t c = m - j;
+        const V e = T_::Math<V>::exp(load_tail(s + j, c, ninf) - rs);
+        acc = acc + e;
+        at::vec::fmadd(a, e, V::loadu(col_sum + j, c)).store(col_sum + j, c);
+      }
+      row_sum[r] = hsum(acc);
+    }
+    for (int64_t j = 0; j < m; ++j)
+      col_sum[j] = col_max[j] == ninf ? S(0) : col_sum[j] * std::exp(k_ref - col_shift[j]);
+    return;
+  }
   // Pass 2: sums of exp(S − shift), one exponential per direction.
   for (int64_t r = 0; r < rows; ++r) {
     const S* s = Sm + r * ld;
-    const bool do_row = row_sum != nullptr;
     const V rs(do_row ? row_shift[r] : S(0));
     V acc(S(0));
     int64_t j = 0;
@@ -159,16 +206,58 @@ void lse_forward(S* Sm, int64_t ld, int64_t rows, int64_t m, int64_t row0, const
 
 template <typename S>
 void lse_backward(S* Sm, int64_t ld, S* G, int64_t ldg, int64_t rows, int64_t m, int64_t row0, const Marks& marks,
-                  bool mark_s, const S* row_shift, const S* row_weight, const S* col_shift, const S* col_weight) {
+                  bool mark_s, const S* row_shift, const S* row_weight, const S* col_shift, const S* col_weight,
+                  S* col_scratch) {
   using V = Vec<S>;
   constexpr int64_t w = W<S>;
   const int64_t mv = m - m % w;
   const bool do_row = row_weight != nullptr;
   const bool do_col = col_weight != nullptr;
+  if (mark_s && marks.kind != T_::MARK_NONE)
+    for (int64_t r = 0; r < rows; ++r) apply_exclusions(Sm + r * ld, m, row0 + r, marks);
+  // Both directions with one exponential (tile::kFactorSpan): G = exp(S − r_i)·(w_i + a_i·u_j),
+  // a_i = exp(r_i − K), u_j = w_j·exp(K − c_j) (0 where w_j = 0), K = max r_i of these rows.
+  if (do_row && do_col && rows > 0 && col_scratch != nullptr) {
+    S k_ref = row_shift[0];
+    bool ok = true;
+    for (int64_t r = 0; r < rows; ++r) {
+      k_ref = std::max(k_ref, row_shift[r]);
+      ok = ok && std::isfinite(row_weight[r]);
+    }
+    const S span = static_cast<S>(T_::kFactorSpan);
+    for (int64_t j = 0; ok && j < m; ++j) {
+      const S cw = col_weight[j];
+      if (cw == S(0)) {
+        col_scratch[j] = S(0);
+        continue;
+      }
+      ok = std::isfinite(cw) && !(k_ref - col_shift[j] > span);
+      col_scratch[j] = cw * std::exp(k_ref - col_shift[j]);
+    }
+    if (ok) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const S* s = Sm + r * ld;
+        S* g = G + r * ldg;
+        const V rs(row_shift[r]);
+        const V rw(row_weight[r]);
+        const V a(std::exp(std::min(row_shift[r] - k_ref, S(0))));
+        int64_t j = 0;
+        for (; j < mv; j += w) {
+          const V e = T_::Math<V>::exp(V::loadu(s + j) - rs);
+          flush_subnormal(e * at::vec::fmadd(a, V::loadu(col_scratch + j), rw)).store(g + j);
+        }
+        if (j < m) {
+          const int64_t c = m - j;
+          const V e = T_::Math<V>::exp(V::loadu(s + j, c) - rs);
+          flush_subnormal(e * at::vec::fmadd(a, V::loadu(col_scratch + j, c), rw)).store(g + j, c);
+        }
+      }
+      return;
+    }
+  }
   for (int64_t r = 0; r < rows; ++r) {
     S* s = Sm + r * ld;
     S* g = G + r * ldg;
-    if (mark_s && marks.kind != T_::MARK_NONE) apply_exclusions(s, m, row0 + r, marks);
     const V rs(do_row ? row_shift[r] : S(0));
     const V rw(do_row ? row_weight[r] : S(0));
     auto term = [&](const V& v, const S* cs, const S* cw, int64_t c) {

@@ -16,6 +16,7 @@
 #include "ops.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
@@ -60,18 +61,49 @@ constexpr int64_t kGrainElems = 32768;
 
 // ----------------------------------------------------------------------------- ISA selection
 
-bool use_avx2() {
+// The epilogue instruction set: the widest the CPU supports among those built, capped by
+// torch's own choice (ATEN_CPU_CAPABILITY, torch.backends.cpu.get_cpu_capability(): a CPU where
+// torch avoids AVX-512, e.g. for frequency reasons, is not sent there by mmloss either).
+// MMLOSS_CPU_ISA=default|avx2|avx512 forces one (an error if this CPU or build lacks it).
+enum class Isa { Default = 0, Avx2 = 1, Avx512 = 2 };
+
+const char* isa_name(Isa isa) {
+  return isa == Isa::Avx512 ? "avx512" : (isa == Isa::Avx2 ? "avx2" : "default");
+}
+
+Isa detect_isa() {
 #ifdef MMLOSS_HAVE_AVX2_EPILOGUES
-  static const bool value = [] {
-    const char* env = std::getenv("MMLOSS_CPU_ISA");
-    if (env != nullptr && std::string(env) == "default") return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return value;
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const std::string torch_cap = at::get_cpu_capability();  // "DEFAULT", "AVX2", "AVX512"
+  const Isa best = avx512 && torch_cap == "AVX512" ? Isa::Avx512
+                   : (avx2 && (torch_cap == "AVX2" || torch_cap == "AVX512") ? Isa::Avx2 : Isa::Default);
+  const char* env = std::getenv("MMLOSS_CPU_ISA");
+  if (env == nullptr || env[0] == '\0') return best;
+  const std::string want(env);
+  if (want == "default") return Isa::Default;
+  if (want == "avx2") {
+    TORCH_CHECK(avx2, "MMLOSS_CPU_ISA=avx2 but this CPU lacks AVX2/FMA");
+    return Isa::Avx2;
+  }
+  if (want == "avx512") {
+    TORCH_CHECK(avx512, "MMLOSS_CPU_ISA=avx512 but this CPU lacks AVX-512 F/BW/VL/DQ");
+    return Isa::Avx512;
+  }
+  TORCH_CHECK_VALUE(false, "MMLOSS_CPU_ISA must be default, avx2 or avx512, got '", want, "'");
 #else
-  return false;
+  const char* env = std::getenv("MMLOSS_CPU_ISA");
+  TORCH_CHECK_VALUE(env == nullptr || env[0] == '\0' || std::string(env) == "default",
+                    "MMLOSS_CPU_ISA: only the portable epilogues ('default') are built on this architecture");
+  return Isa::Default;
 #endif
+}
+
+Isa epilogue_isa_in_use() {
+  static const Isa value = detect_isa();
+  return value;
 }
 
 template <typename S>
@@ -79,18 +111,24 @@ const Epilogues<S>& epilogues();
 
 template <>
 const Epilogues<float>& epilogues<float>() {
+  switch (epilogue_isa_in_use()) {
 #ifdef MMLOSS_HAVE_AVX2_EPILOGUES
-  if (use_avx2()) return epilogues_f32_avx2();
+    case Isa::Avx512: return epilogues_f32_avx512();
+    case Isa::Avx2: return epilogues_f32_avx2();
 #endif
-  return epilogues_f32_default();
+    default: return epilogues_f32_default();
+  }
 }
 
 template <>
 const Epilogues<double>& epilogues<double>() {
+  switch (epilogue_isa_in_use()) {
 #ifdef MMLOSS_HAVE_AVX2_EPILOGUES
-  if (use_avx2()) return epilogues_f64_avx2();
+    case Isa::Avx512: return epilogues_f64_avx512();
+    case Isa::Avx2: return epilogues_f64_avx2();
 #endif
-  return epilogues_f64_default();
+    default: return epilogues_f64_default();
+  }
 }
 
 // ----------------------------------------------------------------------------- workspace plan
@@ -152,6 +190,45 @@ int64_t kl_chunk_rows(int64_t n, int64_t m, int64_t dims, int64_t elem, int64_t 
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// The blocks one pass over the (n × m) logit matrix visits: br rows × bc columns, rows outer,
+// columns inner, each block written by one GEMM into a contiguous buffer (leading dimension bc).
+// chunk_size > 0 sets both edges (as the triton gemm path). Otherwise the strip budget of chunk_rows (rows × (m + 2d)
+// elements) is spent on a near-square block when a strip would be thin: the vendor GEMM packs
+// its shared operand once per call, so 400-row strips of an 8192-wide matrix ran ~8–20 % slower
+// than one GEMM while ~1600² blocks matched it (benchmarks/results/cpu/compiled_backend.md).
+struct Tiling {
+  int64_t br, bc;
+};
+
+Tiling tiling(int64_t n, int64_t m, int64_t d, int64_t elem, int64_t chunk_size) {
+  if (chunk_size > 0) return {std::min(chunk_size, n), std::min(chunk_size, m)};
+  const int64_t rows = chunk_rows(n, m, d, elem, 0);
+  if (rows >= n) return {rows, m};
+  // A side × side block and its two side × d temporaries in the strip's elements.
+  const double budget = static_cast<double>(rows) * static_cast<double>(m + 2 * d);
+  const int64_t side = std::max<int64_t>(
+      kMinChunkRows, static_cast<int64_t>(std::sqrt(static_cast<double>(d) * d + budget)) - d);
+  if (side >= m || side <= rows) return {rows, m};
+  // Balanced edges: equal column blocks (a multiple of 16 lanes), then equal row blocks.
+  const int64_t bc = std::min(m, round_up(ceil_div(m, ceil_div(m, side)), 16));
+  const int64_t br_max = std::max<int64_t>(kMinChunkRows, static_cast<int64_t>(budget / static_cast<double>(bc + 2 * d)));
+  return {std::min(n, ceil_div(n, ceil_div(n, br_max))), bc};
+}
+
+// Contiguous (r, c) view of the front of a flat buffer.
+Tensor front(const Tensor& flat, int64_t r, int64_t c) { return flat.narrow(0, 0, r * c).view({r, c}); }
+
+// The marks of the column block [j0, j0 + mc): the same pairs in block-local column indices
+// (tile::diagonal_column(i, offset − j0, mc) is i + offset − j0 when that lies in the block).
+Marks block_marks(const Marks& mk, int64_t j0) {
+  Marks out = mk;
+  out.offset = mk.offset - j0;
+  if (mk.y_labels != nullptr) out.y_labels = mk.y_labels + j0;
+  return out;
+}
 
 int64_t block_grain(int64_t m) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, RB * m)); }
 
@@ -338,38 +415,66 @@ struct FeatureGrads {
     if (need_scale) xbuf = at::empty({rows, s.d}, opts);
   }
 
-  // grad: (c, M) rows [i0, i1); sx: s·x for those rows (needed for dy).
-  void add_chunk(int64_t i0, int64_t i1, const Tensor& grad, const Tensor& sx) {
-    const int64_t c = i1 - i0, d = side.d;
+  // The (c, D) accumulator of G·y for rows [i0, i1): dx's rows themselves when dx is in the
+  // compute dtype and contiguous, else the front of a_buf.
+  Tensor rows_acc(int64_t i0, int64_t i1, int64_t c) const {
+    if (!a_buf.defined()) return dx.slice(0, i0, i1);
+    return c == a_buf.size(0) ? a_buf : a_buf.slice(0, 0, c);
+  }
+
+  // The gradient block grad (c × mc, contiguous) of rows [i0, i1) and columns [j0, j0 + mc);
+  // sx: s·x for those rows (needed for dy). Blocks come rows outer, columns inner (j0 = 0 first
+  // in each row chunk, i0 = 0 first in each column block); finish_rows(i0, i1) after the last
+  // column block of a row chunk.
+  void add_block(int64_t i0, int64_t i1, int64_t j0, const Tensor& grad, const Tensor& sx) {
+    const int64_t c = i1 - i0, mc = grad.size(1);
     if (need_x || need_scale) {
-      const bool in_place = !a_buf.defined();
-      Tensor a = in_place ? dx.slice(0, i0, i1) : (c == a_buf.size(0) ? a_buf : a_buf.slice(0, 0, c));
-      at::mm_out(a, grad, side.y);
-      const S* ap = a.data_ptr<S>();
-      if (need_scale) {
-        // ⟨x_i, (G·y)_i⟩: no division by s, so s = 0 works.
-        S* xr = xbuf.data_ptr<S>();
-        side.x_rows(i0, i1, xr, false);
-        S* out = dscale_rows.data_ptr<S>() + i0;
-        for (int64_t r = 0; r < c; ++r) {
-          S acc = 0;
-          for (int64_t k = 0; k < d; ++k) acc += xr[r * d + k] * ap[r * d + k];
-          out[r] = acc;
-        }
-      }
-      if (need_x) {
-        side.scale_rows_of(a, i0, i1);
-        if (!in_place) dx.slice(0, i0, i1).copy_(a);
+      // a = G·y for these rows, summed over the column blocks.
+      Tensor a = rows_acc(i0, i1, c);
+      const Tensor yb = mc == side.m ? side.y : side.y.narrow(0, j0, mc);
+      if (j0 == 0) {
+        at::mm_out(a, grad, yb);
+      } else {
+        a.addmm_(grad, yb);
       }
     }
     if (need_y) {
-      if (dy_started) {
-        dy.addmm_(grad.t(), sx);
+      Tensor dyb = mc == side.m ? dy : dy.narrow(0, j0, mc);
+      if (i0 == 0) {
+        at::mm_out(dyb, grad.t(), sx);
       } else {
-        at::mm_out(dy, grad.t(), sx);
-        dy_started = true;
+        dyb.addmm_(grad.t(), sx);
+      }
+      dy_started = true;
+    }
+  }
+
+  void finish_rows(int64_t i0, int64_t i1) {
+    if (!(need_x || need_scale)) return;
+    const int64_t c = i1 - i0, d = side.d;
+    Tensor a = rows_acc(i0, i1, c);
+    const S* ap = a.data_ptr<S>();
+    if (need_scale) {
+      // ⟨x_i, (G·y)_i⟩: no division by s, so s = 0 works.
+      S* xr = xbuf.data_ptr<S>();
+      side.x_rows(i0, i1, xr, false);
+      S* out = dscale_rows.data_ptr<S>() + i0;
+      for (int64_t r = 0; r < c; ++r) {
+        S acc = 0;
+        for (int64_t k = 0; k < d; ++k) acc += xr[r * d + k] * ap[r * d + k];
+        out[r] = acc;
       }
     }
+    if (need_x) {
+      side.scale_rows_of(a, i0, i1);
+      if (a_buf.defined()) dx.slice(0, i0, i1).copy_(a);
+    }
+  }
+
+  // A whole-row chunk (c × M).
+  void add_chunk(int64_t i0, int64_t i1, const Tensor& grad, const Tensor& sx) {
+    add_block(i0, i1, 0, grad, sx);
+    finish_rows(i0, i1);
   }
 
   // (dx, dy, dscale) in the inputs' dtypes (or the compute dtype when keep_cdt).
@@ -406,43 +511,63 @@ Tensor5 lse_forward_impl(const Tensor& x, const Tensor& y, const OptTensor& scal
   // _spec.keeps_logits: 0 < N·M·elem ≤ budget (elem 8 for fp64, else 4).
   const int64_t logit_bytes = n * m * static_cast<int64_t>(sizeof(S));
   const bool keep = logit_budget > 0 && logit_bytes > 0 && logit_bytes <= logit_budget;
-  const int64_t C = chunk_rows(n, m, d, sizeof(S), chunk_size);
-  const int64_t nb_max = ceil_div(std::max<int64_t>(C, 1), RB);
+  const Tiling tl = tiling(n, m, d, sizeof(S), chunk_size);
+  const int64_t BR = tl.br, BC = tl.bc;
+  const int64_t nb_max = ceil_div(std::max<int64_t>(BR, 1), RB);
   Tensor logits = keep ? at::empty({n, m}, opts) : empty_1d(x, cdt);
-  Tensor buf = keep ? Tensor() : at::empty({C, m}, opts);
-  Tensor sx = at::empty({C, d}, opts);
+  Tensor buf = keep ? Tensor() : at::empty({BR * BC}, opts);
+  Tensor sx = at::empty({BR, d}, opts);
   Tensor row_stats = rows ? at::empty({2, n}, opts) : at::empty({2, 0}, opts);
-  // Column scratch: block partials (nb_max × [max, sum, shift]) and the running max and sum.
-  Tensor col_ws = cols ? at::empty({(nb_max * 3 + 2) * m}, opts) : Tensor();
+  // Row records of one column block, merged into row_stats when the rows span several blocks.
+  Tensor row_part = rows && BC < m ? at::empty({2, BR}, opts) : Tensor();
+  // Column scratch: block partials (nb_max × [max, sum, shift] × BC) and the running max and sum.
+  Tensor col_ws = cols ? at::empty({nb_max * 3 * BC + 2 * m}, opts) : Tensor();
   S* rshift = rows ? row_stats.data_ptr<S>() : nullptr;
   S* rsum = rows ? row_stats.data_ptr<S>() + n : nullptr;
   S* part = cols ? col_ws.data_ptr<S>() : nullptr;
-  S* cmax = cols ? part + nb_max * 3 * m : nullptr;
+  S* cmax = cols ? part + nb_max * 3 * BC : nullptr;
   S* csum = cols ? cmax + m : nullptr;
   for (int64_t j = 0; cols && j < m; ++j) cmax[j] = tm::neg_inf<S>(), csum[j] = S(0);
 
-  for (int64_t i0 = 0; i0 < n; i0 += C) {
-    const int64_t i1 = std::min(n, i0 + C), c = i1 - i0;
-    Tensor chunk = keep ? (c == n ? logits : logits.slice(0, i0, i1)) : (c == C ? buf : buf.slice(0, 0, c));
-    Tensor sxc = c == C ? sx : sx.slice(0, 0, c);
+  for (int64_t i0 = 0; i0 < n; i0 += BR) {
+    const int64_t i1 = std::min(n, i0 + BR), c = i1 - i0;
+    Tensor sxc = c == BR ? sx : sx.slice(0, 0, c);
     side.scaled_x(i0, i1, sxc);
-    at::mm_out(chunk, sxc, side.y.t());
-    S* sp = chunk.data_ptr<S>();
-    const int64_t nb = ceil_div(c, RB);
-    for_each_row_block(c, m, [&](int64_t b, int64_t r0, int64_t rr) {
-      S* pb = cols ? part + b * 3 * m : nullptr;
-      ep.lse_forward(sp + r0 * m, m, rr, m, i0 + r0, mh.marks, true, rows ? rshift + i0 + r0 : nullptr,
-                     rows ? rsum + i0 + r0 : nullptr, pb, cols ? pb + m : nullptr, cols ? pb + 2 * m : nullptr);
-    });
-    if (cols) {
-      // Merge the block partials into the running column statistics, in block order.
-      at::parallel_for(0, m, kGrainElems / std::max<int64_t>(1, nb), [&](int64_t j0, int64_t j1) {
-        for (int64_t j = j0; j < j1; ++j) {
-          S running = cmax[j];
-          csum[j] = tm::lse_merge_parts(running, csum[j], part + j, part + m + j, nb, 3 * m);
-          cmax[j] = running;
-        }
+    for (int64_t j0 = 0; j0 < m; j0 += BC) {
+      const int64_t mc = std::min(BC, m - j0);
+      // Kept logits: the block in place inside the (n, m) matrix (leading dimension m).
+      Tensor chunk = keep ? logits.narrow(0, i0, c).narrow(1, j0, mc) : front(buf, c, mc);
+      const int64_t ld = keep ? m : mc;
+      at::mm_out(chunk, sxc, mc == m ? side.y.t() : side.y.narrow(0, j0, mc).t());
+      S* sp = chunk.data_ptr<S>();
+      const Marks bm = block_marks(mh.marks, j0);
+      // The first column block writes the row records in place; later ones into row_part.
+      S* rs_out = !rows ? nullptr : (j0 == 0 ? rshift + i0 : row_part.data_ptr<S>());
+      S* rsum_out = !rows ? nullptr : (j0 == 0 ? rsum + i0 : row_part.data_ptr<S>() + BR);
+      const int64_t nb = ceil_div(c, RB);
+      for_each_row_block(c, mc, [&](int64_t b, int64_t r0, int64_t rr) {
+        S* pb = cols ? part + b * 3 * BC : nullptr;
+        ep.lse_forward(sp + r0 * ld, ld, rr, mc, i0 + r0, bm, true, rows ? rs_out + r0 : nullptr,
+                       rows ? rsum_out + r0 : nullptr, pb, cols ? pb + BC : nullptr, cols ? pb + 2 * BC : nullptr);
       });
+      if (rows && j0 > 0) {
+        // Disjoint column sets of the same rows: tile::lse_merge (column-block order).
+        for (int64_t r = 0; r < c; ++r) {
+          const tm::LseStats<S> merged =
+              tm::lse_merge(tm::LseStats<S>{rshift[i0 + r], rsum[i0 + r]}, tm::LseStats<S>{rs_out[r], rsum_out[r]});
+          rshift[i0 + r] = merged.shift, rsum[i0 + r] = merged.sum;
+        }
+      }
+      if (cols) {
+        // Merge the block partials into the running column statistics, in block order.
+        at::parallel_for(0, mc, kGrainElems / std::max<int64_t>(1, nb), [&](int64_t j0b, int64_t j1b) {
+          for (int64_t j = j0b; j < j1b; ++j) {
+            S running = cmax[j0 + j];
+            csum[j0 + j] = tm::lse_merge_parts(running, csum[j0 + j], part + j, part + BC + j, nb, 3 * BC);
+            cmax[j0 + j] = running;
+          }
+        });
+      }
     }
   }
 
@@ -522,34 +647,45 @@ Tensor4 lse_backward_impl(const OptTensor& grad_row, const OptTensor& grad_col, 
                       logits.scalar_type());
   }
   Tensor kept = keep ? as_contiguous(logits, side.cdt) : Tensor();
-  const int64_t C = chunk_rows(n, m, d, sizeof(S), chunk_size);
-  Tensor buf = at::empty({C, m}, opts);
-  Tensor sx = at::empty({C, d}, opts);
-  FeatureGrads<S> fg(side, C, need_x, need_y, need_scale, false);
+  const Tiling tl = tiling(n, m, d, sizeof(S), chunk_size);
+  const int64_t BR = tl.br, BC = tl.bc;
+  Tensor buf = at::empty({BR * BC}, opts);
+  Tensor sx = at::empty({BR, d}, opts);
+  FeatureGrads<S> fg(side, BR, need_x, need_y, need_scale, false);
   const bool any_feature = need_x || need_y || need_scale;
+  // Per-row-block column factors of the one-exponential form (both directions only).
+  Tensor scratch = has_g && has_h ? at::empty({ceil_div(std::max<int64_t>(BR, 1), RB) * BC}, opts) : Tensor();
+  S* scratch_p = scratch.defined() ? scratch.data_ptr<S>() : nullptr;
   const S* rs = has_g ? r_shift.data_ptr<S>() : nullptr;
   const S* rw = has_g ? r_w.data_ptr<S>() : nullptr;
   const S* cs = has_h ? c_shift.data_ptr<S>() : nullptr;
   const S* cw = has_h ? c_w.data_ptr<S>() : nullptr;
 
-  for (int64_t i0 = 0; any_feature && i0 < n; i0 += C) {
-    const int64_t i1 = std::min(n, i0 + C), c = i1 - i0;
-    Tensor g = c == C ? buf : buf.slice(0, 0, c);
-    Tensor sxc = c == C ? sx : sx.slice(0, 0, c);
+  for (int64_t i0 = 0; any_feature && i0 < n; i0 += BR) {
+    const int64_t i1 = std::min(n, i0 + BR), c = i1 - i0;
+    Tensor sxc = c == BR ? sx : sx.slice(0, 0, c);
     side.scaled_x(i0, i1, sxc);
-    S* src;
-    if (keep) {
-      src = kept.data_ptr<S>() + i0 * m;
-    } else {
-      at::mm_out(g, sxc, side.y.t());
-      src = g.data_ptr<S>();
+    for (int64_t j0 = 0; j0 < m; j0 += BC) {
+      const int64_t mc = std::min(BC, m - j0);
+      Tensor g = front(buf, c, mc);
+      S* src;
+      const int64_t ld = keep ? m : mc;
+      if (keep) {
+        src = kept.data_ptr<S>() + i0 * m + j0;
+      } else {
+        at::mm_out(g, sxc, mc == m ? side.y.t() : side.y.narrow(0, j0, mc).t());
+        src = g.data_ptr<S>();
+      }
+      S* gp = g.data_ptr<S>();
+      const Marks bm = block_marks(mh.marks, j0);
+      for_each_row_block(c, mc, [&](int64_t b, int64_t r0, int64_t rr) {
+        ep.lse_backward(src + r0 * ld, ld, gp + r0 * mc, mc, rr, mc, i0 + r0, bm, !keep,
+                        rs ? rs + i0 + r0 : nullptr, rw ? rw + i0 + r0 : nullptr, cs ? cs + j0 : nullptr,
+                        cw ? cw + j0 : nullptr, scratch_p ? scratch_p + b * BC : nullptr);
+      });
+      fg.add_block(i0, i1, j0, g, sxc);
     }
-    S* gp = g.data_ptr<S>();
-    for_each_row_block(c, m, [&](int64_t, int64_t r0, int64_t rr) {
-      ep.lse_backward(src + r0 * m, m, gp + r0 * m, m, rr, m, i0 + r0, mh.marks, !keep,
-                      rs ? rs + i0 + r0 : nullptr, rw ? rw + i0 + r0 : nullptr, cs, cw);
-    });
-    fg.add_chunk(i0, i1, g, sxc);
+    fg.finish_rows(i0, i1);
   }
   auto [dx, dy, dscale] = fg.finish();
   Tensor dbias;
@@ -588,32 +724,49 @@ Tensor5 sigmoid_impl(int mode, const OptTensor& grad_rows, const Tensor& x, cons
   const bool row_loss = mode != 1;
   Tensor loss = row_loss ? at::empty({n}, opts) : Tensor();
   Tensor gsum = (want_grad && need_bias) ? at::empty({n}, opts) : Tensor();
-  const int64_t C = chunk_rows(n, m, d, sizeof(S), chunk_size);
-  const int64_t nb_max = ceil_div(std::max<int64_t>(C, 1), RB);
-  Tensor buf = at::empty({C, m}, opts);
-  Tensor sx = at::empty({C, d}, opts);
-  Tensor sign = kind == tm::MARK_SAME_LABEL ? at::empty({nb_max, m}, opts) : Tensor();
+  const Tiling tl = tiling(n, m, d, sizeof(S), chunk_size);
+  const int64_t BR = tl.br, BC = tl.bc;
+  const int64_t nb_max = ceil_div(std::max<int64_t>(BR, 1), RB);
+  Tensor buf = at::empty({BR * BC}, opts);
+  Tensor sx = at::empty({BR, d}, opts);
+  Tensor sign = kind == tm::MARK_SAME_LABEL ? at::empty({nb_max, BC}, opts) : Tensor();
+  // Row sums of one column block, added to loss/gsum when the rows span several blocks.
+  Tensor row_part = BC < m ? at::empty({2, BR}, opts) : Tensor();
   S* sign_p = sign.defined() ? sign.data_ptr<S>() : nullptr;
   S* loss_p = row_loss ? loss.data_ptr<S>() : nullptr;
   S* gsum_p = gsum.defined() ? gsum.data_ptr<S>() : nullptr;
   const S* g_p = g.defined() ? g.data_ptr<S>() : nullptr;
   std::optional<FeatureGrads<S>> fg;
-  if (want_grad) fg.emplace(side, C, need_x, need_y, need_scale, mode == 2);
+  if (want_grad) fg.emplace(side, BR, need_x, need_y, need_scale, mode == 2);
 
   if (!(mode == 1 && !any_feature && !need_bias)) {
-    for (int64_t i0 = 0; i0 < n; i0 += C) {
-      const int64_t i1 = std::min(n, i0 + C), c = i1 - i0;
-      Tensor t = c == C ? buf : buf.slice(0, 0, c);
-      Tensor sxc = c == C ? sx : sx.slice(0, 0, c);
+    for (int64_t i0 = 0; i0 < n; i0 += BR) {
+      const int64_t i1 = std::min(n, i0 + BR), c = i1 - i0;
+      Tensor sxc = c == BR ? sx : sx.slice(0, 0, c);
       side.scaled_x(i0, i1, sxc);
-      at::mm_out(t, sxc, side.y.t());
-      S* tp = t.data_ptr<S>();
-      for_each_row_block(c, m, [&](int64_t b, int64_t r0, int64_t rr) {
-        ep.sigmoid(tp + r0 * m, m, rr, m, i0 + r0, mh.marks, bias_v, loss_p ? loss_p + i0 + r0 : nullptr, want_grad,
-                   g_p ? g_p + i0 + r0 : nullptr, gsum_p ? gsum_p + i0 + r0 : nullptr,
-                   sign_p ? sign_p + b * m : nullptr);
-      });
-      if (want_grad && any_feature) fg->add_chunk(i0, i1, t, sxc);
+      for (int64_t j0 = 0; j0 < m; j0 += BC) {
+        const int64_t mc = std::min(BC, m - j0);
+        Tensor t = front(buf, c, mc);
+        at::mm_out(t, sxc, mc == m ? side.y.t() : side.y.narrow(0, j0, mc).t());
+        S* tp = t.data_ptr<S>();
+        const Marks bm = block_marks(mh.marks, j0);
+        // The first column block writes the row sums in place; later ones into row_part.
+        S* loss_out = !loss_p ? nullptr : (j0 == 0 ? loss_p + i0 : row_part.data_ptr<S>());
+        S* gsum_out = !gsum_p ? nullptr : (j0 == 0 ? gsum_p + i0 : row_part.data_ptr<S>() + BR);
+        for_each_row_block(c, mc, [&](int64_t b, int64_t r0, int64_t rr) {
+          ep.sigmoid(tp + r0 * mc, mc, rr, mc, i0 + r0, bm, bias_v, loss_out ? loss_out + r0 : nullptr, want_grad,
+                     g_p ? g_p + i0 + r0 : nullptr, gsum_out ? gsum_out + r0 : nullptr,
+                     sign_p ? sign_p + b * BC : nullptr);
+        });
+        if (j0 > 0) {
+          for (int64_t r = 0; r < c; ++r) {
+            if (loss_out) loss_p[i0 + r] += loss_out[r];
+            if (gsum_out) gsum_p[i0 + r] += gsum_out[r];
+          }
+        }
+        if (want_grad && any_feature) fg->add_block(i0, i1, j0, t, sxc);
+      }
+      if (want_grad && any_feature) fg->finish_rows(i0, i1);
     }
   }
   Tensor dx, dy, dscale, dbias;
@@ -906,11 +1059,17 @@ Tensor3 similarity_kl_backward(const OptTensor& grad_row, const OptTensor& grad_
   });
 }
 
-const char* epilogue_isa() { return use_avx2() ? "avx2" : "default"; }
+std::pair<int64_t, int64_t> logit_blocks(int64_t n, int64_t m, int64_t d, int64_t elem, int64_t chunk_size) {
+  TORCH_CHECK_VALUE(n >= 0 && m >= 0 && d >= 0 && elem > 0, "logit_blocks: sizes must be non-negative");
+  const Tiling t = tiling(n, m, d, elem, chunk_size);
+  return {t.br, t.bc};
+}
+
+const char* epilogue_isa() { return isa_name(epilogue_isa_in_use()); }
 
 const char* epilogue_isas_built() {
 #ifdef MMLOSS_HAVE_AVX2_EPILOGUES
-  return "default,avx2";
+  return "default,avx2,avx512";
 #else
   return "default";
 #endif

@@ -2,6 +2,8 @@
 // csrc/include/mmloss/schema.h, which the registration (csrc/register.cpp) binds them to.
 #pragma once
 
+#include <utility>
+
 #include <ATen/core/Tensor.h>
 
 #include <optional>
@@ -60,8 +62,12 @@ Tensor3 similarity_kl_backward(const OptTensor& grad_row, const OptTensor& grad_
                                const Tensor& row_stats, const Tensor& col_stats, bool need_x_s, bool need_y_s,
                                bool need_scale_s);
 
-// The epilogue instruction set in use ("avx2" or "default"; MMLOSS_CPU_ISA=default forces the
-// portable one) and the ones compiled in.
+// The blocks (rows, columns) the similarity_lse / pairwise_sigmoid passes cut an (n × m)
+// logit matrix into, for d features of elem bytes (chunk_size > 0 sets both edges).
+std::pair<int64_t, int64_t> logit_blocks(int64_t n, int64_t m, int64_t d, int64_t elem, int64_t chunk_size);
+
+// The epilogue instruction set in use ("avx512", "avx2" or "default"; MMLOSS_CPU_ISA forces
+// one) and the ones compiled in.
 const char* epilogue_isa();
 const char* epilogue_isas_built();
 

@@ -215,6 +215,16 @@ MMLOSS_HD inline T softmax_grad_term(T s, T shift, T weight) {
   return weight * Math<T>::exp(s - shift);
 }
 
+// One exponential per pair for both directions. For a block of rows with reference
+// K = max of their row shifts r_i, exp(S − c) = exp(S − r)·exp(r − K)·exp(K − c), and the last
+// two factors are a per-row and a per-column number: the column term costs a multiply-add, not a
+// second exponential. Exact to a few ulp when every factor is a normal number wherever the term
+// it feeds matters, which holds when K − c ≤ kFactorSpan for every column c that carries weight:
+// exp(K − c) ≤ e^60 cannot overflow, and a pair whose exp(S − r) underflows (S < r − 87) has
+// S − c < 60 − 87 = −27, a term below 2e−12 of that column's largest (fp32 keeps 6e−8). Blocks
+// outside the span, or holding NaN/Inf, take the two-exponential form.
+constexpr double kFactorSpan = 60.0;
+
 // Both directions: G = w_r·exp(S − r) + w_c·exp(S − c).
 template <typename T>
 MMLOSS_HD inline T softmax_grad(T s, T row_shift, T row_weight, T col_shift, T col_weight) {
