@@ -38,6 +38,10 @@ struct Epilogues {
   void (*lse_backward)(scalar_t* S, int64_t ld, scalar_t* G, int64_t ldg, int64_t rows, int64_t m, int64_t row0,
                        const Marks& marks, bool mark_s, const scalar_t* row_shift, const scalar_t* row_weight,
                        const scalar_t* col_shift, const scalar_t* col_weight, scalar_t* col_scratch);
+  // tile::lse_merge_parts for m columns: `parts` partial records (max maxes[b·stride + j], sum
+  // sums[b·stride + j]) merged in order into running_max / running_sum (m,).
+  void (*lse_merge_cols)(scalar_t* running_max, scalar_t* running_sum, const scalar_t* maxes, const scalar_t* sums,
+                         int64_t parts, int64_t stride, int64_t m);
   // pairwise_sigmoid: T = ±(S + bias) (− on positives). row_loss[r] = Σ_j softplus(T) when
   // non-null. When want_grad: S becomes G = ±sigmoid(T)·(row_grad ? row_grad[r] : 1) in place and
   // row_gsum[r] = Σ_j G (when non-null). sign_scratch (m,) is scratch.

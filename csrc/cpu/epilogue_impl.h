@@ -179,8 +179,14 @@ void lse_forward(S* Sm, int64_t ld, int64_t rows, int64_t m, int64_t row0, const
       }
       row_sum[r] = hsum(acc);
     }
-    for (int64_t j = 0; j < m; ++j)
-      col_sum[j] = col_max[j] == ninf ? S(0) : col_sum[j] * std::exp(k_ref - col_shift[j]);
+    // col_sum·exp(K − c_j), 0 for an empty column (max −inf): on lanes, one exponential per column.
+    const V vk(k_ref), vninf(ninf), zero(S(0));
+    int64_t j = 0;
+    for (; j < m; j += w) {
+      const int64_t c = std::min<int64_t>(w, m - j);
+      const V rescaled = V::loadu(col_sum + j, c) * T_::Math<V>::exp(vk - V::loadu(col_shift + j, c));
+      V::blendv(rescaled, zero, V::loadu(col_max + j, c) == vninf).store(col_sum + j, c);
+    }
     return;
   }
   // Pass 2: sums of exp(S − shift), one exponential per direction.
@@ -227,14 +233,16 @@ void lse_backward(S* Sm, int64_t ld, S* G, int64_t ldg, int64_t rows, int64_t m,
     const S span = static_cast<S>(T_::kFactorSpan);
     for (int64_t j = 0; ok && j < m; ++j) {
       const S cw = col_weight[j];
-      if (cw == S(0)) {
-        col_scratch[j] = S(0);
-        continue;
-      }
-      ok = std::isfinite(cw) && !(k_ref - col_shift[j] > span);
-      col_scratch[j] = cw * std::exp(k_ref - col_shift[j]);
+      ok = cw == S(0) || (std::isfinite(cw) && !(k_ref - col_shift[j] > span));
     }
     if (ok) {
+      // u_j = w_j·exp(K − c_j), 0 where w_j = 0 (exp(K − c_j) may overflow there): on lanes.
+      const V vk(k_ref), zero(S(0));
+      for (int64_t j = 0; j < m; j += w) {
+        const int64_t c = std::min<int64_t>(w, m - j);
+        const V cw = V::loadu(col_weight + j, c);
+        V::blendv(cw * T_::Math<V>::exp(vk - V::loadu(col_shift + j, c)), zero, cw == zero).store(col_scratch + j, c);
+      }
       for (int64_t r = 0; r < rows; ++r) {
         const S* s = Sm + r * ld;
         S* g = G + r * ldg;
@@ -274,6 +282,33 @@ void lse_backward(S* Sm, int64_t ld, S* G, int64_t ldg, int64_t rows, int64_t m,
       term(V::loadu(s + j, c), do_col ? col_shift + j : nullptr, do_col ? col_weight + j : nullptr, c)
           .store(g + j, c);
     }
+  }
+}
+
+// tile::lse_merge_parts for m columns at once (lanes across columns): part b of column j has
+// max maxes[b·stride + j] and sum sums[b·stride + j]; running_max/running_sum (m,) are updated.
+template <typename S>
+void lse_merge_cols(S* running_max, S* running_sum, const S* maxes, const S* sums, int64_t parts, int64_t stride,
+                    int64_t m) {
+  using V = Vec<S>;
+  constexpr int64_t w = W<S>;
+  const V ninf(T_::neg_inf<S>()), zero(S(0)), inf(std::numeric_limits<S>::infinity());
+  // lse_part_rescaled on lanes: 0 for an empty part, the sum itself where the part holds the max.
+  auto rescaled = [&](const V& sum, const V& pmax, const V& shift) {
+    const V r = V::blendv(sum * T_::Math<V>::exp(pmax - shift), sum, pmax == shift);
+    return V::blendv(r, zero, pmax == ninf);
+  };
+  for (int64_t j = 0; j < m; j += w) {
+    const int64_t c = std::min<int64_t>(w, m - j);
+    const V run_max = V::loadu(running_max + j, c);
+    V mx = run_max;
+    for (int64_t b = 0; b < parts; ++b) mx = at::vec::maximum(mx, V::loadu(maxes + b * stride + j, c));
+    const V shift = V::blendv(zero, mx, mx.abs() < inf);  // finite_or_zero (NaN → 0)
+    V total = rescaled(V::loadu(running_sum + j, c), run_max, shift);
+    for (int64_t b = 0; b < parts; ++b)
+      total = total + rescaled(V::loadu(sums + b * stride + j, c), V::loadu(maxes + b * stride + j, c), shift);
+    total.store(running_sum + j, c);
+    mx.store(running_max + j, c);
   }
 }
 
@@ -476,6 +511,7 @@ Epilogues<S> make_table() {
   Epilogues<S> e;
   e.lse_forward = &lse_forward<S>;
   e.lse_backward = &lse_backward<S>;
+  e.lse_merge_cols = &lse_merge_cols<S>;
   e.sigmoid = &sigmoid_block<S>;
   e.kl_forward = &kl_forward<S>;
   e.kl_backward = &kl_backward<S>;

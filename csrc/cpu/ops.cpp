@@ -561,11 +561,7 @@ Tensor5 lse_forward_impl(const Tensor& x, const Tensor& y, const OptTensor& scal
       if (cols) {
         // Merge the block partials into the running column statistics, in block order.
         at::parallel_for(0, mc, kGrainElems / std::max<int64_t>(1, nb), [&](int64_t j0b, int64_t j1b) {
-          for (int64_t j = j0b; j < j1b; ++j) {
-            S running = cmax[j0 + j];
-            csum[j0 + j] = tm::lse_merge_parts(running, csum[j0 + j], part + j, part + BC + j, nb, 3 * BC);
-            cmax[j0 + j] = running;
-          }
+          ep.lse_merge_cols(cmax + j0 + j0b, csum + j0 + j0b, part + j0b, part + BC + j0b, nb, 3 * BC, j1b - j0b);
         });
       }
     }
