@@ -288,6 +288,28 @@ def test_blocked_default_plan_matches_reference(dtype, monkeypatch):
             logit_bound=logit_bound(x, y, 6.0, -2.0))
 
 
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_ops_with_no_columns_or_no_rows(chunk):
+    """The ops called directly with M = 0 (or N = 0): every row is empty — LSE −inf, statistics
+    [0, 0], sigmoid sums 0, zero gradients (the public wrappers reject empty inputs). The column
+    loop must run once with an empty block: skipping it left these outputs uninitialised."""
+    x, empty = torch.randn(5, 3), torch.randn(0, 3)
+    row, col, rs, cs, kept = lse(x, empty, 2.0, None, "none", 0, chunk=chunk)
+    assert torch.equal(row, torch.full((5,), float("-inf"))) and col.shape == (0,)
+    assert torch.equal(rs, torch.zeros(2, 5)) and cs.shape == (2, 0)
+    assert torch.equal(sig(x, empty, 2.0, -1.0, "none", chunk=chunk), torch.zeros(5))
+    grads = ops().similarity_lse_backward(torch.ones(5), torch.ones(0), x, empty, None, 2.0, None, 0.0, "none", 0,
+                                          None, None, True, True, "cpu", chunk, True, 0, rs, cs, kept, True, True,
+                                          False, False)
+    assert torch.equal(grads[0], torch.zeros(5, 3)) and grads[1].shape == (0, 3)
+    total, gx, gy, _, _ = ops().pairwise_sigmoid_sum(x, empty, None, 2.0, None, -1.0, "none", 0, None, None, "cpu",
+                                                     chunk, True, True, True, False, False)
+    assert total.item() == 0.0 and torch.equal(gx, torch.zeros(5, 3)) and gy.shape == (0, 3)
+    row, col, rs, cs, _ = lse(empty, x, 2.0, None, "none", 0, chunk=chunk)
+    assert row.shape == (0,) and torch.equal(col, torch.full((5,), float("-inf")))
+    assert torch.equal(cs, torch.zeros(2, 5))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_similarity_lse_wide_span_takes_two_exponentials(dtype):
     """One exponential serves both directions only within tile::kFactorSpan: here row 0's max is

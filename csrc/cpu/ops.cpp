@@ -204,9 +204,11 @@ struct Tiling {
 };
 
 Tiling tiling(int64_t n, int64_t m, int64_t d, int64_t elem, int64_t chunk_size) {
-  if (chunk_size > 0) return {std::min(chunk_size, n), std::min(chunk_size, m)};
+  // bc ≥ 1 even when m = 0: the column loops then run once with an empty block, so that rows
+  // without any column still get their statistics (−inf LSE) and zero gradients.
+  if (chunk_size > 0) return {std::min(chunk_size, n), std::max<int64_t>(1, std::min(chunk_size, m))};
   const int64_t rows = chunk_rows(n, m, d, elem, 0);
-  if (rows >= n) return {rows, m};
+  if (rows >= n) return {rows, std::max<int64_t>(1, m)};
   // A side × side block and its two side × d temporaries in the strip's elements.
   const double budget = static_cast<double>(rows) * static_cast<double>(m + 2 * d);
   const int64_t side = std::max<int64_t>(
@@ -533,7 +535,7 @@ Tensor5 lse_forward_impl(const Tensor& x, const Tensor& y, const OptTensor& scal
     const int64_t i1 = std::min(n, i0 + BR), c = i1 - i0;
     Tensor sxc = c == BR ? sx : sx.slice(0, 0, c);
     side.scaled_x(i0, i1, sxc);
-    for (int64_t j0 = 0; j0 < m; j0 += BC) {
+    for (int64_t j0 = 0; j0 == 0 || j0 < m; j0 += BC) {  // once when m = 0: empty rows
       const int64_t mc = std::min(BC, m - j0);
       // Kept logits: the block in place inside the (n, m) matrix (leading dimension m).
       Tensor chunk = keep ? logits.narrow(0, i0, c).narrow(1, j0, mc) : front(buf, c, mc);
@@ -661,7 +663,7 @@ Tensor4 lse_backward_impl(const OptTensor& grad_row, const OptTensor& grad_col, 
     const int64_t i1 = std::min(n, i0 + BR), c = i1 - i0;
     Tensor sxc = c == BR ? sx : sx.slice(0, 0, c);
     side.scaled_x(i0, i1, sxc);
-    for (int64_t j0 = 0; j0 < m; j0 += BC) {
+    for (int64_t j0 = 0; j0 == 0 || j0 < m; j0 += BC) {  // once when m = 0: empty rows
       const int64_t mc = std::min(BC, m - j0);
       Tensor g = front(buf, c, mc);
       S* src;
@@ -740,7 +742,7 @@ Tensor5 sigmoid_impl(int mode, const OptTensor& grad_rows, const Tensor& x, cons
       const int64_t i1 = std::min(n, i0 + BR), c = i1 - i0;
       Tensor sxc = c == BR ? sx : sx.slice(0, 0, c);
       side.scaled_x(i0, i1, sxc);
-      for (int64_t j0 = 0; j0 < m; j0 += BC) {
+      for (int64_t j0 = 0; j0 == 0 || j0 < m; j0 += BC) {  // once when m = 0: empty rows
         const int64_t mc = std::min(BC, m - j0);
         Tensor t = front(buf, c, mc);
         at::mm_out(t, sxc, mc == m ? side.y.t() : side.y.narrow(0, j0, mc).t());
