@@ -788,6 +788,30 @@ Tensor5 sigmoid_impl(int mode, const OptTensor& grad_rows, const Tensor& x, cons
 
 // ----------------------------------------------------------------------------- similarity_kl
 
+// The student and teacher logit chunks of rows [i0, i1): s·x rows in the compute dtype and
+// one GEMM each, in buffers of C rows (the forward and the backward share this step).
+template <typename S>
+struct KlChunks {
+  const Side<S>& st;
+  const Side<S>& tt;
+  Tensor bs, bt, sxs, sxt;
+  Tensor s, t, a;  // the current chunk: student logits, teacher logits, s·x_s rows
+
+  KlChunks(const Side<S>& st_, const Side<S>& tt_, int64_t C, const at::TensorOptions& opts)
+      : st(st_), tt(tt_), bs(at::empty({C, st_.m}, opts)), bt(at::empty({C, st_.m}, opts)),
+        sxs(at::empty({C, st_.d}, opts)), sxt(at::empty({C, tt_.d}, opts)) {}
+
+  void compute(int64_t i0, int64_t i1) {
+    const int64_t c = i1 - i0;
+    s = bs.slice(0, 0, c), t = bt.slice(0, 0, c), a = sxs.slice(0, 0, c);
+    Tensor b = sxt.slice(0, 0, c);
+    st.scaled_x(i0, i1, a);
+    tt.scaled_x(i0, i1, b);
+    at::mm_out(s, a, st.y.t());
+    at::mm_out(t, b, tt.y.t());
+  }
+};
+
 template <typename S>
 Tensor4 kl_forward_impl(const Tensor& x_s, const Tensor& y_s, const Tensor& x_t, const Tensor& y_t,
                         const OptTensor& scale_s, double scale_s_value, const OptTensor& scale_t,
@@ -799,8 +823,7 @@ Tensor4 kl_forward_impl(const Tensor& x_s, const Tensor& y_s, const Tensor& x_t,
   const Epilogues<S>& ep = epilogues<S>();
   const int64_t C = kl_chunk_rows(n, m, st.d + tt.d, sizeof(S), chunk_size);
   const int64_t nb_max = ceil_div(std::max<int64_t>(C, 1), RB);
-  Tensor bs = at::empty({C, m}, opts), bt = at::empty({C, m}, opts);
-  Tensor sxs = at::empty({C, st.d}, opts), sxt = at::empty({C, tt.d}, opts);
+  KlChunks<S> chunks(st, tt, C, opts);
   Tensor row_raw = rows ? at::empty({6, n}, opts) : Tensor();
   Tensor partials, run;
   if (cols) {
@@ -818,14 +841,9 @@ Tensor4 kl_forward_impl(const Tensor& x_s, const Tensor& y_s, const Tensor& x_t,
   S* run_p = cols ? run.data_ptr<S>() : nullptr;
   for (int64_t i0 = 0; i0 < n; i0 += C) {
     const int64_t i1 = std::min(n, i0 + C), c = i1 - i0;
-    Tensor s = bs.slice(0, 0, c), t = bt.slice(0, 0, c);
-    Tensor a = sxs.slice(0, 0, c), b = sxt.slice(0, 0, c);
-    st.scaled_x(i0, i1, a);
-    tt.scaled_x(i0, i1, b);
-    at::mm_out(s, a, st.y.t());
-    at::mm_out(t, b, tt.y.t());
-    const S* sp = s.data_ptr<S>();
-    const S* tp = t.data_ptr<S>();
+    chunks.compute(i0, i1);
+    const S* sp = chunks.s.template data_ptr<S>();
+    const S* tp = chunks.t.template data_ptr<S>();
     const int64_t nb = ceil_div(c, RB);
     for_each_row_block(c, m, [&](int64_t b, int64_t r0, int64_t rr) {
       ep.kl_forward(sp + r0 * m, tp + r0 * m, m, rr, m, ce, rows ? rr_p + i0 + r0 : nullptr, n,
@@ -908,28 +926,22 @@ Tensor3 kl_backward_impl(const OptTensor& grad_row, const OptTensor& grad_col, c
   Tensor rw = has_g ? kl_weights<S>(*grad_row, row_stats, n, opts) : Tensor();
   Tensor cw = has_h ? kl_weights<S>(*grad_col, col_stats, m, opts) : Tensor();
   const int64_t C = kl_chunk_rows(n, m, st.d + tt.d, sizeof(S), chunk_size);
-  Tensor bs = at::empty({C, m}, opts), bt = at::empty({C, m}, opts);
-  Tensor sxs = at::empty({C, st.d}, opts), sxt = at::empty({C, tt.d}, opts);
+  KlChunks<S> chunks(st, tt, C, opts);
   FeatureGrads<S> fg(st, C, need_x, need_y, need_scale, false);
   const S* r = has_g ? rw.data_ptr<S>() : nullptr;
   const S* cc = has_h ? cw.data_ptr<S>() : nullptr;
   for (int64_t i0 = 0; i0 < n; i0 += C) {
     const int64_t i1 = std::min(n, i0 + C), c = i1 - i0;
-    Tensor s = bs.slice(0, 0, c), t = bt.slice(0, 0, c);
-    Tensor a = sxs.slice(0, 0, c), b = sxt.slice(0, 0, c);
-    st.scaled_x(i0, i1, a);
-    tt.scaled_x(i0, i1, b);
-    at::mm_out(s, a, st.y.t());
-    at::mm_out(t, b, tt.y.t());
-    S* sp = s.data_ptr<S>();
-    const S* tp = t.data_ptr<S>();
+    chunks.compute(i0, i1);
+    S* sp = chunks.s.template data_ptr<S>();
+    const S* tp = chunks.t.template data_ptr<S>();
     for_each_row_block(c, m, [&](int64_t, int64_t r0, int64_t rr) {
       const int64_t i = i0 + r0;
       ep.kl_backward(sp + r0 * m, tp + r0 * m, m, rr, m, r ? r + i : nullptr, r ? r + n + i : nullptr,
                      r ? r + 2 * n + i : nullptr, r ? r + 3 * n + i : nullptr, cc, cc ? cc + m : nullptr,
                      cc ? cc + 2 * m : nullptr, cc ? cc + 3 * m : nullptr);
     });
-    fg.add_chunk(i0, i1, s, a);
+    fg.add_chunk(i0, i1, chunks.s, chunks.a);
   }
   auto [dx, dy, dscale] = fg.finish();
   return {or_empty(dx, x_s), or_empty(dy, x_s), or_empty(dscale, x_s)};
